@@ -10,8 +10,8 @@ from .capture import Capture, collect_statistics, select_modules
 from .edit import EditPlan, apply_edit, compose, plan_edit, union_engram
 from .engine import extract, model_fingerprint
 from .moments import ModuleInfo, Moments, Statistics
-from .solve import EngramRecord, SolverConfig, pseudo_inverse, solve_group
-from .store import FactoredEngram, Run, RunWriter, open_run
+from .solve import EngramRecord, FactoredEngram, SolverConfig, pseudo_inverse, solve_group
+from .store import Run, RunWriter, open_run
 
 __version__ = "0.1.0"
 

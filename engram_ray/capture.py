@@ -11,8 +11,10 @@ Each supported layer is a linear map of a feature vector ``x``:
 With bias absorption a constant 1 is appended to every feature vector, so ``[W | b]`` is one
 matrix and the engram edits the bias too. One forward pass accumulates Σ_total and Σ_c for every
 concept in the batch (rows carry their concept; ``None`` rows count in Σ_total only); a token
-mask restricts counting to e.g. answer tokens. Modules that read the very same input tensor
-(q/k/v, gate/up) share one accumulator: one Σ, and later one eigendecomposition, per input group.
+mask restricts counting to e.g. answer tokens. Concepts with at most D/2 tokens keep their raw
+feature rows (``low_rank``), so their engrams come out as exact rank-n_c factors (``solve.py``).
+Modules that read the very same input tensor (q/k/v, gate/up) share one accumulator: one Σ, and
+later one eigendecomposition, per input group.
 
 Selection follows PEFT's conventions: ``target_modules`` as a list matches dotted-name suffixes,
 as a string it is a regex over the full name (``"all-linear"``: every supported module but the
@@ -222,6 +224,7 @@ class Capture:
         absorb_bias: bool = True,
         share_inputs: bool = True,
         gram_dtype: str | torch.dtype = "float64",
+        low_rank: bool = True,
     ) -> None:
         self.modules = modules
         self.gram_dtype = getattr(torch, gram_dtype) if isinstance(gram_dtype, str) else gram_dtype
@@ -229,6 +232,7 @@ class Capture:
             raise ValueError(f"gram_dtype must be float32 or float64, got {gram_dtype!r}")
         self.absorb_bias = absorb_bias
         self.share_inputs = share_inputs
+        self.low_rank = low_rank
         self.kinds = {n: _check_supported(n, m) for n, m in modules.items()}
         self.group_of: dict[str, str] = {}
         self.groups: dict[str, Moments] = {}
@@ -330,7 +334,8 @@ class Capture:
             rows = torch.cat([rows.float(), rows.new_ones(rows.shape[0], 1, dtype=torch.float32)], 1)
         mom = self.groups.get(group)
         if mom is None:
-            mom = self.groups[group] = Moments.zeros(rows.shape[1], device=rows.device)
+            mom = self.groups[group] = Moments.zeros(
+                rows.shape[1], device=rows.device, max_rows=None if self.low_rank else 0)
         mom.add(rows, concept, names, self.gram_dtype)
         for c in names:  # a labelled concept whose tokens were all masked shows up with 0
             mom.counts.setdefault(c, 0)
@@ -366,6 +371,7 @@ def collect_statistics(
     absorb_bias: bool = True,
     share_inputs: bool = True,
     gram_dtype: str = "float64",
+    low_rank: bool = True,
     progress=None,
 ) -> Statistics:
     """One pass over ``batches`` accumulating Σ_total and every concept's Σ_c.
@@ -374,7 +380,7 @@ def collect_statistics(
     """
     modules = select_modules(model, target_modules, layers_to_transform)
     with Capture(modules, absorb_bias=absorb_bias, share_inputs=share_inputs,
-                 gram_dtype=gram_dtype) as cap:
+                 gram_dtype=gram_dtype, low_rank=low_rank) as cap:
         rows = 0
         for batch in batches:
             cap.accumulate(model, batch)

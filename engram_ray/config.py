@@ -5,7 +5,8 @@
     model:    {path: DIR-or-URI}                   # or {factory, kwargs, weights}
     data:     {paths: [...], concept_column, text_column | prompt_column + answer_column
                | features_column, max_length, batch_size, storage_options}
-    select:   {target_modules, layers_to_transform, absorb_bias, share_inputs, gram_dtype}
+    select:   {target_modules, layers_to_transform, absorb_bias, share_inputs, gram_dtype,
+               low_rank}
     solver:   {rtol, condition_cap, rank_fraction, ridge}
     parallel: {stages, replicas, address, num_cpus, num_gpus, max_in_flight, placement,
                encode_num_cpus, encode_concurrency, solver_num_cpus, solver_num_gpus, dtype}
@@ -51,6 +52,9 @@ class SelectConfig:
     absorb_bias: bool = True
     share_inputs: bool = True
     gram_dtype: str = "float64"  # float32: half the cost, batching-dependent at ~1e-4
+    # Keep concepts with ≤ D/2 tokens as raw rows and store their engrams as exact rank-n_c
+    # factors (fewer flops and bytes); false: dense Gram blocks and dense engrams for all.
+    low_rank: bool = True
 
     def __post_init__(self) -> None:
         if self.gram_dtype not in ("float32", "float64"):

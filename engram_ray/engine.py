@@ -135,6 +135,7 @@ def extract(
     absorb_bias: bool = True,
     share_inputs: bool = True,
     gram_dtype: str = "float64",
+    low_rank: bool = True,
     storage_options=None,
     overwrite: bool = False,
     config: Mapping | None = None,
@@ -159,6 +160,7 @@ def extract(
         absorb_bias=absorb_bias,
         share_inputs=share_inputs,
         gram_dtype=gram_dtype,
+        low_rank=low_rank,
         progress=progress,
     )
     t1 = time.time()
@@ -208,6 +210,7 @@ def extract_from_config(cfg, *, progress=None) -> Run:
         absorb_bias=cfg.select.absorb_bias,
         share_inputs=cfg.select.share_inputs,
         gram_dtype=cfg.select.gram_dtype,
+        low_rank=cfg.select.low_rank,
         solver=cfg.solver,
         storage_options=cfg.store.storage_options,
         overwrite=cfg.store.overwrite,

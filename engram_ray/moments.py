@@ -12,6 +12,14 @@ bf16/fp16); each batch's Gram block is formed from them in float64 (products of 
 are exact there) and added to a float64 running sum, so millions of tokens do not wash out small
 directions and the result does not depend on batching (see :meth:`Moments.add`).
 
+Concepts with few tokens keep their raw features instead: while a concept has at most
+``max_rows`` tokens (default ``D // 2``) its ``X_c`` (n_c × D, float32, exactly the activations)
+is kept and ``Σ_c = X_cᵀ X_c`` is never formed. That is smaller than the Gram block (n_c·D vs D²
+numbers) and lets the solver return the engram as rank-n_c factors ``(W X_cᵀ)(X_c Σ⁺)``: for a
+TOFU author (hundreds of answer tokens) against a 2048–8192-wide layer, a fraction of the flops
+and bytes of the dense ``W Σ_c Σ⁺``. Past ``max_rows`` tokens the rows fold into a Gram block;
+the form depends only on the final count, never on batching or merge order.
+
 ``sources`` names the shards (or blocks) a partial sum covers. Merging two partials that cover a
 common source would count rows twice, so :meth:`Moments.merge` refuses it: every row is counted
 exactly once or the run fails. This is what lets a resumed or incremental run add new shards
@@ -39,7 +47,7 @@ __all__ = [
     "unpack_symmetric",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: raw feature rows of small concepts (version 1 is still read)
 
 
 def pack_symmetric(m: torch.Tensor) -> torch.Tensor:
@@ -62,9 +70,11 @@ def unpack_symmetric(v: torch.Tensor, dim: int) -> torch.Tensor:
 
 @dataclass
 class Moments:
-    """Σ_total and Σ_c (float64 sums) for one input group, with token counts.
+    """Σ_total and every Σ_c (float64 sums) for one input group, with token counts.
 
-    ``total``: (D, D); ``concepts[c]``: (D, D); ``n_total`` / ``counts[c]``: tokens summed.
+    ``total``: (D, D); ``concepts[c]``: (D, D) Gram blocks of concepts with more than
+    ``max_rows`` tokens; ``rows[c]``: (n_c, D) float32 raw features of the others (a concept is in
+    exactly one of the two); ``n_total`` / ``counts[c]``: tokens summed.
     """
 
     dim: int
@@ -73,10 +83,33 @@ class Moments:
     concepts: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     sources: frozenset[str] = frozenset()
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    max_rows: int = 0
 
     @classmethod
-    def zeros(cls, dim: int, device: torch.device | str = "cpu") -> Moments:
-        return cls(dim=dim, total=torch.zeros(dim, dim, dtype=torch.float64, device=device))
+    def zeros(
+        cls, dim: int, device: torch.device | str = "cpu", max_rows: int | None = None
+    ) -> Moments:
+        """Empty sums; ``max_rows`` defaults to ``dim // 2`` (0 = always Gram blocks).
+
+        Why ``D / 2``: a rank-r engram of an (out × D) layer stores ``r·(out + D)`` numbers
+        against ``out·D`` dense, so for square layers factors stop paying at ``r = D / 2``; the
+        factored solve (``out·D·r + r·D²`` flops) crosses the dense one (``2·out·D²``) later.
+        """
+        max_rows = dim // 2 if max_rows is None else max_rows
+        return cls(dim=dim, total=torch.zeros(dim, dim, dtype=torch.float64, device=device),
+                   max_rows=max_rows)
+
+    @property
+    def names(self) -> list[str]:
+        """Every concept with a Σ_c (Gram block or rows), sorted."""
+        return sorted(set(self.concepts) | set(self.rows))
+
+    def sigma(self, concept: str) -> torch.Tensor:
+        """Σ_c as a float64 (D, D) matrix, whichever form the concept is kept in."""
+        if concept in self.rows:
+            return _gram(self.rows[concept], torch.float64)
+        return self.concepts[concept]
 
     def add(
         self,
@@ -87,8 +120,9 @@ class Moments:
     ) -> None:
         """Add token features ``x`` (n, D) whose concept is ``names[concept_index[t]]`` (−1 = none).
 
-        Each token's outer product is formed once: the per-concept Gram blocks are summed into
-        Σ_total, so the cost of one pass for every concept equals one Gram of all tokens.
+        Each token's outer product is formed once: the Gram blocks of large concepts are summed
+        into Σ_total, and every other token (reference rows, small concepts kept as rows) goes
+        into Σ_total in one Gram, so one pass for every concept costs one Gram of all tokens.
 
         ``gram_dtype=float64`` (default): the products of float32 activations are exact in
         float64 and their sums lose nothing measurable, so Σ does not depend on how rows were
@@ -100,18 +134,28 @@ class Moments:
         if x.shape[-1] != self.dim:
             raise ValueError(f"feature width {x.shape[-1]} does not match Σ dim {self.dim}")
         x = x.float()  # (n, D); exact for bf16/fp16 inputs
+        rest = concept_index < 0  # tokens whose Gram goes into Σ_total only
         for k in torch.unique(concept_index).tolist():
-            rows = x[concept_index == k]  # (n_k, D)
-            gram = (rows.T.to(gram_dtype) @ rows.to(gram_dtype)).double()
+            if k < 0:
+                continue
+            name = names[k]
+            sel = concept_index == k
+            rows = x[sel]  # (n_k, D)
+            n = self.counts.get(name, 0) + rows.shape[0]
+            self.counts[name] = n
+            if name not in self.concepts and n <= self.max_rows:
+                old = self.rows.get(name)
+                self.rows[name] = rows.clone() if old is None else torch.cat([old, rows])
+                rest |= sel
+                continue
+            gram = _gram(rows, gram_dtype)
             self.total += gram
-            self.n_total += rows.shape[0]
-            if k >= 0:
-                name = names[k]
-                if name in self.concepts:
-                    self.concepts[name] += gram
-                else:
-                    self.concepts[name] = gram
-                self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
+            if name in self.rows:  # crossed max_rows: fold the kept rows (already in Σ_total)
+                gram = gram + _gram(self.rows.pop(name), gram_dtype)
+            self.concepts[name] = self.concepts[name] + gram if name in self.concepts else gram
+        if rest.any():
+            self.total += _gram(x[rest], gram_dtype)
+        self.n_total += x.shape[0]
 
     def merge(self, other: Moments) -> Moments:
         """Exact sum of two partials (associative, order-independent); refuses double counting."""
@@ -123,19 +167,30 @@ class Moments:
                 f"partial statistics overlap on {len(overlap)} source(s), e.g. "
                 f"{sorted(overlap)[:3]}: those rows would be counted twice"
             )
+        dev = self.total.device
         concepts = {c: t.clone() for c, t in self.concepts.items()}
         for c, t in other.concepts.items():
-            concepts[c] = concepts[c] + t.to(self.total.device) if c in concepts else t.clone()
+            concepts[c] = concepts[c] + t.to(dev) if c in concepts else t.to(dev).clone()
+        rows = dict(self.rows)
+        for c, r in other.rows.items():
+            rows[c] = torch.cat([rows[c], r.to(dev)]) if c in rows else r.to(dev)
         counts = dict(self.counts)
         for c, n in other.counts.items():
             counts[c] = counts.get(c, 0) + n
+        max_rows = min(self.max_rows, other.max_rows)
+        for c in list(rows):  # the form follows the merged count alone
+            if c in concepts or counts[c] > max_rows:
+                gram = _gram(rows.pop(c), torch.float64)
+                concepts[c] = concepts[c] + gram if c in concepts else gram
         return Moments(
             dim=self.dim,
-            total=self.total + other.total.to(self.total.device),
+            total=self.total + other.total.to(dev),
             n_total=self.n_total + other.n_total,
             concepts=concepts,
             counts=counts,
             sources=self.sources | other.sources,
+            rows=rows,
+            max_rows=max_rows,
         )
 
     def summary(self) -> tuple[int, dict[str, int]]:
@@ -150,6 +205,8 @@ class Moments:
             concepts={c: t.to(device) for c, t in self.concepts.items()},
             counts=dict(self.counts),
             sources=self.sources,
+            rows={c: r.to(device) for c, r in self.rows.items()},
+            max_rows=self.max_rows,
         )
 
     # --- serialization -------------------------------------------------------------------
@@ -157,14 +214,19 @@ class Moments:
         from safetensors.torch import save
 
         names = sorted(self.concepts)
+        small = sorted(self.rows)
         tensors = {"total": pack_symmetric(self.total.cpu())}
         for i, c in enumerate(names):
             tensors[f"c{i}"] = pack_symmetric(self.concepts[c].cpu())
+        for i, c in enumerate(small):
+            tensors[f"r{i}"] = self.rows[c].cpu().float().contiguous()
         meta = {
             "format_version": str(FORMAT_VERSION),
             "dim": str(self.dim),
             "n_total": str(self.n_total),
             "concepts": json.dumps(names),
+            "row_concepts": json.dumps(small),
+            "max_rows": str(self.max_rows),
             "counts": json.dumps(dict(sorted(self.counts.items()))),
             "sources": json.dumps(sorted(self.sources)),
         }
@@ -177,14 +239,15 @@ class Moments:
 
         meta = _read_metadata(blob, safe_open)
         version = meta.get("format_version")
-        if version != str(FORMAT_VERSION):
+        if version not in ("1", str(FORMAT_VERSION)):
             raise ValueError(
                 f"{what}: unknown statistics format version {version!r} (this engram-ray reads "
-                f"version {FORMAT_VERSION}); re-extract the statistics with this version"
+                f"versions 1 to {FORMAT_VERSION}); re-extract the statistics with this version"
             )
         tensors = load(blob)
         dim = int(meta["dim"])
         names = json.loads(meta["concepts"])
+        small = json.loads(meta.get("row_concepts", "[]"))  # version 1 has Gram blocks only
         counts = json.loads(meta["counts"])
         return cls(
             dim=dim,
@@ -193,7 +256,15 @@ class Moments:
             concepts={c: unpack_symmetric(tensors[f"c{i}"], dim) for i, c in enumerate(names)},
             counts={c: int(n) for c, n in counts.items()},
             sources=frozenset(json.loads(meta["sources"])),
+            rows={c: tensors[f"r{i}"] for i, c in enumerate(small)},
+            max_rows=int(meta.get("max_rows", "0")),
         )
+
+
+def _gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``xᵀx`` formed in ``dtype`` and returned as float64."""
+    x = x.to(dtype)
+    return (x.T @ x).double()
 
 
 def _read_metadata(blob: bytes, _safe_open) -> dict[str, str]:

@@ -7,14 +7,18 @@ Layout of ``<run>/`` (local directory or ``s3://bucket/prefix``)::
     run.json                   config, model fingerprint, versions, timings
     _COMMITTED                 written last; names the manifest's sha256
 
-Payload rows (format version 1). ``form = "dense"``: ``weight`` is Arrow's fixed-shape tensor
-extension type with the module's weight shape (float32, row-major). ``form = "factored"``:
-``W⁺ = A B`` with ``factor_a`` (out × r) and ``factor_b`` (r × in_flat) as flat float32 lists
-in the module's (out, in_flat) orientation — ``in_flat`` is ``C·kh·kw`` for Conv2d, and GPT-2's
-``Conv1D`` is transposed back to ``[in, out]`` after the product — and ``rank = r``. That keeps a
-concept with fewer tokens than the layer is wide at ``r ≤ n_c`` instead of ``out × in``.
-``bias``: the bias part of the engram, when the module's bias was absorbed. Writing one row group
-per row lets a reader fetch one engram without reading its siblings.
+Payload rows (format version 2). Tensors are raw little-endian float32 bytes, row-major, in
+``binary`` columns — the safetensors idea inside Parquet: one value per tensor, so writing costs
+a copy, where Arrow's list and fixed-shape-tensor types made Parquet encode a repetition level
+per float (measured 3× slower for dense rows, 3.5× for factored ones). Shapes live in the
+manifest and in each file's schema metadata (``weight_shape``). ``form = "dense"``: ``weight``
+is ``W⁺`` in the module's weight shape. ``form = "factored"``: ``W⁺ = A B`` with ``factor_a``
+(out × r) and ``factor_b`` (r × in_flat) in the module's (out, in_flat) orientation — ``in_flat``
+is ``C·kh·kw`` for Conv2d, and GPT-2's ``Conv1D`` is transposed back to ``[in, out]`` after the
+product — and ``rank = r``: a concept with fewer tokens than the layer is wide is kept at
+``r ≤ n_c`` instead of ``out × in`` (see ``solve.py``). ``bias``: the bias part of the engram,
+when the module's bias was absorbed. One row group per row lets a reader fetch one engram
+without reading its siblings.
 
 Readers refuse runs without the commit marker, a manifest that does not match it, and a payload
 whose sha256 differs from the manifest's: what a reader returns is what the writer committed.
@@ -26,7 +30,6 @@ import hashlib
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -36,10 +39,9 @@ import torch
 
 from . import fs as fsx
 from .moments import ModuleInfo, Moments, Statistics
-from .solve import EngramRecord
+from .solve import EngramRecord, FactoredEngram
 
 __all__ = [
-    "FactoredEngram",
     "PAYLOAD_FORMAT_VERSION",
     "Run",
     "RunWriter",
@@ -47,7 +49,7 @@ __all__ = [
     "run_exists",
 ]
 
-PAYLOAD_FORMAT_VERSION = 1
+PAYLOAD_FORMAT_VERSION = 2  # 2: float32 bytes in binary columns (1: Arrow tensors)
 COMMIT_MARKER = "_COMMITTED"
 MANIFEST = "manifest.parquet"
 RUN_JSON = "run.json"
@@ -76,42 +78,44 @@ _MANIFEST_SCHEMA = pa.schema(
 )
 
 
-@dataclass
-class FactoredEngram:
-    """``W⁺ = A @ B`` in (out, in_flat) orientation; see the module docstring."""
-
-    a: torch.Tensor  # (out, r)
-    b: torch.Tensor  # (r, in_flat)
+def _f32(x: torch.Tensor | None) -> np.ndarray | None:
+    """A tensor as a C-contiguous little-endian float32 array (the payload's byte layout)."""
+    return None if x is None else np.ascontiguousarray(x.detach().cpu().numpy(), dtype="<f4")
 
 
-def _digest(*arrays: np.ndarray | None) -> str:
+def _digest(*parts) -> str:
+    """sha256 over the payload bytes of each present tensor, in order (arrays or buffers)."""
     h = hashlib.sha256()
-    for a in arrays:
-        if a is not None:
-            h.update(np.ascontiguousarray(a, dtype="<f4").tobytes())
+    for p in parts:
+        if p is not None:
+            h.update(memoryview(p).cast("B"))
     return h.hexdigest()
 
 
-def _payload_schema(shape: Sequence[int], out: int) -> pa.Schema:
+def _payload_schema(info: ModuleInfo) -> pa.Schema:
     return pa.schema(
         [
             ("concept", pa.string()),
             ("form", pa.string()),
-            ("weight", pa.fixed_shape_tensor(pa.float32(), list(shape))),
-            ("bias", pa.fixed_shape_tensor(pa.float32(), [out])),
-            ("factor_a", pa.list_(pa.float32())),
-            ("factor_b", pa.list_(pa.float32())),
+            ("weight", pa.binary()),
+            ("bias", pa.binary()),
+            ("factor_a", pa.binary()),
+            ("factor_b", pa.binary()),
             ("rank", pa.int32()),
         ],
-        metadata={"payload_format_version": str(PAYLOAD_FORMAT_VERSION)},
+        metadata={"payload_format_version": str(PAYLOAD_FORMAT_VERSION),
+                  "weight_shape": json.dumps(list(info.weight_shape)),
+                  "dtype": "<f4"},
     )
 
 
-def _tensor_array(x: np.ndarray | None, typ) -> pa.Array:
+def _blob(x: np.ndarray | None) -> pa.Array:
+    """One binary value wrapping the array's bytes without a copy."""
     if x is None:
-        return pa.nulls(1, type=typ)
-    x = np.ascontiguousarray(x, dtype="<f4")
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(x.reshape(1, *x.shape))
+        return pa.nulls(1, pa.binary())
+    data = pa.py_buffer(x)
+    return pa.Array.from_buffers(pa.binary(), 1, [None, pa.py_buffer(
+        np.array([0, data.size], dtype="<i4")), data])
 
 
 class _ModulePayload:
@@ -120,37 +124,29 @@ class _ModulePayload:
     def __init__(self, fs, root: str, info: ModuleInfo) -> None:
         self.info = info
         self.rel = f"{PAYLOAD_DIR}/{info.name}.parquet"
-        self.out = info.weight_shape[1] if info.kind == "conv1d" else info.weight_shape[0]
-        self.schema = _payload_schema(info.weight_shape, self.out)
+        self.schema = _payload_schema(info)
         self._file = fs.open(fsx.join(root, self.rel), "wb")
-        # Dictionary encoding and statistics only for the small string columns: trying a
-        # dictionary on every float of a tensor cost ~15 ms per engram (8× the whole write),
-        # and random-looking floats do not compress.
+        # Dictionary encoding and statistics only for the small string columns: float bytes
+        # neither repeat nor compress, and a dictionary attempt on them is pure cost.
         self._writer = pq.ParquetWriter(
             self._file, self.schema, use_dictionary=["concept", "form"],
             write_statistics=["concept", "form"], compression="none")
         self.rows = 0
 
-    def write(self, rec: EngramRecord, factored: FactoredEngram | None = None) -> dict:
-        bias = rec.bias.numpy() if rec.bias is not None else None
+    def write(self, rec: EngramRecord) -> dict:
+        bias = _f32(rec.bias)
+        factored = rec.factors
         if factored is None:
-            weight = rec.weight.numpy()
-            a = b = None
+            weight, a, b = _f32(rec.weight), None, None
             digest = _digest(weight, bias)
         else:
-            weight = None
-            a, b = factored.a.float().numpy(), factored.b.float().numpy()
+            weight, a, b = None, _f32(factored.a), _f32(factored.b)
             digest = _digest(a, b, bias)
-        cols = {
-            "concept": pa.array([rec.concept]),
-            "form": pa.array(["dense" if factored is None else "factored"]),
-            "weight": _tensor_array(weight, self.schema.field("weight").type),
-            "bias": _tensor_array(bias, self.schema.field("bias").type),
-            "factor_a": pa.array([None if a is None else a.ravel()], pa.list_(pa.float32())),
-            "factor_b": pa.array([None if b is None else b.ravel()], pa.list_(pa.float32())),
-            "rank": pa.array([None if a is None else a.shape[1]], pa.int32()),
-        }
-        self._writer.write_table(pa.table(cols, schema=self.schema))
+        form = "dense" if factored is None else "factored"
+        rank = None if a is None else int(a.shape[1])
+        cols = [pa.array([rec.concept]), pa.array([form]), _blob(weight), _blob(bias), _blob(a),
+                _blob(b), pa.array([rank], pa.int32())]
+        self._writer.write_table(pa.Table.from_arrays(cols, schema=self.schema))
         row = {
             "concept": rec.concept,
             "module": rec.module,
@@ -158,8 +154,8 @@ class _ModulePayload:
             "kind": self.info.kind,
             "layer": self.info.layer,
             "shape": list(self.info.weight_shape),
-            "form": "dense" if factored is None else "factored",
-            "rank": None if a is None else int(a.shape[1]),
+            "form": form,
+            "rank": rank,
             "has_bias": bias is not None,
             "n": rec.n,
             "N": rec.n_total,
@@ -203,20 +199,18 @@ class RunWriter:
         self.fs.makedirs(fsx.join(self.root, PAYLOAD_DIR), exist_ok=True)
 
     def write_records(
-        self,
-        infos: Mapping[str, ModuleInfo],
-        records: Iterable[EngramRecord | tuple[EngramRecord, FactoredEngram]],
+        self, infos: Mapping[str, ModuleInfo], records: Iterable[EngramRecord]
     ) -> list[dict]:
-        """Stream records into per-module payload files; return their manifest rows."""
+        """Stream records (dense or factored) into per-module payload files; return their
+        manifest rows."""
         writers: dict[str, _ModulePayload] = {}
         rows = []
         try:
-            for item in records:
-                rec, fac = item if isinstance(item, tuple) else (item, None)
+            for rec in records:
                 w = writers.get(rec.module)
                 if w is None:
                     w = writers[rec.module] = _ModulePayload(self.fs, self.root, infos[rec.module])
-                rows.append(w.write(rec, fac))
+                rows.append(w.write(rec))
         finally:
             for w in writers.values():
                 w.close()
@@ -292,7 +286,8 @@ class Run:
         if version != PAYLOAD_FORMAT_VERSION:
             raise ValueError(
                 f"{self.uri}: payload format version {version!r} is not readable by this "
-                f"engram-ray (reads version {PAYLOAD_FORMAT_VERSION}); upgrade engram-ray"
+                f"engram-ray (reads version {PAYLOAD_FORMAT_VERSION}); re-extract the run with "
+                "this version, or read it with the engram-ray that wrote it"
             )
         self.manifest = pq.read_table(pa.BufferReader(manifest))
         rows = self.manifest.to_pylist()
@@ -349,41 +344,39 @@ class Run:
             t = pf.read_row_group(row["row_group"])
         if t.column("concept")[0].as_py() != concept:
             raise ValueError(f"{path}: row group {row['row_group']} is not concept {concept!r}")
-        bias = _opt_tensor(t.column("bias"))
-        if row["form"] == "dense":
-            weight = t.column("weight").chunk(0).to_numpy_ndarray()[0]
-            digest = _digest(weight, bias)
-        else:
-            r = row["rank"]
-            a = np.asarray(t.column("factor_a")[0].as_py(), dtype=np.float32).reshape(-1, r)
-            b = np.asarray(t.column("factor_b")[0].as_py(), dtype=np.float32).reshape(r, -1)
-            digest = _digest(a, b, bias)
-            weight = _unflatten(a @ b, row)
-        if digest != row["sha256"]:
+        dense = row["form"] == "dense"
+        cells = {k: _cell(t, k) for k in ("weight", "bias", "factor_a", "factor_b")}
+        order = ("weight", "bias") if dense else ("factor_a", "factor_b", "bias")
+        if _digest(*(cells[k] for k in order)) != row["sha256"]:
             raise ValueError(
                 f"payload {path} (concept {concept!r}, module {module!r}) fails its sha256 check: "
                 "the file was modified after the run was committed"
             )
-        return (torch.from_numpy(np.array(weight, dtype=np.float32)),
-                None if bias is None else torch.from_numpy(np.array(bias)))
+        bias = None if cells["bias"] is None else _floats(cells["bias"], (-1,))
+        if dense:
+            weight = torch.from_numpy(_floats(cells["weight"], tuple(row["shape"])))
+        else:
+            r = row["rank"]
+            weight = FactoredEngram(
+                torch.from_numpy(_floats(cells["factor_a"], (-1, r))),
+                torch.from_numpy(_floats(cells["factor_b"], (r, -1))),
+                row["kind"], tuple(row["shape"])).weight()
+        return weight, None if bias is None else torch.from_numpy(bias)
 
     def _read(self, rel: str) -> bytes:
         with self._fs.open(fsx.join(self._root, rel), "rb") as f:
             return f.read()
 
 
-def _opt_tensor(col) -> np.ndarray | None:
-    chunk = col.chunk(0)
-    if chunk.null_count:
-        return None
-    return chunk.to_numpy_ndarray()[0]
+def _cell(table: pa.Table, column: str) -> pa.Buffer | None:
+    """The bytes of a payload cell (None for a null cell)."""
+    value = table.column(column)[0]
+    return value.as_buffer() if value.is_valid else None
 
 
-def _unflatten(mat: np.ndarray, row: dict) -> np.ndarray:
-    shape = tuple(row["shape"])
-    if row["kind"] == "conv1d":
-        return mat.T.reshape(shape)
-    return mat.reshape(shape)
+def _floats(buf: pa.Buffer, shape: tuple[int, ...]) -> np.ndarray:
+    """Payload bytes (checked against the manifest's sha256 first) as a writable float32 array."""
+    return np.frombuffer(buf, dtype="<f4").reshape(shape).astype(np.float32)
 
 
 def open_run(uri: str, storage_options=None) -> Run:

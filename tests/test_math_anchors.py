@@ -16,14 +16,15 @@ from engram_ray.solve import default_rtol, pseudo_inverse
 
 def engrams_of(model, batches, **kw):
     """{(concept, module): (out, D) float64 engram matrix} via the single-process engine."""
+    solver = kw.pop("solver", SolverConfig())
     stats = collect_statistics(model, batches, **kw)
     out = {}
     for g, mom in stats.groups.items():
         members = stats.members(g)
         weights = {i.name: weight_matrix(model.get_submodule(i.name), i.bias) for i in members}
-        for rec in solve_group(mom, members, weights, kw.get("solver", SolverConfig())):
+        for rec in solve_group(mom, members, weights, solver):
             info = stats.modules[rec.module]
-            w = rec.weight.double()
+            w = rec.dense().double()
             w = w.T if info.kind == "conv1d" else w.reshape(w.shape[0], -1)
             if rec.bias is not None:
                 w = torch.cat([w, rec.bias.double()[:, None]], 1)
@@ -100,11 +101,11 @@ def test_union_engram_is_sum_of_engrams():
     # Exactly linear in Σ_c: solving Σ_a + Σ_b equals the sum of the two solves.
     stats = collect_statistics(model, [Batch(x, labels)])
     for g, mom in stats.groups.items():
-        mom.concepts["ab"] = mom.concepts["a"] + mom.concepts["b"]
+        mom.concepts["ab"] = mom.sigma("a") + mom.sigma("b")
         mom.counts["ab"] = mom.counts["a"] + mom.counts["b"]
         members = stats.members(g)
         weights = {i.name: weight_matrix(model.get_submodule(i.name)) for i in members}
-        recs = {(r.concept, r.module): r.weight.double() for r in solve_group(mom, members, weights)}
+        recs = {(r.concept, r.module): r.dense().double() for r in solve_group(mom, members, weights)}
         for i in members:
             summed = recs[("a", i.name)] + recs[("b", i.name)]
             assert rel(recs[("ab", i.name)], summed) < 1e-6  # float32 storage rounding only
@@ -231,6 +232,65 @@ def test_every_linear_module_of_tiny_llama_and_gpt2_gets_an_engram(tmp_path):
         assert run.concepts == ["x", "y"]
         for n in linear:
             assert run.engram("x", n).shape == model.get_submodule(n).weight.shape
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("solver", [SolverConfig(), SolverConfig(condition_cap=1e3),
+                                    SolverConfig(ridge=0.05)])
+def test_low_rank_factored_engram_equals_dense_oracle(bias, solver):
+    """Concepts with ≤ D/2 tokens come out as rank-n_c factors; they must equal the dense
+    float64 solution computed from the raw activations (and the dense-form engine)."""
+    torch.manual_seed(12)
+    lin = nn.Linear(40, 9, bias=bias)
+    x = torch.randn(120, 40)
+    labels = ["a"] * 8 + ["b"] * 30 + [None] * 82  # D = 40(+1): "a" stays rows, "b" does not
+    batches = [Batch(x[:50], labels[:50]), Batch(x[50:], labels[50:])]
+    eng, stats = engrams_of(nn.Sequential(lin), batches, solver=solver)
+    dense, dstats = engrams_of(nn.Sequential(lin), batches, solver=solver, low_rank=False)
+    (mom,) = stats.groups.values()
+    assert set(mom.rows) == {"a"} and set(mom.concepts) == {"b"}
+    assert not next(iter(dstats.groups.values())).rows
+    xf = x.double().numpy()
+    if bias:
+        xf = np.concatenate([xf, np.ones((120, 1))], axis=1)
+    w = weight_matrix(lin, bias).numpy()
+    pinv = pseudo_inverse(torch.from_numpy(xf.T @ xf), solver).numpy()  # checked vs numpy above
+    for c, rows in (("a", slice(0, 8)), ("b", slice(8, 38))):
+        oracle = w @ (xf[rows].T @ xf[rows]) @ pinv
+        assert rel(eng[(c, "0")], oracle) < 1e-6
+        assert rel(dense[(c, "0")], oracle) < 1e-6
+    if solver == SolverConfig():  # the default cut keeps every direction here: eq. 17 holds
+        mask = np.zeros(120, bool)
+        mask[:8] = True
+        assert rel(eng[("a", "0")], kkt_oracle(w, xf[mask].T, xf[~mask].T)) < 1e-6
+
+
+def test_low_rank_and_dense_runs_agree_on_tiny_llama_gpt2_and_conv(tmp_path):
+    from engram_ray import extract
+    from engram_ray.models.tiny import tiny_gpt2, tiny_llama
+
+    torch.manual_seed(13)
+    conv = nn.Sequential(nn.Conv2d(8, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+    cases = [(conv, Batch(torch.randn(6, 8, 4, 4), ["x", "y", None, None, None, "y"]))]
+    for model in (tiny_llama(), tiny_gpt2()):
+        ids = torch.randint(3, 100, (6, 9))
+        cases.append((model, Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                   ["x", "y", None, None, None, "y"])))
+    for model, batch in cases:
+        name = type(model).__name__
+        low = extract(model, [batch], uri=str(tmp_path / f"{name}-low"))
+        full = extract(model, [batch], uri=str(tmp_path / f"{name}-dense"), low_rank=False)
+        forms = set(low.manifest.column("form").to_pylist())
+        assert "factored" in forms, name
+        assert set(full.manifest.column("form").to_pylist()) == {"dense"}
+        for c in ("x", "y"):
+            for m in low.modules:
+                assert rel(low.engram(c, m), full.engram(c, m)) < 1e-5, (name, c, m)
+                b = low.bias(c, m)
+                if b is not None:
+                    assert rel(b, full.bias(c, m)) < 1e-5, (name, c, m)
+                rec_l, rec_f = low.record(c, m), full.record(c, m)
+                assert abs(rec_l["rel_norm"] - rec_f["rel_norm"]) <= 1e-6 * rec_f["rel_norm"]
 
 
 def test_solver_options():

@@ -50,7 +50,7 @@ def test_round_trip_is_bit_identical(tmp_path):
     run = open_run(uri)
     assert run.concepts == ["a", "b"] and run.modules == ["0", "2"]
     for r in recs:
-        assert torch.equal(run.engram(r.concept, r.module), r.weight)
+        assert torch.equal(run.engram(r.concept, r.module), r.dense())
         b = run.bias(r.concept, r.module)
         assert (b is None) == (r.bias is None)
         if b is not None:
@@ -68,25 +68,42 @@ def test_manifest_has_one_row_per_concept_and_module(tmp_path):
         assert col in table.column_names
 
 
-def test_tampered_payload_is_refused(tmp_path):
-    uri, recs, _ = write_run(tmp_path)
-    path = os.path.join(uri, "payload", "0.parquet")
-    t = pq.read_table(path)
-    pf = pq.ParquetFile(path)
-    w = np.array(t.column("weight").combine_chunks().to_numpy_ndarray())
-    w[0, 0, 0] += 1.0
+def _flip_first_float(path, column, concept):
+    """Rewrite a payload file with the concept's first float of ``column`` changed."""
     import pyarrow as pa
 
-    arr = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(w, dtype="<f4"))
-    t = t.set_column(t.schema.get_field_index("weight"), "weight", arr)
+    t = pq.read_table(path)
+    pf = pq.ParquetFile(path)
+    cells = t.column(column).to_pylist()
+    i = t.column("concept").to_pylist().index(concept)
+    raw = bytearray(cells[i])
+    raw[0:4] = (np.frombuffer(bytes(raw[0:4]), "<f4") + 1.0).astype("<f4").tobytes()
+    cells[i] = bytes(raw)
+    t = t.set_column(t.schema.get_field_index(column), column, pa.array(cells, pa.binary()))
     writer = pq.ParquetWriter(path, pf.schema_arrow)
     for i in range(t.num_rows):
         writer.write_table(t.slice(i, 1))
     writer.close()
+
+
+@pytest.mark.parametrize("column", ["weight", "bias", "factor_a", "factor_b"])
+def test_tampered_payload_is_refused(tmp_path, column):
+    if column.startswith("factor"):  # a concept with fewer tokens than D/2: factored payloads
+        model = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3))
+        x = torch.randn(40, 12)
+        stats = collect_statistics(model, [Batch(x, ["a"] * 4 + ["b"] * 20 + [None] * 16)])
+        recs = all_records(model, stats)
+        uri = str(tmp_path / "run")
+        w = RunWriter(uri)
+        w.commit(w.write_records(stats.modules, recs), {})
+        assert open_run(uri).record("a", "0")["form"] == "factored"
+    else:
+        uri, recs, _ = write_run(tmp_path)
+    _flip_first_float(os.path.join(uri, "payload", "0.parquet"), column, "a")
     run = open_run(uri)
     with pytest.raises(ValueError, match="sha256"):
         run.engram("a", "0")
-    assert torch.equal(run.engram("a", "2"), [r for r in recs if (r.concept, r.module) == ("a", "2")][0].weight)
+    assert torch.equal(run.engram("a", "2"), [r for r in recs if (r.concept, r.module) == ("a", "2")][0].dense())
 
 
 def test_uncommitted_run_is_refused(tmp_path):
@@ -132,13 +149,13 @@ def test_factored_payload_round_trip(tmp_path):
         if r.module == "0":  # a rank-2 factored engram for the Linear with bias
             a, b = torch.randn(6, 2), torch.randn(2, 5)
             w = (a @ b).contiguous()
-            rec = EngramRecord(r.concept, r.module, w, r.bias, r.n, r.n_total, 0.1, 1.0)
-            items.append((rec, FactoredEngram(a, b)))
+            items.append(EngramRecord(r.concept, r.module, None, r.bias, r.n, r.n_total, 0.1,
+                                      1.0, factors=FactoredEngram(a, b, "linear", (6, 5))))
             expect[(r.concept, r.module)] = w
         else:
             items.append(r)
-            expect[(r.concept, r.module)] = r.weight
-        assert info.weight_shape == tuple(r.weight.shape)
+            expect[(r.concept, r.module)] = r.dense()
+        assert info.weight_shape == tuple(r.dense().shape)
     uri = str(tmp_path / "fac")
     w = RunWriter(uri)
     w.commit(w.write_records(stats.modules, items), {})
@@ -177,17 +194,71 @@ def test_moments_merge_is_exact_and_order_independent():
 
 def test_moments_serialization_round_trip_and_version():
     torch.manual_seed(3)
-    m = Moments.zeros(5)
-    m.add(torch.randn(12, 5), torch.tensor([0] * 6 + [-1] * 6), ["c"])
+    m = Moments.zeros(5)  # max_rows = 2: "c" (6 tokens) is a Gram block, "s" (2) stays rows
+    m.add(torch.randn(14, 5), torch.tensor([0] * 6 + [1] * 2 + [-1] * 6), ["c", "s"])
     m.counts["masked-out"] = 0
+    assert set(m.concepts) == {"c"} and set(m.rows) == {"s"}
     blob = m.to_bytes()
     back = Moments.from_bytes(blob)
     assert torch.equal(back.total, m.total) and torch.equal(back.concepts["c"], m.concepts["c"])
-    assert back.counts == m.counts and back.n_total == 12
-    bad = blob.replace(b'"format_version":"1"', b'"format_version":"7"')
+    assert torch.equal(back.rows["s"], m.rows["s"]) and back.max_rows == 2
+    assert back.counts == m.counts and back.n_total == 14
+    bad = blob.replace(b'"format_version":"2"', b'"format_version":"7"')
     assert bad != blob
     with pytest.raises(ValueError, match="unknown statistics format version '7'"):
         Moments.from_bytes(bad)
+
+
+def test_moments_version_1_blobs_still_read():
+    from safetensors.torch import save
+
+    from engram_ray.moments import pack_symmetric
+
+    g = torch.randn(3, 3, dtype=torch.float64)
+    g = g @ g.T
+    meta = {"format_version": "1", "dim": "3", "n_total": "9", "concepts": '["c"]',
+            "counts": '{"c": 4}', "sources": '["part-0"]'}
+    back = Moments.from_bytes(save({"total": pack_symmetric(2 * g), "c0": pack_symmetric(g)},
+                                   metadata=meta))
+    assert torch.allclose(back.sigma("c"), g) and back.rows == {} and back.max_rows == 0
+    assert back.sources == {"part-0"} and back.counts == {"c": 4}
+
+
+def test_small_concepts_keep_rows_and_fold_into_gram_past_max_rows():
+    """The form depends only on the final count; Σ_c and Σ_total equal the raw-row oracle
+    whatever the batching, merge order or form."""
+    torch.manual_seed(4)
+    d = 6  # max_rows = 3
+    x = torch.randn(40, d)
+    labels = torch.tensor([0, 1, -1, 2] * 10)  # a, b, none, c: 10 tokens each
+    labels[[0, 4]] = -1  # a: 8 tokens
+    labels[[1, 5, 9, 13, 17, 21, 25]] = -1  # b: 3 tokens, stays rows
+    names = ["a", "b", "c"]
+
+    def oracle(k):
+        rows = x[labels == k].double()
+        return rows.T @ rows
+
+    one = Moments.zeros(d)
+    one.add(x, labels, names)
+    parts = []
+    for i, sl in enumerate((slice(0, 7), slice(7, 22), slice(22, 40))):
+        p = Moments.zeros(d)
+        p.sources = frozenset({f"s{i}"})
+        for j in range(sl.start, sl.stop, 2):  # two-token batches: many crossings
+            p.add(x[j:min(j + 2, sl.stop)], labels[j:min(j + 2, sl.stop)], names)
+        parts.append(p)
+    merged = [parts[0].merge(parts[1]).merge(parts[2]), parts[2].merge(parts[1].merge(parts[0]))]
+    for m in (one, *merged):
+        assert set(m.rows) == {"b"} and set(m.concepts) == {"a", "c"}
+        assert m.counts == {"a": 8, "b": 3, "c": 10} and m.n_total == 40
+        for k, c in enumerate(names):
+            assert torch.allclose(m.sigma(c), oracle(k), rtol=0, atol=1e-12)
+        assert torch.allclose(m.total, x.double().T @ x.double(), rtol=0, atol=1e-12)
+    assert Moments.zeros(d, max_rows=0).max_rows == 0
+    dense = Moments.zeros(d, max_rows=0)
+    dense.add(x, labels, names)
+    assert dense.rows == {} and torch.allclose(dense.sigma("b"), oracle(1), rtol=0, atol=1e-12)
 
 
 def test_pack_unpack_symmetric():

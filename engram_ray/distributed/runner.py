@@ -107,7 +107,8 @@ def _start_actors(cfg: ExtractConfig, tracker) -> list[list]:
     if p.placement == "spread":
         opts["scheduling_strategy"] = "SPREAD"
     select = {k: getattr(cfg.select, k) for k in
-              ("target_modules", "layers_to_transform", "absorb_bias", "share_inputs", "gram_dtype")}
+              ("target_modules", "layers_to_transform", "absorb_bias", "share_inputs", "gram_dtype",
+               "low_rank")}
     storage = cfg.data.storage_options or cfg.store.storage_options
     return [
         [StageActor.options(**opts).remote(cfg.model.to_dict(), s, p.stages, r, select,

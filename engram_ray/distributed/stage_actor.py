@@ -49,7 +49,8 @@ class StageActor:
                                  select.get("layers_to_transform"), allow_empty=True)
         self.capture = Capture(modules, absorb_bias=select.get("absorb_bias", True),
                                share_inputs=select.get("share_inputs", True),
-                               gram_dtype=select.get("gram_dtype", "float64"))
+                               gram_dtype=select.get("gram_dtype", "float64"),
+                               low_rank=select.get("low_rank", True))
         self.tracker = tracker
         self.rows = self.tokens = 0
         self.busy_s = 0.0
