@@ -24,6 +24,7 @@ output layer); ``layers_to_transform`` keeps decoder layers by index.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import sys
 import weakref
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch import Batch
-from .moments import ModuleInfo, Moments, Statistics
+from .moments import ModuleInfo, Moments, Statistics, partition
 
 __all__ = [
     "Capture",
@@ -238,6 +239,7 @@ class Capture:
         self.groups: dict[str, Moments] = {}
         self._ctx: tuple[torch.Tensor | None, torch.Tensor, list[str]] | None = None
         self._seen: dict[tuple, tuple[weakref.ref, str]] = {}
+        self._layouts: dict[tuple, tuple] = {}
         self._handles = [
             m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()
         ]
@@ -264,11 +266,13 @@ class Capture:
         index = torch.tensor([names.index(c) if c is not None else -1 for c in concepts])
         self._ctx = (mask, index, names)
         self._seen = {}
+        self._layouts = {}
         try:
             yield
         finally:
             self._ctx = None
             self._seen = {}
+            self._layouts = {}
 
     def accumulate(self, model: nn.Module, batch: Batch):
         """One forward of ``model`` on ``batch`` under ``torch.no_grad``; returns its output."""
@@ -316,19 +320,13 @@ class Capture:
     def _accumulate(self, name: str, module: nn.Module, group: str, x: torch.Tensor) -> None:
         mask, index, names = self._ctx
         feats = _features(module, self.kinds[name], x.detach())  # (B, T', D)
-        b, t = feats.shape[:2]
-        if mask is not None:
-            if tuple(mask.shape) != (b, t):
-                raise ValueError(
-                    f"token mask of shape {tuple(mask.shape)} does not fit the input of module "
-                    f"{name!r} ({b} rows × {t} positions)"
-                )
-            keep = mask.to(feats.device)
-        else:
-            keep = torch.ones(b, t, dtype=torch.bool, device=feats.device)
-        rows = feats[keep]  # (n, D)
-        concept = index.to(feats.device)[:, None].expand(b, t)[keep]  # (n,)
-        if not torch.isfinite(rows).all():
+        b, t, d = feats.shape
+        keep, concept, parts = self._layout(name, b, t, feats.device)
+        rows = feats.reshape(b * t, d)
+        rows = rows if keep is None else rows[keep]  # (n, D)
+        # One float64 reduction instead of an elementwise test: a NaN or ±inf anywhere makes the
+        # sum non-finite, and float32 values cannot overflow a float64 sum.
+        if not math.isfinite(rows.sum(dtype=torch.float64)):
             raise ValueError(f"non-finite activations entering module {name!r}")
         if self.absorb_bias and module.bias is not None:
             rows = torch.cat([rows.float(), rows.new_ones(rows.shape[0], 1, dtype=torch.float32)], 1)
@@ -336,9 +334,30 @@ class Capture:
         if mom is None:
             mom = self.groups[group] = Moments.zeros(
                 rows.shape[1], device=rows.device, max_rows=None if self.low_rank else 0)
-        mom.add(rows, concept, names, self.gram_dtype)
+        mom.add(rows, concept, names, self.gram_dtype, parts=parts)
         for c in names:  # a labelled concept whose tokens were all masked shows up with 0
             mom.counts.setdefault(c, 0)
+
+    def _layout(self, name: str, b: int, t: int, device):
+        """(kept flat positions or None, concept per kept token, its partition) for a (b, t)
+        input: computed once per batch and shape, shared by every hooked module."""
+        key = (b, t, str(device))
+        hit = self._layouts.get(key)
+        if hit is not None:
+            return hit
+        mask, index, _ = self._ctx
+        concept = index.to(device)[:, None].expand(b, t).reshape(-1)
+        keep = None
+        if mask is not None:
+            if tuple(mask.shape) != (b, t):
+                raise ValueError(
+                    f"token mask of shape {tuple(mask.shape)} does not fit the input of module "
+                    f"{name!r} ({b} rows × {t} positions)"
+                )
+            keep = mask.to(device).reshape(-1).nonzero().squeeze(1)
+            concept = concept[keep]
+        hit = self._layouts[key] = (keep, concept, partition(concept))
+        return hit
 
     def module_infos(self) -> dict[str, ModuleInfo]:
         """Metadata of every hooked module (modules that never ran are an error)."""

@@ -44,6 +44,7 @@ __all__ = [
     "Statistics",
     "check_counts",
     "pack_symmetric",
+    "partition",
     "unpack_symmetric",
 ]
 
@@ -117,12 +118,16 @@ class Moments:
         concept_index: torch.Tensor,
         names: Sequence[str],
         gram_dtype: torch.dtype = torch.float64,
+        *,
+        parts: Sequence[tuple[int, torch.Tensor]] | None = None,
     ) -> None:
         """Add token features ``x`` (n, D) whose concept is ``names[concept_index[t]]`` (−1 = none).
 
-        Each token's outer product is formed once: the Gram blocks of large concepts are summed
-        into Σ_total, and every other token (reference rows, small concepts kept as rows) goes
-        into Σ_total in one Gram, so one pass for every concept costs one Gram of all tokens.
+        ``parts`` (optional) is :func:`partition` of ``concept_index``, computed once per batch
+        by a caller that feeds many groups. Each token's outer product is formed once: the Gram
+        blocks of large concepts are summed into Σ_total, and every other token (reference
+        rows, small concepts kept as rows) goes into Σ_total in one Gram, so one pass for every
+        concept costs one Gram of all tokens.
 
         ``gram_dtype=float64`` (default): the products of float32 activations are exact in
         float64 and their sums lose nothing measurable, so Σ does not depend on how rows were
@@ -134,27 +139,29 @@ class Moments:
         if x.shape[-1] != self.dim:
             raise ValueError(f"feature width {x.shape[-1]} does not match Σ dim {self.dim}")
         x = x.float()  # (n, D); exact for bf16/fp16 inputs
-        rest = concept_index < 0  # tokens whose Gram goes into Σ_total only
-        for k in torch.unique(concept_index).tolist():
-            if k < 0:
-                continue
+        gram_rows = []  # indices of tokens whose Gram went into a concept block (and Σ_total)
+        for k, idx in partition(concept_index) if parts is None else parts:
             name = names[k]
-            sel = concept_index == k
-            rows = x[sel]  # (n_k, D)
+            rows = x[idx]  # (n_k, D)
             n = self.counts.get(name, 0) + rows.shape[0]
             self.counts[name] = n
             if name not in self.concepts and n <= self.max_rows:
                 old = self.rows.get(name)
-                self.rows[name] = rows.clone() if old is None else torch.cat([old, rows])
-                rest |= sel
+                self.rows[name] = rows if old is None else torch.cat([old, rows])
                 continue
             gram = _gram(rows, gram_dtype)
             self.total += gram
+            gram_rows.append(idx)
             if name in self.rows:  # crossed max_rows: fold the kept rows (already in Σ_total)
                 gram = gram + _gram(self.rows.pop(name), gram_dtype)
             self.concepts[name] = self.concepts[name] + gram if name in self.concepts else gram
-        if rest.any():
-            self.total += _gram(x[rest], gram_dtype)
+        if not gram_rows:
+            self.total += _gram(x, gram_dtype)
+        else:
+            rest = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            rest[torch.cat(gram_rows)] = False
+            if rest.any():
+                self.total += _gram(x[rest], gram_dtype)
         self.n_total += x.shape[0]
 
     def merge(self, other: Moments) -> Moments:
@@ -259,6 +266,12 @@ class Moments:
             rows={c: tensors[f"r{i}"] for i, c in enumerate(small)},
             max_rows=int(meta.get("max_rows", "0")),
         )
+
+
+def partition(concept_index: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """``[(k, row indices with concept_index == k)]`` for every labelled concept ``k ≥ 0``."""
+    return [(k, (concept_index == k).nonzero().squeeze(1))
+            for k in torch.unique(concept_index).tolist() if k >= 0]
 
 
 def _gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

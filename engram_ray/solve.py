@@ -268,21 +268,26 @@ def _factored(chunk, moments, members, stacked, splits, pinv, norms) -> Iterator
         cols = slice(start, start + xc.shape[0])
         start += xc.shape[0]
         b = b_all[cols]  # (n_c, D)
-        bbt = b @ b.T  # for ‖A B‖²_F = Σ (AᵀA) ∘ (B Bᵀ) without forming A B
+        a = a_all[:, cols]  # (Σout, n_c)
+        # ‖A_m B‖²_F = Σ_rows of A_m of (A_m B Bᵀ) ∘ A_m: every module's norm from one (Σout, n_c)
+        # product, without forming A B; the bias column is included, as for dense engrams.
+        sq = (a @ (b @ b.T)).mul_(a).sum(1)
+        norms_c = [float(part.sum().clamp_min(0).sqrt()) for part in sq.split(splits)]
+        a32 = a.float().cpu().contiguous()  # module blocks below are contiguous row ranges
         # Modules of one input group share the bias flag (it is part of the group's signature).
-        right = (b[:, :-1] if members[0].bias else b).float().cpu().contiguous()
-        for info, a in zip(members, a_all[:, cols].split(splits)):
+        bias = members[0].bias
+        right = (b[:, :-1] if bias else b).float().cpu().contiguous()
+        biases = (a @ b[:, -1]).float().cpu().split(splits) if bias else [None] * len(members)
+        for info, a_m, bias_m, norm in zip(members, a32.split(splits), biases, norms_c):
             wn = norms[info.name]
-            norm = float((a.T @ a).mul_(bbt).sum().clamp_min(0).sqrt())  # bias column included
             yield EngramRecord(
                 concept=c,
                 module=info.name,
                 weight=None,
-                bias=(a @ b[:, -1]).float().cpu() if info.bias else None,
+                bias=bias_m,
                 n=moments.counts[c],
                 n_total=moments.n_total,
                 rel_norm=norm / wn if wn > 0 else 0.0,
                 weight_norm=wn,
-                factors=FactoredEngram(a.float().cpu().contiguous(), right, info.kind,
-                                       tuple(info.weight_shape)),
+                factors=FactoredEngram(a_m, right, info.kind, tuple(info.weight_shape)),
             )
