@@ -60,6 +60,29 @@ def test_round_trip_is_bit_identical(tmp_path):
     assert len(row["sha256"]) == 64 and row["rel_norm"] > 0
 
 
+@pytest.mark.parametrize("row_group_bytes", [1, 700, 1 << 30])
+def test_row_groups_hold_several_engrams_and_each_reads_back(tmp_path, monkeypatch, row_group_bytes):
+    """Rows are buffered into row groups of about ROW_GROUP_BYTES (one engram when larger);
+    the manifest's (row_group, row) finds every engram, dense and factored alike."""
+    import engram_ray.store as store
+
+    monkeypatch.setattr(store, "ROW_GROUP_BYTES", row_group_bytes)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3))
+    labels = [f"c{i % 7}" for i in range(28)] + ["big"] * 30 + [None] * 12
+    stats = collect_statistics(model, [Batch(torch.randn(70, 12), labels)])
+    recs = all_records(model, stats)
+    uri = str(tmp_path / "run")
+    w = RunWriter(uri)
+    w.commit(w.write_records(stats.modules, recs), {})
+    run = open_run(uri)
+    assert {run.record(r.concept, r.module)["form"] for r in recs} == {"dense", "factored"}
+    for r in recs:
+        assert torch.equal(run.engram(r.concept, r.module), r.dense())
+    groups = pq.ParquetFile(os.path.join(uri, "payload", "0.parquet")).num_row_groups
+    assert groups == {1: 8, 700: 3, 1 << 30: 1}[row_group_bytes]  # rows of 312 B
+
+
 def test_manifest_has_one_row_per_concept_and_module(tmp_path):
     uri, recs, _ = write_run(tmp_path)
     table = pq.read_table(os.path.join(uri, "manifest.parquet"))
@@ -81,8 +104,11 @@ def _flip_first_float(path, column, concept):
     cells[i] = bytes(raw)
     t = t.set_column(t.schema.get_field_index(column), column, pa.array(cells, pa.binary()))
     writer = pq.ParquetWriter(path, pf.schema_arrow)
-    for i in range(t.num_rows):
-        writer.write_table(t.slice(i, 1))
+    start = 0
+    for g in range(pf.num_row_groups):  # keep the row-group layout the manifest points into
+        n = pf.metadata.row_group(g).num_rows
+        writer.write_table(t.slice(start, n), row_group_size=n)
+        start += n
     writer.close()
 
 
