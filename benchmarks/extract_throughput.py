@@ -223,8 +223,8 @@ def verdicts(rows, ours, peer) -> str:
                    f"**{'met' if ratio >= 5 else 'not met'} ({ratio:.1f}×)**. The peer pays one "
                    "extra pass and one eigendecomposition per input group for every concept "
                    "(~10·D³ flops each); we pay one eigendecomposition per input group in all, "
-                   "then `(out + D)·D·n_c` flops per concept and module, so the ratio grows with "
-                   "the number of concepts and with the layers' width.")
+                   "then `(Σout + D)·D·n_c` flops per concept and input group (low-rank factors), "
+                   "so the ratio grows with the number of concepts and with the layers' width.")
     return "\n".join(out)
 
 
