@@ -216,9 +216,7 @@ def solve_group(
         if moments.counts.get(c, 0) == 0:
             raise ValueError(f"concept {c!r} has zero tokens after masking; no engram exists")
     small = [c for c in names if c in moments.rows]
-    for c in names:
-        if c in moments.rows:
-            continue
+    for c in (c for c in names if c not in moments.rows):
         mats = engram_matrix(stacked, moments.concepts[c], pinv).split(splits)
         for info, mat in zip(members, mats):
             w, b = to_weight_shape(mat.float().cpu(), info)

@@ -20,8 +20,8 @@ product — and ``rank = r``: a concept with fewer tokens than the layer is wide
 when the module's bias was absorbed. Rows are buffered into row groups of about
 ``ROW_GROUP_BYTES`` (one engram alone when it is larger), and the manifest names each engram's
 row group and row: a reader fetching one engram reads at most that much besides it, and small
-engrams do not pay Parquet's per-row-group cost each (a third of the write time, measured, at
-one row group per small factored engram).
+engrams do not pay Parquet's per-row-group cost each (measured on 1,450 rank-41 engrams: 0.35 s
+at one row group each, 0.12 s at one per module).
 
 Readers refuse runs without the commit marker, a manifest that does not match it, and a payload
 whose sha256 differs from the manifest's: what a reader returns is what the writer committed.
