@@ -32,7 +32,8 @@ def _storage(items: list[str]) -> dict | None:
 def cmd_extract(args) -> str:
     from .config import load_config
 
-    cfg = load_config(args.config, args.set or [])
+    overrides = list(args.set or []) + ([f"store.extend={args.extend}"] if args.extend else [])
+    cfg = load_config(args.config, overrides)
     if args.local:
         from .engine import extract_from_config
 
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set parallel.stages=2")
     e.add_argument("--local", action="store_true",
                    help="run the single-process engine instead of the Ray pipeline")
+    e.add_argument("--extend", metavar="RUN",
+                   help="add the shards RUN has not counted to its kept Σ and re-solve "
+                        "(= --set store.extend=RUN; RUN needs store.keep_statistics)")
     e.set_defaults(fn=cmd_extract)
 
     a = sub.add_parser("apply", help="write a model with concepts forgotten")

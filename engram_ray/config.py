@@ -10,7 +10,7 @@
     solver:   {rtol, condition_cap, rank_fraction, ridge}
     parallel: {stages, replicas, address, num_cpus, num_gpus, max_in_flight, placement,
                encode_num_cpus, encode_concurrency, solver_num_cpus, solver_num_gpus, dtype}
-    store:    {uri, run_id, storage_options, overwrite, keep_statistics}
+    store:    {uri, run_id, storage_options, overwrite, keep_statistics, extend}
 
 Unknown keys anywhere are errors naming the full dotted key, so a typo never falls back to a
 default silently. Every section is a keyword-only dataclass validated in ``__post_init__``.
@@ -98,6 +98,9 @@ class StoreConfig:
     storage_options: dict[str, Any] | None = None
     overwrite: bool = False
     keep_statistics: bool = False  # store Σ in the run so new shards can be merged in later
+    # A committed run that kept its Σ: read only the shards it has not counted, merge, re-solve
+    # (the new run keeps its Σ too, so it can be extended again).
+    extend: str | None = None
 
     def run_uri(self, run_id: str) -> str:
         return fsx.join(self.uri, run_id)

@@ -141,14 +141,16 @@ def extract(
     config: Mapping | None = None,
     keep_statistics: bool = False,
     sources: Sequence[str] = (),
+    extension=None,
     progress=None,
 ) -> Run:
     """Accumulate Σ over ``batches``, solve every engram, commit a run at ``uri``, open it.
 
     ``keep_statistics`` also stores Σ in the run (:meth:`Run.statistics`), tagged with
     ``sources`` (e.g. the shard paths read), so a later run can merge new shards and re-solve;
-    merging statistics that share a source is refused. On any error nothing committed stays
-    behind at ``uri``.
+    merging statistics that share a source is refused. ``extension``
+    (:class:`~engram_ray.incremental.Extension`) merges ``batches``' Σ into a base run's first.
+    On any error nothing committed stays behind at ``uri``.
     """
     t0 = time.time()
     model.eval()
@@ -164,10 +166,18 @@ def extract(
         progress=progress,
     )
     t1 = time.time()
-    writer = RunWriter(uri, storage_options, overwrite=overwrite)
-    try:
+    fingerprint = model_fingerprint(model.state_dict().items())
+    extra = {}
+    if extension is not None:
+        extension.check_model(fingerprint)
+        stats = extension.merge(stats)
+        keep_statistics = True
+        extra["extends"] = extension.base.uri
+    else:
         for m in stats.groups.values():
             m.sources = frozenset(sources)
+    writer = RunWriter(uri, storage_options, overwrite=overwrite)
+    try:
         rows = solve_statistics(stats, module_weights(model, stats), writer, solver,
                                 keep_statistics=keep_statistics)
         info = run_metadata(
@@ -176,10 +186,10 @@ def extract(
             {g: m.dim for g, m in stats.groups.items()},
             solver,
             config=dict(config or {}),
-            model={"fingerprint": model_fingerprint(model.state_dict().items()),
-                   "class": type(model).__name__},
+            model={"fingerprint": fingerprint, "class": type(model).__name__},
             timings={"statistics_s": t1 - t0, "solve_s": time.time() - t1},
             mode="single-process",
+            **extra,
         )
         writer.commit(rows, info)
     except BaseException:
@@ -195,8 +205,12 @@ def extract_from_config(cfg, *, progress=None) -> Run:
     oracle its tests compare against, and the fallback for one-machine jobs.
     """
     from .data import iter_batches, resolve_paths
+    from .incremental import prepare_extension
     from .models.loading import load_model, load_tokenizer
 
+    extension = prepare_extension(cfg)
+    if extension is not None:
+        cfg = extension.config  # the shards the base run has not counted
     storage = cfg.data.storage_options or cfg.store.storage_options
     model = load_model(cfg.model, storage, dtype=cfg.parallel.dtype)
     tokenizer = None if cfg.data.features_column else load_tokenizer(cfg.model, storage)
@@ -217,5 +231,6 @@ def extract_from_config(cfg, *, progress=None) -> Run:
         config=cfg.to_dict(),
         keep_statistics=cfg.store.keep_statistics,
         sources=resolve_paths(cfg.data),
+        extension=extension,
         progress=progress,
     )

@@ -336,16 +336,18 @@ class Run:
     def statistics(self) -> Statistics:
         """The Σ this run kept (``store.keep_statistics``), with its modules' metadata."""
         modules = {n: ModuleInfo.from_dict(d) for n, d in self.info.get("modules", {}).items()}
-        groups = {}
-        for g in sorted({m.group for m in modules.values()}):
-            rel = f"{STATISTICS_DIR}/{g}.safetensors"
-            try:
-                groups[g] = Moments.from_bytes(self._read(rel), what=f"{self.uri}/{rel}")
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    f"run {self.uri} kept no statistics for input group {g!r}; extract with "
-                    "store.keep_statistics: true to make a run extendable") from None
+        groups = {g: self.group_statistics(g) for g in sorted({m.group for m in modules.values()})}
         return Statistics(modules=modules, groups=groups)
+
+    def group_statistics(self, group: str) -> Moments:
+        """One input group's kept Σ (what a solver task of an extending run merges into)."""
+        rel = f"{STATISTICS_DIR}/{group}.safetensors"
+        try:
+            return Moments.from_bytes(self._read(rel), what=f"{self.uri}/{rel}")
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"run {self.uri} kept no statistics for input group {group!r}; extract with "
+                "store.keep_statistics: true to make a run extendable") from None
 
     def module_info(self, module: str) -> dict:
         """Kind, shape, layer, group, ‖W‖ and bias flag of a module (from any concept's row)."""

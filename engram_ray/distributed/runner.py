@@ -25,6 +25,7 @@ import ray
 
 from ..config import ExtractConfig
 from ..engine import combine_fingerprints, new_run_id, run_metadata
+from ..incremental import prepare_extension
 from ..moments import ModuleInfo, check_counts
 from ..store import RunWriter, run_exists
 from .feed import ProgressTracker, feed_replica
@@ -150,6 +151,10 @@ def run_extract(cfg: ExtractConfig, *, log: TextIO | None = None) -> str:
     """
     t0 = time.time()
     log = log or sys.stderr
+    extension = prepare_extension(cfg)
+    if extension is not None:
+        cfg = extension.config  # the shards the base run has not counted
+        _say(log, f"extending {extension.base.uri} with {len(extension.new_files)} new shard(s)")
     _check_model(cfg)
     files, _ = validate_files(cfg.data)
     run_id = cfg.store.run_id or new_run_id()
@@ -190,6 +195,13 @@ def run_extract(cfg: ExtractConfig, *, log: TextIO | None = None) -> str:
         infos, dims, summaries, groups_of_stage = _collect_layout(active)
         if not infos:
             raise ValueError(f"select={cfg.select} matched no supported module in any stage")
+        parts: dict[str, str] = {}
+        for actor in active[0]:
+            parts.update(ray.get(actor.fingerprint.remote()))
+        if extension is not None:
+            extension.check_modules(infos)
+            extension.check_model(combine_fingerprints(parts))
+            summaries = extension.merge_summaries(summaries)
         check_counts(summaries)
         writer = RunWriter(run_uri, cfg.store.storage_options, overwrite=cfg.store.overwrite)
         stage_of = {g: s for s, gs in groups_of_stage.items() for g in gs}
@@ -204,13 +216,11 @@ def run_extract(cfg: ExtractConfig, *, log: TextIO | None = None) -> str:
             tasks.append(solve_and_write.options(
                 num_cpus=cfg.parallel.solver_num_cpus, num_gpus=cfg.parallel.solver_num_gpus,
             ).remote(reduced, members, weights, cfg.solver.to_dict(), run_uri,
-                     cfg.store.storage_options, files if cfg.store.keep_statistics else None))
+                     cfg.store.storage_options, files if cfg.store.keep_statistics else None,
+                     extension.base.uri if extension is not None else None))
         _say(log, f"Σ from {sum(f['tokens'] for f in fed):,} tokens; solving {len(tasks)} input "
                   f"group(s), reduce depth {rounds}")
         rows = [row for part in ray.get(tasks) for row in part]
-        parts: dict[str, str] = {}
-        for actor in active[0]:
-            parts.update(ray.get(actor.fingerprint.remote()))
         info = run_metadata(
             infos, summaries, dims, cfg.solver,
             config=cfg.to_dict(),
@@ -224,6 +234,7 @@ def run_extract(cfg: ExtractConfig, *, log: TextIO | None = None) -> str:
             timings={"statistics_s": t_stats - t0, "solve_s": time.time() - t_stats,
                      "total_s": time.time() - t0},
             mode="distributed",
+            **({"extends": extension.base.uri} if extension is not None else {}),
         )
         writer.commit(rows, info)
     except BaseException:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import ray
 import torch
 
+from ..incremental import merge_into_base
 from ..moments import ModuleInfo, Moments
 from ..solve import SolverConfig, solve_group
 from ..store import RunWriter
@@ -34,13 +35,19 @@ def solve_and_write(
     run_uri: str,
     storage_options: Mapping | None = None,
     keep_sources: Sequence[str] | None = None,
+    base_uri: str | None = None,
 ) -> list[dict]:
     """Solve one group and write its payloads; with ``keep_sources`` also keep its Σ, tagged
-    with the shards it covers (the run's data files)."""
+    with the shards it covers (the run's data files). With ``base_uri`` (an extending run) the
+    base run's Σ of this group is merged in first, here, so no driver holds every group's Σ."""
     writer = RunWriter(run_uri, storage_options, attach=True)
-    if keep_sources is not None:
+    group = members[0].group
+    if base_uri is not None:
+        moments = merge_into_base(base_uri, group, moments, keep_sources or (), storage_options)
+    elif keep_sources is not None:
         moments.sources = frozenset(keep_sources)
-        writer.write_statistics(members[0].group, moments)
+    if keep_sources is not None:
+        writer.write_statistics(group, moments)
     if torch.cuda.is_available():
         moments = moments.to("cuda")  # eigh and matmuls on the GPU, still in float64
     records = solve_group(moments, list(members), weights, SolverConfig(**solver))

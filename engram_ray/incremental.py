@@ -1,0 +1,103 @@
+"""Incremental extraction: add new shards to a run's Σ without re-reading the old ones.
+
+A run extracted with ``store.keep_statistics: true`` keeps every input group's Σ tagged with the
+shards it covers (``Moments.sources``). Extending it (``store.extend: <run>``) reads only the
+shards of the new config that the base has not counted, merges their Σ into the base's —
+``Moments.merge`` is an exact sum and refuses a shard counted twice — and solves again, so
+
+    extend(base over A, data A ∪ B)  ==  one pass over A ∪ B
+
+for the engrams of every concept (new concepts, and more data for old ones). The model must be
+the very one the base was extracted from (same weight fingerprint), or the two Σ would describe
+different activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .moments import Moments, Statistics
+from .store import Run, open_run
+
+__all__ = ["Extension", "merge_into_base", "prepare_extension"]
+
+
+@dataclass
+class Extension:
+    """A base run and the config restricted to the shards it has not counted."""
+
+    base: Run
+    config: object  # the ExtractConfig over the new shards only, keep_statistics on
+    new_files: list[str]
+    old_sources: frozenset[str]
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.base.info.get("model", {}).get("fingerprint")
+
+    def check_model(self, fingerprint: str) -> None:
+        if self.fingerprint != fingerprint:
+            raise ValueError(
+                f"store.extend: the model's weights differ from those run {self.base.uri} was "
+                f"extracted from (fingerprint {fingerprint[:12]}… vs {str(self.fingerprint)[:12]}…); "
+                "engrams of two models cannot share one Σ")
+
+    def check_modules(self, names) -> None:
+        """The new pass must capture exactly the base run's modules."""
+        diff = sorted(set(names) ^ set(self.base.modules))
+        if diff:
+            raise ValueError(f"store.extend: the selected modules differ from run "
+                             f"{self.base.uri}'s, e.g. {diff[:5]} (select.* must match the base)")
+
+    def merge(self, new: Statistics) -> Statistics:
+        """Base Σ + the new shards' Σ, every group (single-process path)."""
+        self.check_modules(new.modules)
+        return Statistics(modules=new.modules, groups={
+            g: merge_into_base(self.base, g, m, self.new_files) for g, m in new.groups.items()})
+
+    def merge_summaries(self, summaries: Mapping[str, tuple[int, Mapping[str, int]]]) -> dict:
+        """(tokens, tokens per concept) per group over base + new (for run.json and checks)."""
+        out = {}
+        for g, info in self.base.info.get("groups", {}).items():
+            n_new, counts_new = summaries.get(g, (0, {}))
+            counts = dict(info["concept_tokens"])
+            for c, k in counts_new.items():
+                counts[c] = counts.get(c, 0) + k
+            out[g] = (info["tokens"] + n_new, counts)
+        return out
+
+
+def merge_into_base(base: Run | str, group: str, new: Moments, new_files,
+                    storage_options=None) -> Moments:
+    """The base run's Σ for ``group`` plus ``new`` (tagged with the new shards, so a shard the
+    base already counted is refused by ``Moments.merge``)."""
+    if isinstance(base, str):
+        base = open_run(base, storage_options)
+    new.sources = frozenset(new_files)
+    return base.group_statistics(group).merge(new)
+
+
+def prepare_extension(cfg) -> Extension | None:
+    """``None`` without ``store.extend``; else the base run (committed, with its Σ kept) and a
+    config over only the shards it has not counted. No new shard is an error naming them."""
+    from .data import resolve_paths
+
+    if cfg.store.extend is None:
+        return None
+    base = open_run(cfg.store.extend, cfg.store.storage_options)
+    modules = base.info.get("modules", {})
+    if not modules:
+        raise ValueError(f"store.extend: run {base.uri} lists no modules")
+    first_group = sorted({d["group"] for d in modules.values()})[0]
+    old = base.group_statistics(first_group).sources  # every group covers the same shards
+    files = resolve_paths(cfg.data)
+    new = [f for f in files if f not in old]
+    if not new:
+        raise ValueError(f"store.extend: all {len(files)} shard(s) of data.paths are already "
+                         f"counted in run {base.uri}; nothing to add")
+    restricted = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, paths=new),
+        store=dataclasses.replace(cfg.store, keep_statistics=True))
+    return Extension(base=base, config=restricted, new_files=new, old_sources=old)
