@@ -82,6 +82,27 @@ def _as_matrix(w: torch.Tensor, b: torch.Tensor | None, kind: str) -> torch.Tens
     return torch.cat([w, b[:, None]], 1) if b is not None else w
 
 
+class _UnionEngrams(Mapping):
+    """module → its union engram as an (out, D) matrix, read when looked up and not kept: a
+    scale function walking every module holds one engram at a time, not a model's worth."""
+
+    def __init__(self, source: EngramSource, forget: Sequence[str], modules: Sequence[str],
+                 infos: Mapping[str, dict]) -> None:
+        self._source, self._forget, self._modules, self._infos = source, forget, modules, infos
+
+    def __getitem__(self, module: str) -> torch.Tensor:
+        if module not in self._infos:
+            raise KeyError(module)
+        w, b = union_engram(self._source, self._forget, module)
+        return _as_matrix(w, b, self._infos[module]["kind"])
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
 def _weight_norm(engrams, infos) -> dict[str, float]:
     r = {m: float(torch.linalg.norm(e)) / max(infos[m]["weight_norm"], 1e-30)
          for m, e in engrams.items()}
@@ -180,11 +201,7 @@ def plan_edit(
     if fn is _uniform:
         scales = {m: 1.0 for m in picked}
     else:
-        engrams = {}
-        for m in picked:
-            w, b = union_engram(source, forget, m)
-            engrams[m] = _as_matrix(w, b, infos[m]["kind"])
-        scales = fn(engrams, infos)
+        scales = fn(_UnionEngrams(source, forget, picked, infos), infos)
     return EditPlan(source=source, forget=forget, alpha=float(alpha), scales=scales)
 
 

@@ -72,6 +72,42 @@ def test_weight_norm_scale(mlp_run):
     assert max(plan.scales.values()) == pytest.approx(1.0)
 
 
+def test_scales_read_engrams_on_demand_one_at_a_time(mlp_run):
+    """A scale function sees the union engrams lazily: each is read when looked up and none is
+    kept, so planning a model-wide scale never holds every engram at once."""
+    _, run = mlp_run
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.reads = inner, []
+            self.concepts, self.modules = inner.concepts, inner.modules
+
+        def engram(self, c, m):
+            self.reads.append((c, m))
+            return self.inner.engram(c, m)
+
+        def bias(self, c, m):
+            return self.inner.bias(c, m)
+
+        def module_info(self, m):
+            return self.inner.module_info(m)
+
+    seen = []
+
+    def spy(engrams, infos):
+        assert not isinstance(engrams, dict) and sorted(engrams) == sorted(infos)
+        for m, e in engrams.items():
+            seen.append((m, tuple(e.shape)))
+        return {m: 1.0 for m in engrams}
+
+    src = Counting(run)
+    plan_edit(src, ["a", "b"], scale=spy)
+    assert sorted(src.reads) == sorted((c, m) for c in ("a", "b") for m in run.modules)
+    assert [m for m, _ in seen] == list(run.modules)
+    assert plan_edit(src, ["a"], scale="weight_norm").scales == plan_edit(
+        run, ["a"], scale="weight_norm").scales
+
+
 def test_effective_rank_and_compose(mlp_run):
     _, run = mlp_run
     er = plan_edit(run, ["a"], scale="effective_rank").scales
