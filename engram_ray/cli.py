@@ -64,6 +64,14 @@ def cmd_show(args) -> str:
     print(f"run       {run.uri}", file=sys.stderr)
     print(f"concepts  {len(run.concepts)}: {', '.join(run.concepts[:20])}", file=sys.stderr)
     print(f"modules   {len(run.modules)}", file=sys.stderr)
+    forms = run.manifest.column("form").to_pylist()
+    ranks = sorted(r for r in run.manifest.column("rank").to_pylist() if r is not None)
+    line = f"engrams   {forms.count('dense')} dense, {len(ranks)} low-rank factored"
+    if ranks:
+        line += f" (rank median {ranks[len(ranks) // 2]}, max {ranks[-1]})"
+    print(line, file=sys.stderr)
+    if "extends" in run.info:
+        print(f"extends   {run.info['extends']}", file=sys.stderr)
     timings = run.info.get("timings", {})
     print(f"timings   {json.dumps(timings)}", file=sys.stderr)
     return run.uri

@@ -78,6 +78,12 @@ def test_extend_equals_one_pass_and_refuses_misuse(tmp_path, shards, tiny_llama_
     assert main(["extract", str(cfg_path), "--local", "--extend", base.uri]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(runs / "cli")
     assert_same_engrams(open_run(str(runs / "cli")), one)
+    assert main(["show", ext.uri]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == ext.uri
+    assert f"extends   {base.uri}" in err
+    forms = ext.manifest.column("form").to_pylist()
+    assert f"engrams   {forms.count('dense')} dense, {forms.count('factored')} low-rank" in err
     kept = ext.statistics()  # the extended run keeps its Σ, so it can be extended again
     group = kept.modules["lm_head"].group
     assert kept.groups[group].sources == {str(shards / f"part-{i}.parquet") for i in range(4)}
