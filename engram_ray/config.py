@@ -10,7 +10,8 @@
     solver:   {rtol, condition_cap, rank_fraction, ridge}
     parallel: {stages, replicas, address, num_cpus, num_gpus, max_in_flight, placement,
                encode_num_cpus, encode_concurrency, solver_num_cpus, solver_num_gpus, dtype}
-    store:    {uri, run_id, storage_options, overwrite, keep_statistics, extend}
+    store:    {uri, run_id, storage_options, overwrite, keep_statistics, extend,
+               checkpoint_shards}
 
 Unknown keys anywhere are errors naming the full dotted key, so a typo never falls back to a
 default silently. Every section is a keyword-only dataclass validated in ``__post_init__``.
@@ -101,6 +102,18 @@ class StoreConfig:
     # A committed run that kept its Σ: read only the shards it has not counted, merge, re-solve
     # (the new run keeps its Σ too, so it can be extended again).
     extend: str | None = None
+    # Ray pipeline: feed the shards N at a time and checkpoint the Σ so far after each slice
+    # under <uri>/_checkpoints/<run_id>; rerunning with the same run_id resumes (resume.py).
+    checkpoint_shards: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_shards is not None and self.checkpoint_shards < 1:
+            raise ConfigError(f"store.checkpoint_shards must be ≥ 1, got {self.checkpoint_shards}")
+        if self.checkpoint_shards is not None and self.run_id is None:
+            raise ConfigError("store.checkpoint_shards needs a fixed store.run_id: a rerun "
+                              "finds its checkpoint by it")
+        if self.checkpoint_shards is not None and self.extend is not None:
+            raise ConfigError("store.checkpoint_shards and store.extend cannot be combined yet")
 
     def run_uri(self, run_id: str) -> str:
         return fsx.join(self.uri, run_id)

@@ -208,6 +208,9 @@ def extract_from_config(cfg, *, progress=None) -> Run:
     from .incremental import prepare_extension
     from .models.loading import load_model, load_tokenizer
 
+    if cfg.store.checkpoint_shards is not None:
+        raise ValueError("store.checkpoint_shards checkpoints the Ray pipeline; the single-process "
+                         "engine (--local) does not checkpoint: unset it or drop --local")
     extension = prepare_extension(cfg)
     if extension is not None:
         cfg = extension.config  # the shards the base run has not counted

@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .moments import Moments, Statistics
+from .moments import Moments, Statistics, merge_summaries
 from .store import Run, open_run
 
 __all__ = ["Extension", "merge_into_base", "prepare_extension"]
@@ -59,22 +59,15 @@ class Extension:
 
     def merge_summaries(self, summaries: Mapping[str, tuple[int, Mapping[str, int]]]) -> dict:
         """(tokens, tokens per concept) per group over base + new (for run.json and checks)."""
-        out = {}
-        for g, info in self.base.info.get("groups", {}).items():
-            n_new, counts_new = summaries.get(g, (0, {}))
-            counts = dict(info["concept_tokens"])
-            for c, k in counts_new.items():
-                counts[c] = counts.get(c, 0) + k
-            out[g] = (info["tokens"] + n_new, counts)
-        return out
+        base = {g: (i["tokens"], i["concept_tokens"])
+                for g, i in self.base.info.get("groups", {}).items()}
+        return merge_summaries(base, summaries)
 
 
-def merge_into_base(base: Run | str, group: str, new: Moments, new_files,
-                    storage_options=None) -> Moments:
-    """The base run's Σ for ``group`` plus ``new`` (tagged with the new shards, so a shard the
-    base already counted is refused by ``Moments.merge``)."""
-    if isinstance(base, str):
-        base = open_run(base, storage_options)
+def merge_into_base(base, group: str, new: Moments, new_files) -> Moments:
+    """``base``'s Σ for ``group`` (a :class:`Run` that kept it, or a checkpoint generation)
+    plus ``new``, tagged with the shards it counted, so a shard the base already counted is
+    refused by ``Moments.merge``."""
     new.sources = frozenset(new_files)
     return base.group_statistics(group).merge(new)
 

@@ -43,6 +43,7 @@ __all__ = [
     "Moments",
     "Statistics",
     "check_counts",
+    "merge_summaries",
     "pack_symmetric",
     "partition",
     "unpack_symmetric",
@@ -357,6 +358,19 @@ class Statistics:
     def check_concepts(self, expected: Iterable[str] = ()) -> None:
         """Every concept seen (or expected) must have tokens in every group, else name it."""
         check_counts({g: m.summary() for g, m in self.groups.items()}, expected)
+
+
+def merge_summaries(*parts: Mapping[str, tuple[int, Mapping[str, int]]]) -> dict:
+    """Sum ``{group: (tokens, tokens per concept)}`` summaries of disjoint partial Σ."""
+    out: dict[str, tuple[int, dict[str, int]]] = {}
+    for part in parts:
+        for g, (n, counts) in part.items():
+            tot, acc = out.get(g, (0, {}))
+            acc = dict(acc)
+            for c, k in counts.items():
+                acc[c] = acc.get(c, 0) + k
+            out[g] = (tot + n, acc)
+    return out
 
 
 def check_counts(summaries: Mapping[str, tuple[int, Mapping[str, int]]], expected=()) -> None:

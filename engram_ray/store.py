@@ -324,6 +324,10 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({self.uri!r}, {len(self.concepts)} concepts, {len(self.modules)} modules)"
 
+    def __reduce__(self):
+        # Ray tasks receive a run by URI and reopen it (the commit checks run again there).
+        return (Run, (self.uri, self.storage_options))
+
     def record(self, concept: str, module: str) -> dict:
         try:
             return self._rows[(concept, module)]

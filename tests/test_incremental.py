@@ -1,9 +1,14 @@
-"""Incremental extraction (``store.extend``): a base run's kept Σ plus only the shards it has not
-counted, re-solved, equals one pass over every shard — single-process and on Ray — and every
-misuse (nothing new, no kept Σ, another model, another module selection) fails closed."""
+"""Incremental Σ across runs and across kills.
+
+- ``store.extend``: a base run's kept Σ plus only the shards it has not counted, re-solved,
+  equals one pass over every shard — single-process and on Ray — and every misuse (nothing new,
+  no kept Σ, another model, another module selection) fails closed.
+- ``store.checkpoint_shards``: after a crash the rerun skips the checkpointed shards, counts
+  every row exactly once and equals one uninterrupted pass; another config is refused."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -14,7 +19,7 @@ import torch
 import yaml
 
 from engram_ray.cli import main
-from engram_ray.config import ExtractConfig
+from engram_ray.config import ConfigError, ExtractConfig
 from engram_ray.engine import extract_from_config
 from engram_ray.models.tiny import save_tiny_llama
 from engram_ray.store import open_run
@@ -116,3 +121,60 @@ def test_distributed_extend_equals_single_process_one_pass(ray_cluster, tmp_path
     ext = open_run(uri)
     assert_same_engrams(ext, one)
     assert ext.info["extends"] == base.uri and ext.info["data"]["rows"] == 18  # new rows only
+
+
+@pytest.mark.ray
+def test_crash_after_two_checkpoints_then_resume_equals_one_pass(ray_cluster, tmp_path, shards,
+                                                                 tiny_llama_dir, monkeypatch):
+    import engram_ray.distributed.runner as runner
+
+    runs = tmp_path / "runs"
+    cfg = config(tiny_llama_dir, [shards], runs, "r", checkpoint_shards=1)
+    state = runs / "_checkpoints" / "r" / "state.json"
+    real_feed, calls = runner._feed, []
+
+    def crashing_feed(*args, **kw):  # the driver dies while feeding the third shard
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real_feed(*args, **kw)
+
+    monkeypatch.setattr(runner, "_feed", crashing_feed)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_extract(cfg)
+    assert not os.path.exists(runs / "r" / "_COMMITTED")
+    saved = json.loads(state.read_text())
+    assert saved["sources"] == [str(shards / "part-0.parquet"), str(shards / "part-1.parquet")]
+    gens = [d for d in os.listdir(runs / "_checkpoints" / "r") if d.startswith("gen-")]
+    assert gens == [saved["generation"]]  # the superseded generation was dropped
+
+    # Another config cannot resume this checkpoint, and commits nothing.
+    other = config(tiny_llama_dir, [shards], runs, "r", checkpoint_shards=1)
+    other.select.target_modules = ["down_proj"]
+    monkeypatch.setattr(runner, "_feed", real_feed)
+    with pytest.raises(ValueError, match="different config"):
+        runner.run_extract(other)
+
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        uri = runner.run_extract(cfg, log=f)
+    assert "resuming from checkpoint" in log.read_text()
+    run = open_run(uri)
+    one = extract_from_config(config(tiny_llama_dir, [shards], runs, "one"))
+    assert_same_engrams(run, one)
+    assert run.info["data"]["rows"] == 18  # only the two shards left were read again
+    assert run.info["resumed"]["shards"] == 2
+    assert not os.path.exists(runs / "_checkpoints" / "r")  # committed: checkpoint removed
+
+
+def test_checkpoint_config_is_validated(tmp_path, shards, tiny_llama_dir):
+    with pytest.raises(ConfigError, match="run_id"):
+        config(tiny_llama_dir, [shards], tmp_path, None, checkpoint_shards=2)
+    with pytest.raises(ConfigError, match="≥ 1"):
+        config(tiny_llama_dir, [shards], tmp_path, "r", checkpoint_shards=0)
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        config(tiny_llama_dir, [shards], tmp_path, "r", checkpoint_shards=1, extend="x")
+    with pytest.raises(ValueError, match="--local"):
+        extract_from_config(config(tiny_llama_dir, [shards], tmp_path, "r", checkpoint_shards=1))
+    assert isinstance(config(tiny_llama_dir, [shards], tmp_path, "r", checkpoint_shards=1),
+                      ExtractConfig)

@@ -26,12 +26,13 @@ import ray
 from ..config import ExtractConfig
 from ..engine import combine_fingerprints, new_run_id, run_metadata
 from ..incremental import prepare_extension
-from ..moments import ModuleInfo, check_counts
+from ..moments import ModuleInfo, check_counts, merge_summaries
+from ..resume import Checkpoint, config_digest, restrict, slices
 from ..store import RunWriter, run_exists
 from .feed import ProgressTracker, feed_replica
 from .ingest import count_rows, encoded_dataset, validate_files
 from .reduce import tree_depth, tree_reduce
-from .solver import solve_and_write, solve_order
+from .solver import solve_and_write, solve_order, write_checkpoint
 from .stage_actor import StageActor
 
 __all__ = ["ensure_ray", "run_extract"]
@@ -148,6 +149,8 @@ def run_extract(cfg: ExtractConfig, *, log: TextIO | None = None) -> str:
     """Run the whole distributed extraction for ``cfg``; returns the committed run's URI.
 
     Progress goes to ``log`` (default: the current ``sys.stderr``, looked up at call time).
+    With ``store.checkpoint_shards`` the shards are fed in slices and the Σ so far is
+    checkpointed after each (``resume.py``); a rerun with the same ``run_id`` resumes.
     """
     t0 = time.time()
     log = log or sys.stderr
@@ -161,15 +164,17 @@ def run_extract(cfg: ExtractConfig, *, log: TextIO | None = None) -> str:
     run_uri = cfg.store.run_uri(run_id)
     if run_exists(run_uri, cfg.store.storage_options) and not cfg.store.overwrite:
         raise FileExistsError(f"a committed run already exists at {run_uri}")
+    checkpoint = resumed = None
+    if cfg.store.checkpoint_shards:
+        checkpoint = Checkpoint(cfg.store.uri, run_id, cfg.store.storage_options)
+        checkpoint.check(config_digest(cfg))
+        resumed = checkpoint.generation  # merged into every group at solve time
+        if resumed is not None:
+            files = [f for f in files if f not in checkpoint.sources]
+            _say(log, f"resuming from checkpoint {checkpoint.uri}: {len(checkpoint.sources)} "
+                      f"shard(s) counted, {len(files)} to go")
     ensure_ray(cfg.parallel.address, cpus_needed(cfg))
-    expected = count_rows(cfg.data)
     tok_dir, pad_id = _tokenizer_info(cfg)
-    # drop_empty=False: rows without a counted token still flow (adding nothing to Σ), so the
-    # fed row count can be checked against the files' row count exactly.
-    ds = encoded_dataset(cfg.data, tok_dir, drop_empty=False,
-                         num_cpus=cfg.parallel.encode_num_cpus,
-                         concurrency=cfg.parallel.encode_concurrency,
-                         read_num_cpus=cfg.parallel.encode_num_cpus)
     tracker = ProgressTracker.remote()
     actors = _start_actors(cfg, tracker)
     writer = None
@@ -178,33 +183,33 @@ def run_extract(cfg: ExtractConfig, *, log: TextIO | None = None) -> str:
         _say(log, f"{len(nodes)} stage actors ready on {len(set(nodes))} node(s) "
                   f"({cfg.parallel.replicas} replica(s) × {cfg.parallel.stages} stage(s)) "
                   f"after {time.time() - t0:.1f}s")
-        splits = ds.streaming_split(cfg.parallel.replicas, equal=False)
-        feeders = [feed_replica.remote(splits[r], actors[r], cfg.data.batch_size, pad_id,
-                                       cfg.parallel.max_in_flight, tracker)
-                   for r in range(cfg.parallel.replicas)]
-        progress = _Progress(tracker, expected, log)
-        while ray.wait(feeders, num_returns=len(feeders), timeout=1.0)[1]:
-            progress.maybe_print()
-        fed = ray.get(feeders)
-        progress.maybe_print(force=True)
+        fed = [{"rows": 0, "tokens": 0} for _ in actors]
+        parts = slices(files, cfg.store.checkpoint_shards)
+        done: list[str] = []
+        for i, part in enumerate(parts):
+            _feed(restrict(cfg, part), actors, tracker, tok_dir, pad_id, fed, log)
+            done += part
+            if checkpoint is not None and i < len(parts) - 1:
+                _checkpoint(checkpoint, resumed, actors, fed, done, cfg, log)
         t_stats = time.time()
-        _check_rows(fed, expected, actors)
         active = [chain for chain, f in zip(actors, fed) if f["rows"] > 0]
         if not active:
             raise ValueError(f"the data {cfg.data.paths} holds no rows")
         infos, dims, summaries, groups_of_stage = _collect_layout(active)
         if not infos:
             raise ValueError(f"select={cfg.select} matched no supported module in any stage")
-        parts: dict[str, str] = {}
-        for actor in active[0]:
-            parts.update(ray.get(actor.fingerprint.remote()))
+        fingerprint = _fingerprint(active)
         if extension is not None:
             extension.check_modules(infos)
-            extension.check_model(combine_fingerprints(parts))
+            extension.check_model(fingerprint)
             summaries = extension.merge_summaries(summaries)
+        if resumed is not None:
+            checkpoint.check_model(fingerprint)
+            summaries = merge_summaries(checkpoint.summaries(), summaries)
         check_counts(summaries)
         writer = RunWriter(run_uri, cfg.store.storage_options, overwrite=cfg.store.overwrite)
         stage_of = {g: s for s, gs in groups_of_stage.items() for g in gs}
+        base = extension.base if extension is not None else resumed
         rounds = 0
         tasks = []
         for g in solve_order(dims):
@@ -216,16 +221,19 @@ def run_extract(cfg: ExtractConfig, *, log: TextIO | None = None) -> str:
             tasks.append(solve_and_write.options(
                 num_cpus=cfg.parallel.solver_num_cpus, num_gpus=cfg.parallel.solver_num_gpus,
             ).remote(reduced, members, weights, cfg.solver.to_dict(), run_uri,
-                     cfg.store.storage_options, files if cfg.store.keep_statistics else None,
-                     extension.base.uri if extension is not None else None))
+                     cfg.store.storage_options, cfg.store.keep_statistics, base, files))
         _say(log, f"Σ from {sum(f['tokens'] for f in fed):,} tokens; solving {len(tasks)} input "
                   f"group(s), reduce depth {rounds}")
         rows = [row for part in ray.get(tasks) for row in part]
+        extra = {"extends": extension.base.uri} if extension is not None else {}
+        if resumed is not None:
+            extra["resumed"] = {"checkpoint": checkpoint.uri,
+                                "shards": len(checkpoint.sources)}
         info = run_metadata(
             infos, summaries, dims, cfg.solver,
             config=cfg.to_dict(),
             run_id=run_id,
-            model={"fingerprint": combine_fingerprints(parts), "spec": cfg.model.to_dict()},
+            model={"fingerprint": fingerprint, "spec": cfg.model.to_dict()},
             parallel={"stages": cfg.parallel.stages, "replicas": cfg.parallel.replicas,
                       "replicas_with_rows": len(active), "reduce_rounds": rounds,
                       "nodes": sorted(set(nodes)),
@@ -234,7 +242,7 @@ def run_extract(cfg: ExtractConfig, *, log: TextIO | None = None) -> str:
             timings={"statistics_s": t_stats - t0, "solve_s": time.time() - t_stats,
                      "total_s": time.time() - t0},
             mode="distributed",
-            **({"extends": extension.base.uri} if extension is not None else {}),
+            **extra,
         )
         writer.commit(rows, info)
     except BaseException:
@@ -246,21 +254,82 @@ def run_extract(cfg: ExtractConfig, *, log: TextIO | None = None) -> str:
             for actor in chain:
                 ray.kill(actor)
         ray.kill(tracker)
+    if checkpoint is not None:
+        checkpoint.remove()  # the committed run holds everything it had
     _say(log, f"committed {len(rows)} engrams ({len(info['concepts'])} concepts × "
               f"{len(infos)} modules) to {run_uri} in {time.time() - t0:.1f}s")
     return run_uri
+
+
+def _feed(cfg: ExtractConfig, actors, tracker, tok_dir, pad_id, fed: list[dict], log) -> None:
+    """Stream ``cfg``'s shards through the replicas; ``fed[r]`` accumulates what replica r got.
+    Checks every row was read once and seen once by every stage."""
+    expected = count_rows(cfg.data)
+    # drop_empty=False: rows without a counted token still flow (adding nothing to Σ), so the
+    # fed row count can be checked against the files' row count exactly.
+    ds = encoded_dataset(cfg.data, tok_dir, drop_empty=False,
+                         num_cpus=cfg.parallel.encode_num_cpus,
+                         concurrency=cfg.parallel.encode_concurrency,
+                         read_num_cpus=cfg.parallel.encode_num_cpus)
+    replicas = len(actors)
+    splits = ds.streaming_split(replicas, equal=False)
+    feeders = [feed_replica.remote(splits[r], actors[r], cfg.data.batch_size, pad_id,
+                                   cfg.parallel.max_in_flight, tracker)
+               for r in range(replicas)]
+    progress = _Progress(tracker, expected + sum(f["rows"] for f in fed), log)
+    while ray.wait(feeders, num_returns=len(feeders), timeout=1.0)[1]:
+        progress.maybe_print()
+    now = ray.get(feeders)
+    progress.maybe_print(force=True)
+    got = sum(f["rows"] for f in now)
+    if got != expected:
+        raise RuntimeError(f"fed {got} rows but the data has {expected}: rows were lost or "
+                           "counted twice; nothing was committed")
+    for total, f in zip(fed, now):
+        total["rows"] += f["rows"]
+        total["tokens"] += f["tokens"]
+    _check_rows(fed, actors)
+
+
+def _fingerprint(chains) -> str:
+    parts: dict[str, str] = {}
+    for actor in chains[0]:
+        parts.update(ray.get(actor.fingerprint.remote()))
+    return combine_fingerprints(parts)
+
+
+def _checkpoint(checkpoint: Checkpoint, resumed, actors, fed, done, cfg, log) -> None:
+    """Write the Σ counted so far (the generation resumed from + every replica's) as a new
+    generation, then make it the one in force."""
+    t = time.time()
+    active = [chain for chain, f in zip(actors, fed) if f["rows"] > 0]
+    if not active:
+        return
+    infos, dims, summaries, groups_of_stage = _collect_layout(active)
+    fingerprint = _fingerprint(active)
+    if resumed is not None:
+        checkpoint.check_model(fingerprint)
+    gen = checkpoint.new_generation()
+    sources = sorted(set(done) | (checkpoint.sources if resumed is not None else set()))
+    tasks = []
+    for s, groups in groups_of_stage.items():
+        for g in groups:
+            reduced, _ = tree_reduce([chain[s].partial.remote(g) for chain in active])
+            tasks.append(write_checkpoint.options(num_cpus=cfg.parallel.solver_num_cpus).remote(
+                reduced, g, gen, resumed, list(done)))
+    ray.get(tasks)
+    base_summaries = checkpoint.summaries() if resumed is not None else {}
+    checkpoint.commit(gen, sources=sources, summaries=merge_summaries(base_summaries, summaries),
+                      fingerprint=fingerprint, digest=config_digest(cfg), keep=resumed)
+    _say(log, f"checkpoint: {len(sources)} shard(s) counted, written in {time.time() - t:.1f}s")
 
 
 def _say(log: TextIO, msg: str) -> None:
     print(f"[engram-ray] {msg}", file=log, flush=True)
 
 
-def _check_rows(fed: list[Mapping], expected: int, actors) -> None:
-    """Every row read once by a feeder, and every fed row seen by every stage, exactly once."""
-    rows = sum(f["rows"] for f in fed)
-    if rows != expected:
-        raise RuntimeError(f"fed {rows} rows but the dataset has {expected}: rows were lost or "
-                           "counted twice; nothing was committed")
+def _check_rows(fed: list[Mapping], actors) -> None:
+    """Every fed row seen by every stage of its replica, exactly once."""
     for r, chain in enumerate(actors):
         for s, actor in enumerate(chain):
             seen = ray.get(actor.counters.remote())["rows"]

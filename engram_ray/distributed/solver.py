@@ -18,7 +18,7 @@ from ..moments import ModuleInfo, Moments
 from ..solve import SolverConfig, solve_group
 from ..store import RunWriter
 
-__all__ = ["solve_and_write", "solve_order"]
+__all__ = ["solve_and_write", "solve_order", "write_checkpoint"]
 
 
 def solve_order(dims: Mapping[str, int]) -> list[str]:
@@ -34,21 +34,34 @@ def solve_and_write(
     solver: Mapping,
     run_uri: str,
     storage_options: Mapping | None = None,
-    keep_sources: Sequence[str] | None = None,
-    base_uri: str | None = None,
+    keep_statistics: bool = False,
+    base=None,
+    new_files: Sequence[str] = (),
 ) -> list[dict]:
-    """Solve one group and write its payloads; with ``keep_sources`` also keep its Σ, tagged
-    with the shards it covers (the run's data files). With ``base_uri`` (an extending run) the
-    base run's Σ of this group is merged in first, here, so no driver holds every group's Σ."""
+    """Solve one group and write its payloads. ``moments`` counted ``new_files``; with ``base``
+    (an extended run, or the checkpoint a resumed run started from) the base's Σ of this group
+    is merged in first, here, so no driver holds every group's Σ. ``keep_statistics`` keeps
+    the group's Σ in the run, tagged with every shard it covers."""
     writer = RunWriter(run_uri, storage_options, attach=True)
     group = members[0].group
-    if base_uri is not None:
-        moments = merge_into_base(base_uri, group, moments, keep_sources or (), storage_options)
-    elif keep_sources is not None:
-        moments.sources = frozenset(keep_sources)
-    if keep_sources is not None:
+    if base is not None:
+        moments = merge_into_base(base, group, moments, new_files)
+    else:
+        moments.sources = frozenset(new_files)
+    if keep_statistics:
         writer.write_statistics(group, moments)
     if torch.cuda.is_available():
         moments = moments.to("cuda")  # eigh and matmuls on the GPU, still in float64
     records = solve_group(moments, list(members), weights, SolverConfig(**solver))
     return writer.write_records({m.name: m for m in members}, records)
+
+
+@ray.remote
+def write_checkpoint(moments: Moments, group: str, gen, resumed, new_files: Sequence[str]) -> None:
+    """One group's Σ so far — the generation resumed from (if any) plus ``moments``, which
+    counted ``new_files`` — written into checkpoint generation ``gen``."""
+    if resumed is not None:
+        moments = merge_into_base(resumed, group, moments, new_files)
+    else:
+        moments.sources = frozenset(new_files)
+    gen.write_group(group, moments)

@@ -1,0 +1,148 @@
+"""Resumable extraction: the Σ counted so far, checkpointed every ``store.checkpoint_shards``.
+
+A long extraction (hours over a corpus in object storage, on preemptible nodes) should not start
+over after a kill. With ``store.checkpoint_shards: N`` the driver feeds the shards in slices of
+N; after every slice but the last it reduces each input group's Σ so far and writes it, tagged
+with the shards it covers, under ``<store.uri>/_checkpoints/<run_id>/`` as a new *generation*:
+the group blobs first, then ``state.json`` pointing at the generation (one object write: the
+checkpoint's own commit marker; a kill in between leaves the previous generation in force).
+
+Rerunning the same config with the same ``run_id`` finds ``state.json``, skips the shards it
+covers, and merges the checkpoint's Σ into each group at solve time exactly as an extension
+merges its base run's (``Moments.merge`` refuses a shard counted twice), so every row is counted
+exactly once across the kill. The state names the model fingerprint and a digest of the config
+that shapes Σ (model, data, select); a rerun with anything else is refused. Committing the run
+removes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from . import fs as fsx
+from .moments import Moments
+
+__all__ = ["CHECKPOINT_DIR", "Checkpoint", "Generation", "config_digest"]
+
+CHECKPOINT_DIR = "_checkpoints"
+STATE = "state.json"
+
+
+def config_digest(cfg) -> str:
+    """sha256 of the config sections that decide what Σ holds (not parallelism, not storage)."""
+    shaping = {k: v for k, v in cfg.to_dict().items() if k in ("model", "data", "select")}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One written checkpoint generation: ``group_statistics(g)`` reads a group's Σ."""
+
+    uri: str
+    storage_options: Mapping | None = None
+
+    def group_statistics(self, group: str) -> Moments:
+        with fsx.filesystem(self.uri, self.storage_options).open(self._path(group), "rb") as f:
+            return Moments.from_bytes(f.read(), what=f"{self.uri}/{group}.safetensors")
+
+    def write_group(self, group: str, moments: Moments) -> None:
+        with fsx.filesystem(self.uri, self.storage_options).open(self._path(group), "wb") as f:
+            f.write(moments.to_bytes())
+
+    def _path(self, group: str) -> str:
+        root = fsx.strip_protocol(self.uri) if fsx.is_remote(self.uri) else self.uri
+        return fsx.join(root, f"{group}.safetensors")
+
+
+class Checkpoint:
+    """``<store.uri>/_checkpoints/<run_id>``: its generations, and the state found on opening.
+
+    ``sources``, ``summaries`` and ``generation`` describe what this process resumes from (the
+    state at opening); :meth:`commit` moves the state on disk forward without changing them.
+    """
+
+    def __init__(self, store_uri: str, run_id: str, storage_options=None) -> None:
+        self.uri = fsx.join(store_uri, CHECKPOINT_DIR, run_id)
+        self.storage_options = storage_options
+        self._fs = fsx.filesystem(self.uri, storage_options)
+        self._root = fsx.strip_protocol(self.uri) if fsx.is_remote(self.uri) else self.uri
+        self.state: dict | None = self._read_state()  # as found on opening
+
+    @property
+    def sources(self) -> frozenset[str]:
+        return frozenset(self.state["sources"]) if self.state else frozenset()
+
+    @property
+    def generation(self) -> Generation | None:
+        if not self.state:
+            return None
+        return Generation(fsx.join(self.uri, self.state["generation"]), self.storage_options)
+
+    def check(self, digest: str) -> None:
+        """A checkpoint from another config cannot be resumed: name it and the way out."""
+        if self.state and self.state["config_digest"] != digest:
+            raise ValueError(
+                f"checkpoint {self.uri} was written by a different config (model, data or "
+                "select changed); rerun with the original config, or delete the checkpoint / "
+                "choose another store.run_id to start over")
+
+    def check_model(self, fingerprint: str) -> None:
+        if self.state and self.state["fingerprint"] != fingerprint:
+            raise ValueError(f"checkpoint {self.uri} was counted with other model weights; "
+                             "delete it or choose another store.run_id to start over")
+
+    def summaries(self) -> dict[str, tuple[int, dict[str, int]]]:
+        """(tokens, tokens per concept) per group counted by the checkpoint."""
+        if not self.state:
+            return {}
+        return {g: (n, dict(c)) for g, (n, c) in self.state["summaries"].items()}
+
+    def new_generation(self) -> Generation:
+        name = f"gen-{secrets.token_hex(4)}"
+        self._fs.makedirs(fsx.join(self._root, name), exist_ok=True)
+        return Generation(fsx.join(self.uri, name), self.storage_options)
+
+    def commit(self, gen: Generation, *, sources, summaries, fingerprint: str, digest: str,
+               keep: Generation | None = None) -> None:
+        """Make ``gen`` the checkpoint in force (one write of state.json), then drop every
+        other generation but ``keep`` (the one this process resumed from, still merged in)."""
+        state = {"generation": gen.uri.rstrip("/").rsplit("/", 1)[-1],
+                 "sources": sorted(sources), "summaries": summaries,
+                 "fingerprint": fingerprint, "config_digest": digest}
+        with self._fs.open(fsx.join(self._root, STATE), "wb") as f:
+            f.write(json.dumps(state, sort_keys=True).encode())
+        wanted = {gen.uri.rstrip("/").rsplit("/", 1)[-1]}
+        if keep is not None:
+            wanted.add(keep.uri.rstrip("/").rsplit("/", 1)[-1])
+        for path in self._fs.ls(self._root, detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("gen-") and name not in wanted:
+                self._fs.rm(path, recursive=True)
+
+    def remove(self) -> None:
+        if self._fs.exists(self._root):
+            self._fs.rm(self._root, recursive=True)
+
+    def _read_state(self) -> dict | None:
+        path = fsx.join(self._root, STATE)
+        if not self._fs.exists(path):
+            return None
+        with self._fs.open(path, "rb") as f:
+            return json.loads(f.read())
+
+
+def slices(files: list[str], size: int | None) -> list[list[str]]:
+    """The files in order, ``size`` at a time (all at once without checkpoints)."""
+    if not size:
+        return [files]
+    return [files[i:i + size] for i in range(0, len(files), size)]
+
+
+def restrict(cfg, files: list[str]):
+    """``cfg`` reading only ``files``."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=list(files)))
