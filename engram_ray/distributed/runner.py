@@ -8,6 +8,9 @@
     per input group, largest D first: solve_and_write task → payload/<module>.parquet
     driver: check every row was counted once → manifest.parquet, run.json, _COMMITTED
 
+With ``store.checkpoint_shards`` the shards go through in slices, and after each slice the Σ so
+far is reduced and checkpointed (``resume.py``): a killed run resumes where it stopped.
+
 Everything that can be checked before work starts is (config, model path, every shard's schema,
 an existing run); everything after fails closed: no commit marker unless all tasks succeeded.
 """
@@ -134,14 +137,7 @@ def _collect_layout(actors) -> tuple[dict[str, ModuleInfo], dict, dict, dict[int
         d = ray.get(actor.group_dims.remote())
         dims.update(d)
         groups_of_stage[s] = sorted(d)
-    summaries: dict[str, tuple[int, dict[str, int]]] = {}
-    for chain in actors:
-        for actor in chain:
-            for g, (n, counts) in ray.get(actor.summaries.remote()).items():
-                tot, acc = summaries.get(g, (0, {}))
-                for c, k in counts.items():
-                    acc[c] = acc.get(c, 0) + k
-                summaries[g] = (tot + n, acc)
+    summaries = merge_summaries(*ray.get([a.summaries.remote() for chain in actors for a in chain]))
     return infos, dims, summaries, groups_of_stage
 
 
