@@ -5,13 +5,19 @@ second moments Σ_c over a concept's inputs and Σ_total over all inputs, the co
 ``W⁺_c = W Σ_c Σ_total⁺``; subtracting ``α Σ_{c∈U} W⁺_c`` forgets the concepts in U.
 """
 
-from .batch import Batch
-from .capture import Capture, collect_statistics, select_modules
-from .edit import EditPlan, apply_edit, compose, plan_edit, union_engram
-from .engine import extract, model_fingerprint
-from .moments import ModuleInfo, Moments, Statistics
-from .solve import EngramRecord, FactoredEngram, SolverConfig, pseudo_inverse, solve_group
-from .store import Run, RunWriter, open_run
+from engram_ray.core.batch import Batch
+from engram_ray.core.capture import Capture, collect_statistics, select_modules
+from engram_ray.core.edit import EditPlan, apply_edit, compose, plan_edit, union_engram
+from engram_ray.core.moments import ModuleInfo, Moments, Statistics
+from engram_ray.core.solve import (
+    EngramRecord,
+    FactoredEngram,
+    SolverConfig,
+    pseudo_inverse,
+    solve_group,
+)
+from engram_ray.engine import extract, model_fingerprint
+from engram_ray.io.store import Run, RunWriter, open_run
 
 __version__ = "0.1.0"
 

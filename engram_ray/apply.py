@@ -13,10 +13,10 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 
-from . import fs as fsx
-from .edit import apply_edit, plan_edit
-from .models.loading import ModelSpec, build_empty, load_model, model_dir, tied_aliases
-from .store import open_run
+from engram_ray.core.edit import apply_edit, plan_edit
+from engram_ray.io import storage as fsx
+from engram_ray.io.store import open_run
+from engram_ray.models.loading import ModelSpec, build_empty, load_model, model_dir, tied_aliases
 
 __all__ = ["apply_run", "run_model_spec"]
 
@@ -49,7 +49,7 @@ def apply_run(
     remote = fsx.is_remote(out)
     local_out = os.path.join(tempfile.mkdtemp(prefix="engram-apply-"), "model") if remote else out
     if spec.path is not None:
-        from .export import write_edited_checkpoint
+        from engram_ray.io.export import write_edited_checkpoint
 
         src = model_dir(spec.path, storage_options)
         aliases = tied_aliases(build_empty(spec, storage_options))

@@ -30,21 +30,21 @@ def _storage(items: list[str]) -> dict | None:
 
 
 def cmd_extract(args) -> str:
-    from .config import load_config
+    from engram_ray.config import load_config
 
     overrides = list(args.set or []) + ([f"store.extend={args.extend}"] if args.extend else [])
     cfg = load_config(args.config, overrides)
     if args.local:
-        from .engine import extract_from_config
+        from engram_ray.engine import extract_from_config
 
         return extract_from_config(cfg).uri
-    from .distributed.runner import run_extract
+    from engram_ray.distributed.runner import run_extract
 
     return run_extract(cfg)
 
 
 def cmd_apply(args) -> str:
-    from .apply import apply_run
+    from engram_ray.apply import apply_run
 
     modules = args.modules
     if modules and "," in modules:
@@ -58,7 +58,7 @@ def cmd_apply(args) -> str:
 
 
 def cmd_show(args) -> str:
-    from .store import open_run
+    from engram_ray.io.store import open_run
 
     run = open_run(args.run, _storage(args.storage_option))
     print(f"run       {run.uri}", file=sys.stderr)
@@ -84,7 +84,7 @@ def cmd_demo(args) -> str:
 
 
 def cmd_eval(args) -> str:
-    from .distributed.search import eval_command
+    from engram_ray.distributed.search import eval_command
 
     return eval_command(args)
 

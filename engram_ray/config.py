@@ -21,19 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import yaml
 
-from . import fs as fsx
-from .data import DataConfig
-from .models.loading import ModelSpec
-from .solve import SolverConfig
+from engram_ray.io import storage as fsx
 
 __all__ = [
+    "FLOAT32_EPS",
+    "ConfigError",
+    "DataConfig",
     "ExtractConfig",
+    "ModelSpec",
+    "SolverConfig",
     "ParallelConfig",
     "SelectConfig",
     "StoreConfig",
@@ -44,6 +47,172 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A config problem; the message names the dotted key."""
+
+
+# Data file formats (``data.format``) and the file extensions that imply them.
+FORMATS = ("parquet", "json")
+# The float32 machine epsilon: the solver's default spectral cut is ``D × FLOAT32_EPS``.
+FLOAT32_EPS = 1.1920928955078125e-07
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    """A model to load: an HF directory ``path``, or a ``factory`` with ``kwargs`` and ``weights``.
+
+    - ``path``: local directory or ``s3://`` URI of an HF checkpoint (``config.json``, tokenizer
+      files, ``model.safetensors`` or a sharded ``model.safetensors.index.json``).
+    - ``factory``: ``"pkg.module:callable"`` returning an ``nn.Module`` when called with
+      ``**kwargs``; ``weights`` (path or URI of a ``.safetensors`` state dict) fills it in, or
+      the factory's own initialization is kept when ``weights`` is None.
+    """
+
+    path: str | None = None
+    factory: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.factory is None):
+            raise ValueError("ModelSpec needs exactly one of `path` or `factory`")
+        if self.path is not None:
+            if not isinstance(self.path, str) or not self.path:
+                raise TypeError(f"ModelSpec.path must be a non-empty str, got {self.path!r}")
+            if self.kwargs or self.weights is not None:
+                raise ValueError("ModelSpec: `kwargs` and `weights` go with `factory`, not `path`")
+        else:
+            f = self.factory
+            if not isinstance(f, str) or f.count(":") != 1 or not all(f.split(":")):
+                raise ValueError(
+                    f"ModelSpec.factory must look like 'pkg.module:callable', got {f!r}"
+                )
+            if not isinstance(self.kwargs, Mapping):
+                raise TypeError(
+                    f"ModelSpec.kwargs must be a dict, got {type(self.kwargs).__name__}"
+                )
+            self.kwargs = dict(self.kwargs)
+            if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+                raise TypeError(f"ModelSpec.weights must be a non-empty str, got {self.weights!r}")
+            if self.weights is not None and not self.weights.endswith(".safetensors"):
+                raise ValueError(
+                    f"ModelSpec.weights must be a .safetensors file, got {self.weights!r}"
+                )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        """Build from a config mapping; unknown keys are an error (typos never pass silently)."""
+        known = {"path", "factory", "kwargs", "weights"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model key(s) {sorted(unknown)}; expected {sorted(known)}")
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, {})}
+
+    @property
+    def name(self) -> str:
+        """A short human-readable name (for logs and error messages)."""
+        return self.path if self.path is not None else str(self.factory)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the rows are and how to turn one into model inputs; validated on construction."""
+
+    paths: list[str]
+    format: str | None = None
+    concept_column: str = "concept"
+    text_column: str | None = None
+    prompt_column: str | None = None
+    answer_column: str | None = None
+    features_column: str | None = None
+    max_length: int = 512
+    batch_size: int = 8
+    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, str):
+            self.paths = [self.paths]
+        if not self.paths or not all(isinstance(p, str) and p for p in self.paths):
+            raise ValueError(f"paths: expected a non-empty list of paths, got {self.paths!r}")
+        self.paths = list(self.paths)
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"format: expected one of {FORMATS} or None, got {self.format!r}")
+        self._check_mode()
+        for key in ("max_length", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}: expected a positive int, got {value!r}")
+        if self.storage_options is not None:
+            if not isinstance(self.storage_options, Mapping):
+                raise ValueError(f"storage_options: expected a dict, got {self.storage_options!r}")
+            self.storage_options = dict(self.storage_options)
+            try:
+                fsx.resolve_storage_options(self.storage_options)
+            except ValueError as e:
+                raise ValueError(f"storage_options: {e}") from None
+        if not self.concept_column:
+            raise ValueError("concept_column: must be a non-empty column name")
+
+    def _check_mode(self) -> None:
+        prompt, answer = self.prompt_column, self.answer_column
+        if (prompt is None) != (answer is None):
+            missing = "answer_column" if answer is None else "prompt_column"
+            raise ValueError(f"{missing}: prompt_column and answer_column must be set together")
+        chosen = [k for k, v in (("text_column", self.text_column),
+                                 ("prompt_column", prompt),
+                                 ("features_column", self.features_column)) if v is not None]
+        if len(chosen) != 1:
+            names = "text_column | prompt_column+answer_column | features_column"
+            got = ", ".join(chosen) or "none"
+            raise ValueError(f"set exactly one of {names}; got {got}")
+
+    @property
+    def mode(self) -> str:
+        """``"text"``, ``"prompt_answer"`` or ``"features"``."""
+        if self.text_column is not None:
+            return "text"
+        if self.prompt_column is not None:
+            return "prompt_answer"
+        return "features"
+
+    def data_columns(self) -> dict[str, str]:
+        """Config key → column name for every column a row must have (concept included)."""
+        keys = {"text": ("text_column",), "prompt_answer": ("prompt_column", "answer_column"),
+                "features": ("features_column",)}[self.mode]
+        cols = {k: getattr(self, k) for k in keys}
+        cols["concept_column"] = self.concept_column
+        return cols
+
+    def needed_columns(self) -> list[str]:
+        """The column names read from each file, deduplicated, in a fixed order."""
+        return list(dict.fromkeys(self.data_columns().values()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolverConfig:
+    rtol: float | None = None
+    condition_cap: float | None = None
+    rank_fraction: float | None = None
+    ridge: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("rtol", "condition_cap", "ridge"):
+            v = getattr(self, key)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"solver.{key} must be a positive finite number, got {v!r}")
+        if self.condition_cap is not None and self.condition_cap < 1:
+            raise ValueError(f"solver.condition_cap must be ≥ 1, got {self.condition_cap}")
+        if self.rank_fraction is not None and not 0 < self.rank_fraction <= 1:
+            raise ValueError(f"solver.rank_fraction must be in (0, 1], got {self.rank_fraction}")
+        if self.ridge is not None and (
+            self.rtol is not None or self.condition_cap is not None or self.rank_fraction
+        ):
+            raise ValueError("solver.ridge damps instead of cutting: do not combine it with "
+                             "rtol, condition_cap or rank_fraction")
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("rtol", "condition_cap", "rank_fraction", "ridge")}
 
 
 @dataclass(kw_only=True)

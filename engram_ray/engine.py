@@ -20,11 +20,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .batch import Batch
-from .capture import collect_statistics, weight_matrix
-from .moments import ModuleInfo, Statistics
-from .solve import SolverConfig, solve_group
-from .store import Run, RunWriter, open_run
+from engram_ray.config import SolverConfig
+from engram_ray.core.batch import Batch
+from engram_ray.core.capture import collect_statistics, weight_matrix
+from engram_ray.core.moments import ModuleInfo, Statistics
+from engram_ray.core.solve import solve_group
+from engram_ray.io.store import Run, RunWriter, open_run
 
 __all__ = [
     "combine_fingerprints",
@@ -105,7 +106,7 @@ def run_metadata(
     """run.json content: what was computed, how, and with which software."""
     import transformers
 
-    from . import __version__
+    from engram_ray import __version__
 
     concepts = sorted({c for _, counts in summaries.values() for c in counts})
     return {
@@ -204,9 +205,9 @@ def extract_from_config(cfg, *, progress=None) -> Run:
     Same readers, tokenization, selection and solver as the distributed runner: this is the
     oracle its tests compare against, and the fallback for one-machine jobs.
     """
-    from .data import iter_batches, resolve_paths
-    from .incremental import prepare_extension
-    from .models.loading import load_model, load_tokenizer
+    from engram_ray.incremental import prepare_extension
+    from engram_ray.io.data import iter_batches, resolve_paths
+    from engram_ray.models.loading import load_model, load_tokenizer
 
     if cfg.store.checkpoint_shards is not None:
         raise ValueError("store.checkpoint_shards checkpoints the Ray pipeline; the single-process "

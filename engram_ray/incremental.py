@@ -18,8 +18,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .moments import Moments, Statistics, merge_summaries
-from .store import Run, open_run
+from engram_ray.core.moments import Moments, Statistics, merge_summaries
+from engram_ray.io.store import Run, open_run
 
 __all__ = ["Extension", "merge_into_base", "prepare_extension"]
 
@@ -75,7 +75,7 @@ def merge_into_base(base, group: str, new: Moments, new_files) -> Moments:
 def prepare_extension(cfg) -> Extension | None:
     """``None`` without ``store.extend``; else the base run (committed, with its Σ kept) and a
     config over only the shards it has not counted. No new shard is an error naming them."""
-    from .data import resolve_paths
+    from engram_ray.io.data import resolve_paths
 
     if cfg.store.extend is None:
         return None

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from engram_ray.edit import apply_edit, plan_edit
+from engram_ray.core.edit import apply_edit, plan_edit
 from engram_ray.eval.classify import (
     SplitAccuracy,
     class_accuracy,
@@ -108,7 +108,7 @@ def _sweep_alpha(args) -> dict:
     kind, weights, run_uri, alpha, seed = args
     from safetensors.torch import load_file
 
-    from engram_ray.store import open_run
+    from engram_ray.io.store import open_run
 
     torch.set_num_threads(1)
     run = open_run(run_uri)
@@ -157,7 +157,7 @@ def _model_section(out, kind, stages, alphas, gold_classes, seed, epochs, xtr, y
     from safetensors.torch import save_file
 
     from engram_ray.distributed.sweep import parallel_map
-    from engram_ray.store import open_run
+    from engram_ray.io.store import open_run
 
     t0 = time.time()
     torch.manual_seed(seed)

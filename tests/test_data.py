@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from engram_ray.data import (
+from engram_ray.io.data import (
     DataConfig,
     DataError,
     EmptyMaskWarning,

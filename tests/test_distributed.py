@@ -15,7 +15,7 @@ import torch
 
 from engram_ray.config import ExtractConfig
 from engram_ray.engine import extract_from_config
-from engram_ray.store import open_run
+from engram_ray.io.store import open_run
 
 pytestmark = pytest.mark.ray
 

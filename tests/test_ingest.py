@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engram_ray.data import DataConfig, DataError, EmptyMaskWarning, collate, iter_batches
 from engram_ray.distributed.ingest import count_rows, encoded_dataset, read_dataset
+from engram_ray.io.data import DataConfig, DataError, EmptyMaskWarning, collate, iter_batches
 
 pytestmark = pytest.mark.ray
 

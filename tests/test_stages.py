@@ -22,7 +22,7 @@ from engram_ray.models import (
     split_model,
     stage_family,
 )
-from engram_ray.models import checkpoint as checkpoint_module
+from engram_ray.models import weights as checkpoint_module
 from engram_ray.models.sequential import mlp
 from engram_ray.models.tiny import (
     build_tokenizer,

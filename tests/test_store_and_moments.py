@@ -13,9 +13,9 @@ from torch import nn
 
 import engram_ray
 from engram_ray import Batch, FactoredEngram, Moments, RunWriter, collect_statistics, open_run
-from engram_ray.capture import weight_matrix
-from engram_ray.moments import pack_symmetric, unpack_symmetric
-from engram_ray.solve import EngramRecord, solve_group
+from engram_ray.core.capture import weight_matrix
+from engram_ray.core.moments import pack_symmetric, unpack_symmetric
+from engram_ray.core.solve import EngramRecord, solve_group
 
 
 def small_stats(seed=0):
@@ -64,7 +64,7 @@ def test_round_trip_is_bit_identical(tmp_path):
 def test_row_groups_hold_several_engrams_and_each_reads_back(tmp_path, monkeypatch, row_group_bytes):
     """Rows are buffered into row groups of about ROW_GROUP_BYTES (one engram when larger);
     the manifest's (row_group, row) finds every engram, dense and factored alike."""
-    import engram_ray.store as store
+    import engram_ray.io.store as store
 
     monkeypatch.setattr(store, "ROW_GROUP_BYTES", row_group_bytes)
     torch.manual_seed(5)
@@ -238,7 +238,7 @@ def test_moments_serialization_round_trip_and_version():
 def test_moments_version_1_blobs_still_read():
     from safetensors.torch import save
 
-    from engram_ray.moments import pack_symmetric
+    from engram_ray.core.moments import pack_symmetric
 
     g = torch.randn(3, 3, dtype=torch.float64)
     g = g @ g.T
@@ -305,7 +305,7 @@ def test_kept_statistics_extend_a_run_without_rereading_old_shards(tmp_path):
     """Incremental Σ: old run's Σ + new shards' Σ, re-solved, equals one pass over all shards;
     merging statistics that cover a shard twice is refused."""
     from engram_ray import extract
-    from engram_ray.capture import collect_statistics, weight_matrix
+    from engram_ray.core.capture import collect_statistics, weight_matrix
     from engram_ray.engine import solve_statistics
 
     torch.manual_seed(4)

@@ -17,7 +17,7 @@ from collections import defaultdict, deque
 
 import ray
 
-from ..data import collate
+from engram_ray.io.data import collate
 
 __all__ = ["ProgressTracker", "feed_replica"]
 

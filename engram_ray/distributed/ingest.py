@@ -1,20 +1,20 @@
 """Ray Data ingestion: the same rows and the same encoding as the single-process reader.
 
-:func:`read_dataset` reads the files :func:`engram_ray.data.resolve_paths` finds with
+:func:`read_dataset` reads the files :func:`engram_ray.io.data.resolve_paths` finds with
 ``ray.data.read_parquet`` / ``ray.data.read_json``, after checking every file's schema on the
 driver so a missing column or an unreadable file fails up front with an error naming it,
 instead of deep inside a read task. :func:`encoded_dataset` then runs
-:func:`engram_ray.data.encode_rows` in ``map_batches`` with a callable class, so each worker
+:func:`engram_ray.io.data.encode_rows` in ``map_batches`` with a callable class, so each worker
 loads the tokenizer once from the model's local directory.
 
 S3: Ray workers never see environment changes made after ``ray.init``, and pyarrow ignores
 ``AWS_ENDPOINT_URL`` anyway, so the endpoint and credentials travel inside ``cfg``
 (``storage_options``) and become an explicit ``pyarrow.fs.S3FileSystem``
-(:func:`engram_ray.fs.arrow_filesystem`), which is pickled into the read tasks.
+(:func:`engram_ray.io.storage.arrow_filesystem`), which is pickled into the read tasks.
 
-The encoded dataset holds the columns of :func:`engram_ray.data.encode_rows` as plain Arrow
-lists (see :func:`engram_ray.data.to_arrow`); :func:`engram_ray.data.collate` turns any batch
-of them (numpy, pyarrow or a list of rows) into a :class:`engram_ray.batch.Batch`.
+The encoded dataset holds the columns of :func:`engram_ray.io.data.encode_rows` as plain Arrow
+lists (see :func:`engram_ray.io.data.to_arrow`); :func:`engram_ray.io.data.collate` turns any batch
+of them (numpy, pyarrow or a list of rows) into a :class:`engram_ray.core.batch.Batch`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import ray
 
-from engram_ray.data import (
+from engram_ray.io.data import (
     DataConfig,
     DataError,
     EmptyMaskWarning,
@@ -40,7 +40,7 @@ from engram_ray.data import (
     resolve_paths,
     to_arrow,
 )
-from engram_ray.fs import arrow_filesystem, is_remote, strip_protocol
+from engram_ray.io.storage import arrow_filesystem, is_remote, strip_protocol
 
 # count_rows (Parquet footers; JSON lines counted; no Ray) is re-exported for the pipeline, which
 # compares it with the rows it accumulated to check that each row was counted exactly once.
@@ -61,7 +61,7 @@ def _map_files(fn, paths: list[str], max_workers: int = 16) -> list:
 def validate_files(cfg: DataConfig) -> tuple[list[str], str]:
     """Resolve the files, check each one's schema, and return them with their common format.
 
-    Raises :class:`engram_ray.data.DataError` naming the file (unreadable) or the column and
+    Raises :class:`engram_ray.io.data.DataError` naming the file (unreadable) or the column and
     the file (missing column), or when the files mix Parquet and JSON without ``cfg.format``.
     """
     paths = resolve_paths(cfg)
@@ -161,7 +161,7 @@ def encoded_dataset(
     read_num_cpus: float | None = None,
     parquet_v2: bool = False,
 ) -> ray.data.Dataset:
-    """``read_dataset(cfg)`` encoded by :func:`engram_ray.data.encode_rows` in Ray tasks.
+    """``read_dataset(cfg)`` encoded by :func:`engram_ray.io.data.encode_rows` in Ray tasks.
 
     ``tokenizer_dir``: the model's local HF directory, loaded with ``AutoTokenizer`` once per
     worker process (``None`` only for ``features_column``). Tasks rather than an actor pool:

@@ -11,7 +11,7 @@ import math
 
 import ray
 
-from ..moments import Moments
+from engram_ray.core.moments import Moments
 
 __all__ = ["merge_moments", "tree_depth", "tree_reduce"]
 

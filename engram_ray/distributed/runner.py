@@ -26,17 +26,17 @@ from typing import TextIO
 
 import ray
 
-from ..config import ExtractConfig
-from ..engine import combine_fingerprints, new_run_id, run_metadata
-from ..incremental import prepare_extension
-from ..moments import ModuleInfo, check_counts, merge_summaries
-from ..resume import Checkpoint, config_digest, restrict, slices
-from ..store import RunWriter, run_exists
-from .feed import ProgressTracker, feed_replica
-from .ingest import count_rows, encoded_dataset, validate_files
-from .reduce import tree_depth, tree_reduce
-from .solver import solve_and_write, solve_order, write_checkpoint
-from .stage_actor import StageActor
+from engram_ray.config import ExtractConfig
+from engram_ray.core.moments import ModuleInfo, check_counts, merge_summaries
+from engram_ray.distributed.feed import ProgressTracker, feed_replica
+from engram_ray.distributed.ingest import count_rows, encoded_dataset, validate_files
+from engram_ray.distributed.reduce import tree_depth, tree_reduce
+from engram_ray.distributed.solver import solve_and_write, solve_order, write_checkpoint
+from engram_ray.distributed.stage_actor import StageActor
+from engram_ray.engine import combine_fingerprints, new_run_id, run_metadata
+from engram_ray.incremental import prepare_extension
+from engram_ray.io.sigma_checkpoint import Checkpoint, config_digest, restrict, slices
+from engram_ray.io.store import RunWriter, run_exists
 
 __all__ = ["ensure_ray", "run_extract"]
 
@@ -66,7 +66,7 @@ def cpus_needed(cfg: ExtractConfig) -> float:
 def _tokenizer_info(cfg: ExtractConfig) -> tuple[str | None, int]:
     if cfg.data.features_column is not None:
         return None, 0
-    from ..models.loading import load_tokenizer, model_dir
+    from engram_ray.models.loading import load_tokenizer, model_dir
 
     storage = cfg.data.storage_options or cfg.store.storage_options
     if cfg.model.path is None:
@@ -78,7 +78,7 @@ def _tokenizer_info(cfg: ExtractConfig) -> tuple[str | None, int]:
 
 
 def _check_model(cfg: ExtractConfig) -> None:
-    from .. import fs as fsx
+    from engram_ray.io import storage as fsx
 
     for uri in (cfg.model.path, cfg.model.weights):
         if uri is not None and not fsx.filesystem(uri, cfg.store.storage_options).exists(

@@ -21,10 +21,10 @@ __all__ = ["alpha_search", "eval_command"]
 def _score_alpha(model_dir, run_uri, forget, alpha, scale, splits, gold, base, template):
     import torch
 
-    from ..edit import apply_edit, plan_edit
-    from ..eval.lm_scores import TofuEvaluator
-    from ..models.loading import ModelSpec, load_model, load_tokenizer
-    from ..store import open_run
+    from engram_ray.core.edit import apply_edit, plan_edit
+    from engram_ray.eval.lm_scores import TofuEvaluator
+    from engram_ray.io.store import open_run
+    from engram_ray.models.loading import ModelSpec, load_model, load_tokenizer
 
     torch.set_num_threads(1)
     spec = ModelSpec(path=model_dir)
@@ -38,8 +38,8 @@ def alpha_search(model_dir: str, gold_dir: str, run_uri: str, forget: list[str],
                  splits: tuple, alphas: list[float], *, scale: str = "uniform",
                  template=None, num_cpus: float = 1.0) -> dict:
     """Score every α in parallel; returns ``{"results": [...], "best": {...}}``."""
-    from ..eval.lm_scores import DEFAULT_TEMPLATE, TofuEvaluator
-    from ..models.loading import ModelSpec, load_model, load_tokenizer
+    from engram_ray.eval.lm_scores import DEFAULT_TEMPLATE, TofuEvaluator
+    from engram_ray.models.loading import ModelSpec, load_model, load_tokenizer
 
     template = template or DEFAULT_TEMPLATE
     base_spec, gold_spec = ModelSpec(path=model_dir), ModelSpec(path=gold_dir)
@@ -55,11 +55,11 @@ def alpha_search(model_dir: str, gold_dir: str, run_uri: str, forget: list[str],
 
 def eval_command(args) -> str:
     """The CLI's ``eval``: writes ``eval.json`` and ``eval.png`` into ``--out``."""
-    from ..apply import run_model_spec
-    from ..eval.corpus import read_split
-    from ..eval.plots import metric_curves
-    from ..store import open_run
-    from .runner import ensure_ray
+    from engram_ray.apply import run_model_spec
+    from engram_ray.distributed.runner import ensure_ray
+    from engram_ray.eval.corpus import read_split
+    from engram_ray.eval.plots import metric_curves
+    from engram_ray.io.store import open_run
 
     run = open_run(args.run)
     spec = run_model_spec(run, args.model)
@@ -69,7 +69,7 @@ def eval_command(args) -> str:
     forget = [s.strip() for s in args.forget.split(",") if s.strip()]
     alphas = [float(a) for a in args.alphas.split(",")]
     ensure_ray(None)
-    from ..models.loading import model_dir
+    from engram_ray.models.loading import model_dir
 
     out = alpha_search(model_dir(spec.path), args.gold, args.run, forget, splits, alphas,
                        scale=args.scale)

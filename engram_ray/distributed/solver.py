@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 import ray
 import torch
 
-from ..incremental import merge_into_base
-from ..moments import ModuleInfo, Moments
-from ..solve import SolverConfig, solve_group
-from ..store import RunWriter
+from engram_ray.core.moments import ModuleInfo, Moments
+from engram_ray.core.solve import SolverConfig, solve_group
+from engram_ray.incremental import merge_into_base
+from engram_ray.io.store import RunWriter
 
 __all__ = ["solve_and_write", "solve_order", "write_checkpoint"]
 

@@ -1,7 +1,7 @@
 """The stage actor: one contiguous slice of the model, and the Σ accumulators of its modules.
 
 Each actor loads only its slice's weights (``models.load_stage``), hooks the selected modules
-inside it with the same :class:`~engram_ray.capture.Capture` the single-process engine uses,
+inside it with the same :class:`~engram_ray.core.capture.Capture` the single-process engine uses,
 and passes hidden states on to the next stage. The driver owns the actor, so after the stream
 ends it can read the partial Σ back out per input group (Ray Data offers no way to read state
 out of ``map_batches`` workers, which is why accumulation lives in Ray Core actors).
@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 import ray
 import torch
 
-from ..capture import Capture, select_modules, weight_matrix
-from ..engine import fingerprint_parts
-from ..models.loading import ModelSpec
-from ..moments import ModuleInfo, Moments
+from engram_ray.core.capture import Capture, select_modules, weight_matrix
+from engram_ray.core.moments import ModuleInfo, Moments
+from engram_ray.engine import fingerprint_parts
+from engram_ray.models.loading import ModelSpec
 
 __all__ = ["StageActor"]
 
@@ -39,7 +39,7 @@ class StageActor:
         storage_options: Mapping | None = None,
         tracker=None,
     ) -> None:
-        from ..models.stages import load_stage
+        from engram_ray.models.stages import load_stage
 
         self.index, self.n_stages, self.replica = index, n_stages, replica
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

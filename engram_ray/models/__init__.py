@@ -3,7 +3,7 @@
 - :mod:`~engram_ray.models.loading`: :class:`ModelSpec`, :func:`load_model`, :func:`load_tokenizer`;
 - :mod:`~engram_ray.models.stages`: :func:`split_model`, :func:`load_stage`, :func:`stage_family`,
   :func:`assign_layers`, :class:`Stage` (families in ``llama``, ``gpt2``, ``sequential``);
-- :mod:`~engram_ray.models.checkpoint`: key-selective safetensors reads;
+- :mod:`~engram_ray.models.weights`: key-selective safetensors reads;
 - :mod:`~engram_ray.models.tiny`: tiny HF models for tests and demos.
 
 transformers is imported only where an HF model is built or run.

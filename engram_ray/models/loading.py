@@ -16,14 +16,13 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from engram_ray.fs import StorageOptions, filesystem, is_remote, join
-from engram_ray.models.checkpoint import (
+from engram_ray.config import ModelSpec
+from engram_ray.io.storage import StorageOptions, filesystem, is_remote, join
+from engram_ray.models.weights import (
     Checkpoint,
     cache_dir_for,
     download,
@@ -47,66 +46,6 @@ __all__ = [
 
 # Weight formats never copied from a remote directory: only safetensors is read.
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-
-
-@dataclass(kw_only=True)
-class ModelSpec:
-    """A model to load: an HF directory ``path``, or a ``factory`` with ``kwargs`` and ``weights``.
-
-    - ``path``: local directory or ``s3://`` URI of an HF checkpoint (``config.json``, tokenizer
-      files, ``model.safetensors`` or a sharded ``model.safetensors.index.json``).
-    - ``factory``: ``"pkg.module:callable"`` returning an ``nn.Module`` when called with
-      ``**kwargs``; ``weights`` (path or URI of a ``.safetensors`` state dict) fills it in, or
-      the factory's own initialization is kept when ``weights`` is None.
-    """
-
-    path: str | None = None
-    factory: str | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.path is None) == (self.factory is None):
-            raise ValueError("ModelSpec needs exactly one of `path` or `factory`")
-        if self.path is not None:
-            if not isinstance(self.path, str) or not self.path:
-                raise TypeError(f"ModelSpec.path must be a non-empty str, got {self.path!r}")
-            if self.kwargs or self.weights is not None:
-                raise ValueError("ModelSpec: `kwargs` and `weights` go with `factory`, not `path`")
-        else:
-            f = self.factory
-            if not isinstance(f, str) or f.count(":") != 1 or not all(f.split(":")):
-                raise ValueError(
-                    f"ModelSpec.factory must look like 'pkg.module:callable', got {f!r}"
-                )
-            if not isinstance(self.kwargs, Mapping):
-                raise TypeError(
-                    f"ModelSpec.kwargs must be a dict, got {type(self.kwargs).__name__}"
-                )
-            self.kwargs = dict(self.kwargs)
-            if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
-                raise TypeError(f"ModelSpec.weights must be a non-empty str, got {self.weights!r}")
-            if self.weights is not None and not self.weights.endswith(".safetensors"):
-                raise ValueError(
-                    f"ModelSpec.weights must be a .safetensors file, got {self.weights!r}"
-                )
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
-        """Build from a config mapping; unknown keys are an error (typos never pass silently)."""
-        known = {"path", "factory", "kwargs", "weights"}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model key(s) {sorted(unknown)}; expected {sorted(known)}")
-        return cls(**dict(data))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in (None, {})}
-
-    @property
-    def name(self) -> str:
-        """A short human-readable name (for logs and error messages)."""
-        return self.path if self.path is not None else str(self.factory)
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -153,7 +92,7 @@ def model_dir(
     """A local directory with the HF checkpoint at ``path`` (copied into the cache if remote).
 
     ``weights=False`` copies only the small files (config, tokenizer, index json): a stage reads
-    its own shards later through :class:`~engram_ray.models.checkpoint.Checkpoint`.
+    its own shards later through :class:`~engram_ray.models.weights.Checkpoint`.
     """
     fs = filesystem(path, storage_options)
     if not is_remote(path):

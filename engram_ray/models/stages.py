@@ -27,8 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from engram_ray.fs import StorageOptions
-from engram_ray.models.checkpoint import materialize
+from engram_ray.io.storage import StorageOptions
 from engram_ray.models.loading import (
     ModelSpec,
     as_dtype,
@@ -39,6 +38,7 @@ from engram_ray.models.loading import (
     open_checkpoint,
     tied_aliases,
 )
+from engram_ray.models.weights import materialize
 
 __all__ = [
     "FAMILIES",
@@ -239,7 +239,7 @@ def load_stage(
     """Build stage ``index`` of ``n_stages`` and read only its own tensors from the checkpoint.
 
     The full model is built with meta-device parameters (no memory), the stage keeps its slice,
-    and :func:`~engram_ray.models.checkpoint.materialize` reads exactly the tensors that slice
+    and :func:`~engram_ray.models.weights.materialize` reads exactly the tensors that slice
     holds (a tied ``lm_head`` from the input embedding's key) straight onto ``device``; shards
     holding none of them are never opened (nor downloaded). ``dtype`` None keeps the
     checkpoint's dtype (the config's, as transformers 5's ``"auto"``). Models of the

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from engram_ray.fs import StorageOptions, filesystem, is_remote, join
+from engram_ray.io.storage import StorageOptions, filesystem, is_remote, join
 
 __all__ = [
     "INDEX_FILE",

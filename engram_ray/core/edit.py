@@ -40,7 +40,7 @@ __all__ = [
 
 
 class EngramSource(Protocol):
-    """Anything with engrams: a committed :class:`~engram_ray.store.Run`, or an in-memory set."""
+    """Anything with engrams: a committed :class:`~engram_ray.io.store.Run`, or an in-memory set."""
 
     concepts: list[str]
     modules: list[str]

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from safetensors import safe_open
 
-from .edit import EditPlan
+from engram_ray.core.edit import EditPlan
 
 __all__ = ["edit_tensor_stream", "write_edited_checkpoint", "write_safetensors_stream"]
 

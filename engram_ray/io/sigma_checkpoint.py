@@ -24,8 +24,8 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from . import fs as fsx
-from .moments import Moments
+from engram_ray.core.moments import Moments
+from engram_ray.io import storage as fsx
 
 __all__ = ["CHECKPOINT_DIR", "Checkpoint", "Generation", "config_digest"]
 

@@ -40,9 +40,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import fs as fsx
-from .moments import ModuleInfo, Moments, Statistics
-from .solve import EngramRecord, FactoredEngram
+from engram_ray.core.moments import ModuleInfo, Moments, Statistics
+from engram_ray.core.solve import EngramRecord, FactoredEngram
+from engram_ray.io import storage as fsx
 
 __all__ = [
     "PAYLOAD_FORMAT_VERSION",

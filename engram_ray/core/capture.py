@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import Batch
-from .moments import ModuleInfo, Moments, Statistics, partition
+from engram_ray.core.batch import Batch
+from engram_ray.core.moments import ModuleInfo, Moments, Statistics, partition
 
 __all__ = [
     "Capture",

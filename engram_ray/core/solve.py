@@ -40,7 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .moments import ModuleInfo, Moments
+from engram_ray.config import FLOAT32_EPS, SolverConfig
+from engram_ray.core.moments import ModuleInfo, Moments
 
 __all__ = [
     "FLOAT32_EPS",
@@ -54,38 +55,11 @@ __all__ = [
     "to_weight_shape",
 ]
 
-FLOAT32_EPS = 1.1920928955078125e-07
 
 
 def default_rtol(dim: int) -> float:
     """``D × eps(float32)``: the reference implementation's pinned spectral cut."""
     return dim * FLOAT32_EPS
-
-
-@dataclass(frozen=True, kw_only=True)
-class SolverConfig:
-    rtol: float | None = None
-    condition_cap: float | None = None
-    rank_fraction: float | None = None
-    ridge: float | None = None
-
-    def __post_init__(self) -> None:
-        for key in ("rtol", "condition_cap", "ridge"):
-            v = getattr(self, key)
-            if v is not None and not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"solver.{key} must be a positive finite number, got {v!r}")
-        if self.condition_cap is not None and self.condition_cap < 1:
-            raise ValueError(f"solver.condition_cap must be ≥ 1, got {self.condition_cap}")
-        if self.rank_fraction is not None and not 0 < self.rank_fraction <= 1:
-            raise ValueError(f"solver.rank_fraction must be in (0, 1], got {self.rank_fraction}")
-        if self.ridge is not None and (
-            self.rtol is not None or self.condition_cap is not None or self.rank_fraction
-        ):
-            raise ValueError("solver.ridge damps instead of cutting: do not combine it with "
-                             "rtol, condition_cap or rank_fraction")
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("rtol", "condition_cap", "rank_fraction", "ridge")}
 
 
 def pseudo_inverse(sigma: torch.Tensor, config: SolverConfig = SolverConfig()) -> torch.Tensor:

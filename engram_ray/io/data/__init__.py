@@ -31,7 +31,6 @@ token (e.g. the answer was truncated away) are dropped and reported with an
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import warnings
@@ -46,8 +45,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import torch
 
-from engram_ray.batch import Batch
-from engram_ray.fs import filesystem, is_remote, resolve_storage_options, strip_protocol
+from engram_ray.config import DataConfig
+from engram_ray.core.batch import Batch
+from engram_ray.io.storage import filesystem, is_remote, strip_protocol
 
 __all__ = [
     "ENCODED_COLUMNS",
@@ -68,7 +68,6 @@ __all__ = [
     "to_arrow",
 ]
 
-FORMATS = ("parquet", "json")
 _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json",
                ".ndjson": "json"}
 _GLOB_CHARS = "*?["
@@ -96,80 +95,6 @@ class EmptyMaskWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(kw_only=True)
-class DataConfig:
-    """Where the rows are and how to turn one into model inputs; validated on construction."""
-
-    paths: list[str]
-    format: str | None = None
-    concept_column: str = "concept"
-    text_column: str | None = None
-    prompt_column: str | None = None
-    answer_column: str | None = None
-    features_column: str | None = None
-    max_length: int = 512
-    batch_size: int = 8
-    storage_options: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.paths, str):
-            self.paths = [self.paths]
-        if not self.paths or not all(isinstance(p, str) and p for p in self.paths):
-            raise ValueError(f"paths: expected a non-empty list of paths, got {self.paths!r}")
-        self.paths = list(self.paths)
-        if self.format is not None and self.format not in FORMATS:
-            raise ValueError(f"format: expected one of {FORMATS} or None, got {self.format!r}")
-        self._check_mode()
-        for key in ("max_length", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key}: expected a positive int, got {value!r}")
-        if self.storage_options is not None:
-            if not isinstance(self.storage_options, Mapping):
-                raise ValueError(f"storage_options: expected a dict, got {self.storage_options!r}")
-            self.storage_options = dict(self.storage_options)
-            try:
-                resolve_storage_options(self.storage_options)
-            except ValueError as e:
-                raise ValueError(f"storage_options: {e}") from None
-        if not self.concept_column:
-            raise ValueError("concept_column: must be a non-empty column name")
-
-    def _check_mode(self) -> None:
-        prompt, answer = self.prompt_column, self.answer_column
-        if (prompt is None) != (answer is None):
-            missing = "answer_column" if answer is None else "prompt_column"
-            raise ValueError(f"{missing}: prompt_column and answer_column must be set together")
-        chosen = [k for k, v in (("text_column", self.text_column),
-                                 ("prompt_column", prompt),
-                                 ("features_column", self.features_column)) if v is not None]
-        if len(chosen) != 1:
-            names = "text_column | prompt_column+answer_column | features_column"
-            got = ", ".join(chosen) or "none"
-            raise ValueError(f"set exactly one of {names}; got {got}")
-
-    @property
-    def mode(self) -> str:
-        """``"text"``, ``"prompt_answer"`` or ``"features"``."""
-        if self.text_column is not None:
-            return "text"
-        if self.prompt_column is not None:
-            return "prompt_answer"
-        return "features"
-
-    def data_columns(self) -> dict[str, str]:
-        """Config key → column name for every column a row must have (concept included)."""
-        keys = {"text": ("text_column",), "prompt_answer": ("prompt_column", "answer_column"),
-                "features": ("features_column",)}[self.mode]
-        cols = {k: getattr(self, k) for k in keys}
-        cols["concept_column"] = self.concept_column
-        return cols
-
-    def needed_columns(self) -> list[str]:
-        """The column names read from each file, deduplicated, in a fixed order."""
-        return list(dict.fromkeys(self.data_columns().values()))
 
 
 # ---------------------------------------------------------------------------------------------

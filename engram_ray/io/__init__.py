@@ -1,0 +1,1 @@
+"""Where bytes live: storage (local or S3), runs, Σ checkpoints, data files, edited checkpoints."""
