@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.peer import peer_available, run_peer  # noqa: E402
 from engram_ray import Batch  # noqa: E402
 from engram_ray.core.capture import collect_statistics  # noqa: E402
-from engram_ray.engine import extract  # noqa: E402
 from engram_ray.eval.corpus import corpus_texts, make_corpus  # noqa: E402
 from engram_ray.io.data import DataConfig, collate, encode_rows  # noqa: E402
+from engram_ray.local import extract  # noqa: E402
 from engram_ray.models.tiny import save_tiny_llama  # noqa: E402
 
 PROMPT = "Question: {q}\nAnswer:"

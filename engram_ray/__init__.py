@@ -3,46 +3,43 @@
 The method (Kwon et al., *AI Engram*, ICML 2026): for a linear layer ``W`` with uncentered input
 second moments Σ_c over a concept's inputs and Σ_total over all inputs, the concept's engram is
 ``W⁺_c = W Σ_c Σ_total⁺``; subtracting ``α Σ_{c∈U} W⁺_c`` forgets the concepts in U.
+
+This namespace is what a user calls; everything else stays importable from its own module
+(``engram_ray.core`` for the math, ``engram_ray.io`` for storage, ``engram_ray.distributed``
+for Ray).
 """
 
-from engram_ray.core.batch import Batch
-from engram_ray.core.capture import Capture, collect_statistics, select_modules
-from engram_ray.core.edit import EditPlan, apply_edit, compose, plan_edit, union_engram
-from engram_ray.core.moments import ModuleInfo, Moments, Statistics
-from engram_ray.core.solve import (
-    EngramRecord,
-    FactoredEngram,
+from engram_ray.config import (
+    DataConfig,
+    ExtractConfig,
+    ModelSpec,
+    ParallelConfig,
+    SelectConfig,
     SolverConfig,
-    pseudo_inverse,
-    solve_group,
+    StoreConfig,
+    load_config,
 )
-from engram_ray.engine import extract, model_fingerprint
-from engram_ray.io.store import Run, RunWriter, open_run
-
-__version__ = "0.1.0"
+from engram_ray.core.batch import Batch
+from engram_ray.core.edit import EditPlan, apply_edit, plan_edit
+from engram_ray.io.store import Run, open_run
+from engram_ray.local import extract
+from engram_ray.runinfo import VERSION as __version__
 
 __all__ = [
     "Batch",
-    "Capture",
+    "DataConfig",
     "EditPlan",
-    "EngramRecord",
-    "FactoredEngram",
-    "ModuleInfo",
-    "Moments",
+    "ExtractConfig",
+    "ModelSpec",
+    "ParallelConfig",
     "Run",
-    "RunWriter",
+    "SelectConfig",
     "SolverConfig",
-    "Statistics",
+    "StoreConfig",
     "__version__",
     "apply_edit",
-    "collect_statistics",
-    "compose",
     "extract",
-    "model_fingerprint",
+    "load_config",
     "open_run",
     "plan_edit",
-    "pseudo_inverse",
-    "select_modules",
-    "solve_group",
-    "union_engram",
 ]

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Sequence
 
 from engram_ray.core.edit import apply_edit, plan_edit
-from engram_ray.io import storage as fsx
+from engram_ray.io.storage import Storage
 from engram_ray.io.store import open_run
 from engram_ray.models.loading import ModelSpec, build_empty, load_model, model_dir, tied_aliases
 
@@ -46,7 +46,8 @@ def apply_run(
     run = open_run(run_uri, storage_options)
     spec = run_model_spec(run, model)
     plan = plan_edit(run, forget or [], alpha=alpha, scale=scale, modules=modules)
-    remote = fsx.is_remote(out)
+    dest = Storage(out, storage_options)
+    remote = dest.remote
     local_out = os.path.join(tempfile.mkdtemp(prefix="engram-apply-"), "model") if remote else out
     if spec.path is not None:
         from engram_ray.io.export import write_edited_checkpoint
@@ -72,7 +73,6 @@ def apply_run(
         save_file(state, tmp)
         os.replace(tmp, os.path.join(local_out, "model.safetensors"))  # complete, or absent
     if remote:
-        fsx.filesystem(out, storage_options).put(local_out + "/", fsx.strip_protocol(out),
-                                                 recursive=True)
+        dest.fs.put(local_out + "/", dest.root, recursive=True)
         shutil.rmtree(os.path.dirname(local_out), ignore_errors=True)
     return out

@@ -2,7 +2,8 @@
 
 A run extracted with ``store.keep_statistics: true`` keeps every input group's Σ tagged with the
 shards it covers (``Moments.sources``). Extending it (``store.extend: <run>``) reads only the
-shards of the new config that the base has not counted, merges their Σ into the base's —
+shards of the new config that the base has not counted; the extraction core merges their Σ into
+the base's group by group (``extraction.merge_base``) —
 ``Moments.merge`` is an exact sum and refuses a shard counted twice — and solves again, so
 
     extend(base over A, data A ∪ B)  ==  one pass over A ∪ B
@@ -18,10 +19,10 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from engram_ray.core.moments import Moments, Statistics, merge_summaries
+from engram_ray.core.moments import merge_summaries
 from engram_ray.io.store import Run, open_run
 
-__all__ = ["Extension", "merge_into_base", "prepare_extension"]
+__all__ = ["Extension", "prepare_extension"]
 
 
 @dataclass
@@ -51,25 +52,11 @@ class Extension:
             raise ValueError(f"store.extend: the selected modules differ from run "
                              f"{self.base.uri}'s, e.g. {diff[:5]} (select.* must match the base)")
 
-    def merge(self, new: Statistics) -> Statistics:
-        """Base Σ + the new shards' Σ, every group (single-process path)."""
-        self.check_modules(new.modules)
-        return Statistics(modules=new.modules, groups={
-            g: merge_into_base(self.base, g, m, self.new_files) for g, m in new.groups.items()})
-
     def merge_summaries(self, summaries: Mapping[str, tuple[int, Mapping[str, int]]]) -> dict:
         """(tokens, tokens per concept) per group over base + new (for run.json and checks)."""
         base = {g: (i["tokens"], i["concept_tokens"])
                 for g, i in self.base.info.get("groups", {}).items()}
         return merge_summaries(base, summaries)
-
-
-def merge_into_base(base, group: str, new: Moments, new_files) -> Moments:
-    """``base``'s Σ for ``group`` (a :class:`Run` that kept it, or a checkpoint generation)
-    plus ``new``, tagged with the shards it counted, so a shard the base already counted is
-    refused by ``Moments.merge``."""
-    new.sources = frozenset(new_files)
-    return base.group_statistics(group).merge(new)
 
 
 def prepare_extension(cfg) -> Extension | None:

@@ -1,4 +1,5 @@
-"""``ray job submit`` entrypoint for the digits demo (a smoke test of a fresh cluster)."""
+"""``ray job submit`` entrypoint for a demo pipeline (a smoke test of a fresh cluster): the
+digits demo unless ``--pipeline NAME`` picks another from the :mod:`pipelines` registry."""
 
 import sys
 

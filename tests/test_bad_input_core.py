@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from engram_ray import Batch, extract, select_modules
+from engram_ray import Batch, extract
+from engram_ray.core.select import select_modules
 
 
 def mlp():

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from engram_ray import Batch, apply_edit, compose, extract, plan_edit, union_engram
+from engram_ray import Batch, apply_edit, extract, plan_edit
+from engram_ray.core.edit import compose, union_engram
 
 
 @pytest.fixture(scope="module")

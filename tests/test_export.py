@@ -79,7 +79,7 @@ def test_factory_model_apply_writes_a_state_dict(tmp_path):
     from safetensors.torch import save_file
 
     from engram_ray.config import ExtractConfig
-    from engram_ray.engine import extract_from_config
+    from engram_ray.local import extract_from_config
     from engram_ray.models.sequential import mlp
 
     net = mlp([4, 8, 3], seed=1)

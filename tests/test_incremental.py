@@ -20,8 +20,8 @@ import yaml
 
 from engram_ray.cli import main
 from engram_ray.config import ConfigError, ExtractConfig
-from engram_ray.engine import extract_from_config
 from engram_ray.io.store import open_run
+from engram_ray.local import extract_from_config
 from engram_ray.models.tiny import save_tiny_llama
 
 
@@ -126,12 +126,13 @@ def test_distributed_extend_equals_single_process_one_pass(ray_cluster, tmp_path
 @pytest.mark.ray
 def test_crash_after_two_checkpoints_then_resume_equals_one_pass(ray_cluster, tmp_path, shards,
                                                                  tiny_llama_dir, monkeypatch):
+    import engram_ray.distributed.executor as executor
     import engram_ray.distributed.runner as runner
 
     runs = tmp_path / "runs"
     cfg = config(tiny_llama_dir, [shards], runs, "r", checkpoint_shards=1)
     state = runs / "_checkpoints" / "r" / "state.json"
-    real_feed, calls = runner._feed, []
+    real_feed, calls = executor.feed_slice, []
 
     def crashing_feed(*args, **kw):  # the driver dies while feeding the third shard
         calls.append(1)
@@ -139,7 +140,7 @@ def test_crash_after_two_checkpoints_then_resume_equals_one_pass(ray_cluster, tm
             raise KeyboardInterrupt("simulated kill")
         return real_feed(*args, **kw)
 
-    monkeypatch.setattr(runner, "_feed", crashing_feed)
+    monkeypatch.setattr(executor, "feed_slice", crashing_feed)
     with pytest.raises(KeyboardInterrupt):
         runner.run_extract(cfg)
     assert not os.path.exists(runs / "r" / "_COMMITTED")
@@ -151,7 +152,7 @@ def test_crash_after_two_checkpoints_then_resume_equals_one_pass(ray_cluster, tm
     # Another config cannot resume this checkpoint, and commits nothing.
     other = config(tiny_llama_dir, [shards], runs, "r", checkpoint_shards=1)
     other.select.target_modules = ["down_proj"]
-    monkeypatch.setattr(runner, "_feed", real_feed)
+    monkeypatch.setattr(executor, "feed_slice", real_feed)
     with pytest.raises(ValueError, match="different config"):
         runner.run_extract(other)
 

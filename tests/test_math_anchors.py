@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram_ray import Batch, SolverConfig, collect_statistics, solve_group
-from engram_ray.core.capture import weight_matrix
-from engram_ray.core.solve import default_rtol, pseudo_inverse
+from engram_ray import Batch, SolverConfig
+from engram_ray.core.capture import collect_statistics
+from engram_ray.core.layers import weight_matrix
+from engram_ray.core.solve import default_rtol, pseudo_inverse, solve_group
 
 
 def engrams_of(model, batches, **kw):
@@ -220,7 +221,7 @@ def test_gpt2_conv1d_engrams_match_oracle_and_shapes_round_trip():
 
 def test_every_linear_module_of_tiny_llama_and_gpt2_gets_an_engram(tmp_path):
     from engram_ray import extract
-    from engram_ray.core.capture import module_kind
+    from engram_ray.core.layers import module_kind
     from engram_ray.models.tiny import tiny_gpt2, tiny_llama
 
     for model in (tiny_llama(), tiny_gpt2()):

@@ -22,7 +22,7 @@ from engram_ray.models import (
     split_model,
     stage_family,
 )
-from engram_ray.models import weights as checkpoint_module
+from engram_ray.models import weights as weights_module
 from engram_ray.models.sequential import mlp
 from engram_ray.models.tiny import (
     build_tokenizer,
@@ -316,8 +316,8 @@ class _SpyOpen:
 
 @pytest.fixture
 def spy(monkeypatch):
-    s = _SpyOpen(checkpoint_module.safe_open)
-    monkeypatch.setattr(checkpoint_module, "safe_open", s)
+    s = _SpyOpen(weights_module.safe_open)
+    monkeypatch.setattr(weights_module, "safe_open", s)
     return s
 
 

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 import engram_ray
-from engram_ray import Batch, FactoredEngram, Moments, RunWriter, collect_statistics, open_run
-from engram_ray.core.capture import weight_matrix
-from engram_ray.core.moments import pack_symmetric, unpack_symmetric
-from engram_ray.core.solve import EngramRecord, solve_group
+from engram_ray import Batch, open_run
+from engram_ray.core.capture import collect_statistics
+from engram_ray.core.layers import weight_matrix
+from engram_ray.core.moments import Moments, pack_symmetric, unpack_symmetric
+from engram_ray.core.solve import EngramRecord, FactoredEngram, solve_group
+from engram_ray.io.store import RunWriter
 
 
 def small_stats(seed=0):
@@ -305,8 +307,9 @@ def test_kept_statistics_extend_a_run_without_rereading_old_shards(tmp_path):
     """Incremental Σ: old run's Σ + new shards' Σ, re-solved, equals one pass over all shards;
     merging statistics that cover a shard twice is refused."""
     from engram_ray import extract
-    from engram_ray.core.capture import collect_statistics, weight_matrix
-    from engram_ray.engine import solve_statistics
+    from engram_ray.core.capture import collect_statistics
+    from engram_ray.core.layers import weight_matrix
+    from engram_ray.local import solve_statistics
 
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))

@@ -19,7 +19,6 @@ a live model or streamed into a checkpoint one tensor at a time (``checkpoint.py
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,13 +26,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from engram_ray.core.select import match_modules
+
 __all__ = [
     "EditPlan",
     "EngramSource",
     "SCALES",
     "apply_edit",
     "compose",
-    "match_modules",
     "plan_edit",
     "union_engram",
 ]
@@ -61,20 +61,6 @@ def union_engram(
         if eb is not None:
             b = eb.clone() if b is None else b.add_(eb)
     return w, b
-
-
-def match_modules(names: Sequence[str], selection: str | Sequence[str] | None) -> list[str]:
-    """PEFT-style selection over module names: list = dotted suffixes, str = full-name regex."""
-    if selection is None:
-        return list(names)
-    if isinstance(selection, str):
-        picked = [n for n in names if re.fullmatch(selection, n)]
-    else:
-        picked = [n for n in names if any(n == k or n.endswith("." + k) for k in selection)]
-    if not picked:
-        raise ValueError(f"module selection {selection!r} matches none of the run's modules "
-                         f"(e.g. {list(names)[:6]})")
-    return picked
 
 
 def _as_matrix(w: torch.Tensor, b: torch.Tensor | None, kind: str) -> torch.Tensor:

@@ -194,17 +194,8 @@ def solve_group(
         mats = engram_matrix(stacked, moments.concepts[c], pinv).split(splits)
         for info, mat in zip(members, mats):
             w, b = to_weight_shape(mat.float().cpu(), info)
-            wn = norms[info.name]
-            yield EngramRecord(
-                concept=c,
-                module=info.name,
-                weight=w,
-                bias=b,
-                n=moments.counts[c],
-                n_total=moments.n_total,
-                rel_norm=float(torch.linalg.norm(mat)) / wn if wn > 0 else 0.0,
-                weight_norm=wn,
-            )
+            yield _record(c, info, moments, float(torch.linalg.norm(mat)), norms[info.name],
+                          weight=w, bias=b)
     for chunk in _chunks(small, moments, _rows_per_chunk(moments.dim, stacked.shape[0])):
         yield from _factored(chunk, moments, members, stacked, splits, pinv, norms)
 
@@ -251,15 +242,13 @@ def _factored(chunk, moments, members, stacked, splits, pinv, norms) -> Iterator
         right = (b[:, :-1] if bias else b).float().cpu().contiguous()
         biases = (a @ b[:, -1]).float().cpu().split(splits) if bias else [None] * len(members)
         for info, a_m, bias_m, norm in zip(members, a32.split(splits), biases, norms_c):
-            wn = norms[info.name]
-            yield EngramRecord(
-                concept=c,
-                module=info.name,
-                weight=None,
-                bias=bias_m,
-                n=moments.counts[c],
-                n_total=moments.n_total,
-                rel_norm=norm / wn if wn > 0 else 0.0,
-                weight_norm=wn,
-                factors=FactoredEngram(a_m, right, info.kind, tuple(info.weight_shape)),
-            )
+            yield _record(c, info, moments, norm, norms[info.name], weight=None, bias=bias_m,
+                          factors=FactoredEngram(a_m, right, info.kind, tuple(info.weight_shape)))
+
+
+def _record(concept: str, info: ModuleInfo, moments: Moments, norm: float, weight_norm: float,
+            **payload) -> EngramRecord:
+    """An engram's record: counts from ``moments``, ``‖W⁺_c‖/‖W‖`` (0 for a zero weight)."""
+    return EngramRecord(concept=concept, module=info.name, n=moments.counts[concept],
+                        n_total=moments.n_total, weight_norm=weight_norm,
+                        rel_norm=norm / weight_norm if weight_norm > 0 else 0.0, **payload)

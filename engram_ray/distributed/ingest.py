@@ -10,7 +10,8 @@ loads the tokenizer once from the model's local directory.
 S3: Ray workers never see environment changes made after ``ray.init``, and pyarrow ignores
 ``AWS_ENDPOINT_URL`` anyway, so the endpoint and credentials travel inside ``cfg``
 (``storage_options``) and become an explicit ``pyarrow.fs.S3FileSystem``
-(:func:`engram_ray.io.storage.arrow_filesystem`), which is pickled into the read tasks.
+(``Storage.arrow``, :class:`engram_ray.io.storage.Storage`), which is pickled into the read
+tasks.
 
 The encoded dataset holds the columns of :func:`engram_ray.io.data.encode_rows` as plain Arrow
 lists (see :func:`engram_ray.io.data.to_arrow`); :func:`engram_ray.io.data.collate` turns any batch
@@ -35,12 +36,12 @@ from engram_ray.io.data import (
     count_rows,
     encode_rows,
     file_format,
-    load_tokenizer,
     read_schema,
     resolve_paths,
     to_arrow,
+    tokenizer_from,
 )
-from engram_ray.io.storage import arrow_filesystem, is_remote, strip_protocol
+from engram_ray.io.storage import Storage
 
 # count_rows (Parquet footers; JSON lines counted; no Ray) is re-exported for the pipeline, which
 # compares it with the rows it accumulated to check that each row was counted exactly once.
@@ -72,9 +73,9 @@ def validate_files(cfg: DataConfig) -> tuple[list[str], str]:
     return paths, formats.pop()
 
 
-def _ray_paths(paths: list[str]) -> list[str]:
+def _ray_paths(paths: list[str], storage_options=None) -> list[str]:
     """Paths as Ray expects them with an explicit filesystem: ``bucket/key`` for S3."""
-    return [strip_protocol(p) if is_remote(p) else p for p in paths]
+    return [Storage(p, storage_options).root for p in paths]
 
 
 # Read-planning settings for ``read_parquet`` (set while the plan is built, then restored):
@@ -116,17 +117,18 @@ def _read(
     cfg: DataConfig, *, num_cpus: float | None, parquet_v2: bool, project: bool
 ) -> ray.data.Dataset:
     paths, fmt = validate_files(cfg)
-    fs = arrow_filesystem(paths[0], cfg.storage_options)
+    fs = Storage(paths[0], cfg.storage_options).arrow
     kwargs: dict[str, Any] = {"filesystem": fs, "num_cpus": num_cpus, "file_extensions": None}
     columns = cfg.needed_columns()
+    ray_paths = _ray_paths(paths, cfg.storage_options)
     if fmt == "parquet":
         if parquet_v2:
-            return ray.data.read_parquet(_ray_paths(paths), columns=columns, **kwargs)
+            return ray.data.read_parquet(ray_paths, columns=columns, **kwargs)
         with _data_context(**_PARQUET_READ_CONTEXT):
-            return ray.data.read_parquet(_ray_paths(paths), columns=columns, **kwargs)
+            return ray.data.read_parquet(ray_paths, columns=columns, **kwargs)
     # lines=True would switch to the pandas reader, which ignores `filesystem`; the default
     # Arrow reader handles JSON lines (and falls back to json.load for a top-level array).
-    ds = ray.data.read_json(_ray_paths(paths), **kwargs)
+    ds = ray.data.read_json(ray_paths, **kwargs)
     # The JSON reader reads every column; projecting is a separate task per block, which the
     # encoder makes unnecessary (encode_rows only looks at the columns it needs).
     return ds.select_columns(columns) if project else ds
@@ -136,7 +138,7 @@ def _read(
 def _cached_tokenizer(tokenizer_dir: str | None):
     # One tokenizer per worker process and directory: Ray reuses task workers across blocks
     # (and across runs of one session), so the load is paid once, not once per block.
-    return load_tokenizer(tokenizer_dir)
+    return tokenizer_from(tokenizer_dir)
 
 
 def _encode_block(table, cfg: DataConfig, tokenizer_dir: str | None, drop_empty: bool):

@@ -15,10 +15,12 @@ from collections.abc import Mapping, Sequence
 import ray
 import torch
 
-from engram_ray.core.capture import Capture, select_modules, weight_matrix
+from engram_ray.config import ModelSpec, SelectConfig
+from engram_ray.core.capture import Capture
+from engram_ray.core.layers import weight_matrix
 from engram_ray.core.moments import ModuleInfo, Moments
-from engram_ray.engine import fingerprint_parts
-from engram_ray.models.loading import ModelSpec
+from engram_ray.core.select import select_modules
+from engram_ray.runinfo import fingerprint_parts
 
 __all__ = ["StageActor"]
 
@@ -29,11 +31,11 @@ class StageActor:
 
     def __init__(
         self,
-        model: Mapping,
+        model: ModelSpec,
         index: int,
         n_stages: int,
         replica: int,
-        select: Mapping,
+        select: SelectConfig,
         *,
         dtype: str | None = None,
         storage_options: Mapping | None = None,
@@ -43,14 +45,11 @@ class StageActor:
 
         self.index, self.n_stages, self.replica = index, n_stages, replica
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.stage = load_stage(ModelSpec.from_dict(model), index, n_stages, dtype=dtype,
-                                device=self.device, storage_options=storage_options)
-        modules = select_modules(self.stage, select.get("target_modules"),
-                                 select.get("layers_to_transform"), allow_empty=True)
-        self.capture = Capture(modules, absorb_bias=select.get("absorb_bias", True),
-                               share_inputs=select.get("share_inputs", True),
-                               gram_dtype=select.get("gram_dtype", "float64"),
-                               low_rank=select.get("low_rank", True))
+        self.stage = load_stage(model, index, n_stages, dtype=dtype, device=self.device,
+                                storage_options=storage_options)
+        modules = select_modules(self.stage, select.target_modules, select.layers_to_transform,
+                                 allow_empty=True)
+        self.capture = Capture(modules, select)
         self.tracker = tracker
         self.rows = self.tokens = 0
         self.busy_s = 0.0

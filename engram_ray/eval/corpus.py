@@ -233,6 +233,7 @@ def write_splits(
 
 def read_split(path: str, storage_options=None) -> pa.Table:
     """Read a split's Parquet file (local path or ``s3://`` URI)."""
-    from engram_ray.io.storage import arrow_filesystem, strip_protocol
+    from engram_ray.io.storage import Storage
 
-    return pq.read_table(strip_protocol(path), filesystem=arrow_filesystem(path, storage_options))
+    storage = Storage(path, storage_options)
+    return pq.read_table(storage.root, filesystem=storage.arrow)

@@ -468,20 +468,18 @@ class TofuEvaluator:
         return self.metrics(self.score(model))
 
 
-def evaluate_tofu(
-    model,
-    tokenizer,
-    forget: Any,
-    retain: Any,
-    holdout: Any,
-    gold_model: Any = None,
-    base_model: Any = None,
-    **kwargs: Any,
-) -> dict[str, float]:
-    """All TOFU metrics of ``model`` in one call (see :class:`TofuEvaluator` for the keys and
-    options; ``gold_model`` / ``base_model`` may be models or precomputed :class:`TofuScores`).
-    To evaluate many edits against the same anchors, build a :class:`TofuEvaluator` once."""
-    return TofuEvaluator(tokenizer, forget, retain, holdout, gold_model, base_model, **kwargs)(model)
+def evaluate_tofu(model, tokenizer, *args: Any, **kwargs: Any) -> dict[str, float]:
+    """All TOFU metrics of ``model`` in one call:
+    ``evaluate_tofu(model, tokenizer, forget, retain, holdout, gold_model=None, base_model=None,
+    **options)`` is ``TofuEvaluator(tokenizer, forget, retain, holdout, gold, base,
+    **options)(model)`` (see :class:`TofuEvaluator` for the keys and options; the anchors may be
+    models or precomputed :class:`TofuScores`). The arguments are forwarded, not restated, so
+    the two cannot drift apart. To evaluate many edits against the same anchors, build a
+    :class:`TofuEvaluator` once."""
+    for alias, name in (("gold_model", "gold"), ("base_model", "base")):
+        if alias in kwargs:
+            kwargs[name] = kwargs.pop(alias)
+    return TofuEvaluator(tokenizer, *args, **kwargs)(model)
 
 
 def _load(model_dir: str, device: str | None, dtype: Any):

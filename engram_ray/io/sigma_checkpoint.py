@@ -18,6 +18,7 @@ removes the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import secrets
@@ -25,9 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from engram_ray.core.moments import Moments
-from engram_ray.io import storage as fsx
+from engram_ray.io.storage import Storage, join
 
-__all__ = ["CHECKPOINT_DIR", "Checkpoint", "Generation", "config_digest"]
+__all__ = ["CHECKPOINT_DIR", "Generation", "SigmaCheckpoint", "config_digest", "restrict", "slices"]
 
 CHECKPOINT_DIR = "_checkpoints"
 STATE = "state.json"
@@ -46,20 +47,25 @@ class Generation:
     uri: str
     storage_options: Mapping | None = None
 
+    @functools.cached_property
+    def storage(self) -> Storage:
+        return Storage(self.uri, self.storage_options)
+
+    @property
+    def name(self) -> str:
+        """``gen-…``: the generation's directory name (what ``state.json`` points at)."""
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
     def group_statistics(self, group: str) -> Moments:
-        with fsx.filesystem(self.uri, self.storage_options).open(self._path(group), "rb") as f:
-            return Moments.from_bytes(f.read(), what=f"{self.uri}/{group}.safetensors")
+        rel = f"{group}.safetensors"
+        with self.storage.open(rel, "rb") as f:
+            return Moments.from_bytes(f.read(), what=f"{self.uri}/{rel}")
 
     def write_group(self, group: str, moments: Moments) -> None:
-        with fsx.filesystem(self.uri, self.storage_options).open(self._path(group), "wb") as f:
-            f.write(moments.to_bytes())
-
-    def _path(self, group: str) -> str:
-        root = fsx.strip_protocol(self.uri) if fsx.is_remote(self.uri) else self.uri
-        return fsx.join(root, f"{group}.safetensors")
+        self.storage.write_bytes(f"{group}.safetensors", moments.to_bytes())
 
 
-class Checkpoint:
+class SigmaCheckpoint:
     """``<store.uri>/_checkpoints/<run_id>``: its generations, and the state found on opening.
 
     ``sources``, ``summaries`` and ``generation`` describe what this process resumes from (the
@@ -67,10 +73,9 @@ class Checkpoint:
     """
 
     def __init__(self, store_uri: str, run_id: str, storage_options=None) -> None:
-        self.uri = fsx.join(store_uri, CHECKPOINT_DIR, run_id)
+        self.uri = join(store_uri, CHECKPOINT_DIR, run_id)
         self.storage_options = storage_options
-        self._fs = fsx.filesystem(self.uri, storage_options)
-        self._root = fsx.strip_protocol(self.uri) if fsx.is_remote(self.uri) else self.uri
+        self._storage = Storage(self.uri, storage_options)
         self.state: dict | None = self._read_state()  # as found on opening
 
     @property
@@ -81,7 +86,7 @@ class Checkpoint:
     def generation(self) -> Generation | None:
         if not self.state:
             return None
-        return Generation(fsx.join(self.uri, self.state["generation"]), self.storage_options)
+        return Generation(join(self.uri, self.state["generation"]), self.storage_options)
 
     def check(self, digest: str) -> None:
         """A checkpoint from another config cannot be resumed: name it and the way out."""
@@ -104,36 +109,30 @@ class Checkpoint:
 
     def new_generation(self) -> Generation:
         name = f"gen-{secrets.token_hex(4)}"
-        self._fs.makedirs(fsx.join(self._root, name), exist_ok=True)
-        return Generation(fsx.join(self.uri, name), self.storage_options)
+        self._storage.makedirs(name)
+        return Generation(join(self.uri, name), self.storage_options)
 
     def commit(self, gen: Generation, *, sources, summaries, fingerprint: str, digest: str,
                keep: Generation | None = None) -> None:
         """Make ``gen`` the checkpoint in force (one write of state.json), then drop every
         other generation but ``keep`` (the one this process resumed from, still merged in)."""
-        state = {"generation": gen.uri.rstrip("/").rsplit("/", 1)[-1],
+        state = {"generation": gen.name,
                  "sources": sorted(sources), "summaries": summaries,
                  "fingerprint": fingerprint, "config_digest": digest}
-        with self._fs.open(fsx.join(self._root, STATE), "wb") as f:
-            f.write(json.dumps(state, sort_keys=True).encode())
-        wanted = {gen.uri.rstrip("/").rsplit("/", 1)[-1]}
-        if keep is not None:
-            wanted.add(keep.uri.rstrip("/").rsplit("/", 1)[-1])
-        for path in self._fs.ls(self._root, detail=False):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
+        self._storage.write_bytes(STATE, json.dumps(state, sort_keys=True).encode())
+        wanted = {gen.name} | ({keep.name} if keep is not None else set())
+        for name in self._storage.ls():
             if name.startswith("gen-") and name not in wanted:
-                self._fs.rm(path, recursive=True)
+                self._storage.rm(name)
 
     def remove(self) -> None:
-        if self._fs.exists(self._root):
-            self._fs.rm(self._root, recursive=True)
+        if self._storage.exists():
+            self._storage.rm()
 
     def _read_state(self) -> dict | None:
-        path = fsx.join(self._root, STATE)
-        if not self._fs.exists(path):
+        if not self._storage.exists(STATE):
             return None
-        with self._fs.open(path, "rb") as f:
-            return json.loads(f.read())
+        return json.loads(self._storage.read_bytes(STATE))
 
 
 def slices(files: list[str], size: int | None) -> list[list[str]]:

@@ -42,7 +42,7 @@ import torch
 
 from engram_ray.core.moments import ModuleInfo, Moments, Statistics
 from engram_ray.core.solve import EngramRecord, FactoredEngram
-from engram_ray.io import storage as fsx
+from engram_ray.io.storage import Storage
 
 __all__ = [
     "PAYLOAD_FORMAT_VERSION",
@@ -120,16 +120,15 @@ def _blobs(arrays: Sequence[np.ndarray | None]) -> pa.Array:
     return pa.array([None if x is None else memoryview(x).cast("B") for x in arrays], pa.binary())
 
 
-
 class _ModulePayload:
     """Streams one module's rows to ``payload/<module>.parquet`` in row groups of about
     ``ROW_GROUP_BYTES``."""
 
-    def __init__(self, fs, root: str, info: ModuleInfo) -> None:
+    def __init__(self, storage: Storage, info: ModuleInfo) -> None:
         self.info = info
         self.rel = f"{PAYLOAD_DIR}/{info.name}.parquet"
         self.schema = _payload_schema(info)
-        self._file = fs.open(fsx.join(root, self.rel), "wb")
+        self._file = storage.open(self.rel, "wb")
         # Dictionary encoding and statistics only for the small string columns: float bytes
         # neither repeat nor compress, and a dictionary attempt on them is pure cost.
         self._writer = pq.ParquetWriter(
@@ -207,17 +206,15 @@ class RunWriter:
     ) -> None:
         self.uri = uri.rstrip("/")
         self.storage_options = storage_options
-        self.fs = fsx.filesystem(self.uri, storage_options)
-        self.root = fsx.strip_protocol(self.uri) if fsx.is_remote(self.uri) else self.uri
+        self.storage = Storage(self.uri, storage_options)
         if attach:
             return
-        marker = fsx.join(self.root, COMMIT_MARKER)
-        if self.fs.exists(marker) and not overwrite:
+        if self.storage.exists(COMMIT_MARKER) and not overwrite:
             raise FileExistsError(f"a committed run already exists at {self.uri}; "
                                   "choose another run_id or pass overwrite")
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
-        self.fs.makedirs(fsx.join(self.root, PAYLOAD_DIR), exist_ok=True)
+        if self.storage.exists():
+            self.storage.rm()
+        self.storage.makedirs(PAYLOAD_DIR)
 
     def write_records(
         self, infos: Mapping[str, ModuleInfo], records: Iterable[EngramRecord]
@@ -230,7 +227,7 @@ class RunWriter:
             for rec in records:
                 w = writers.get(rec.module)
                 if w is None:
-                    w = writers[rec.module] = _ModulePayload(self.fs, self.root, infos[rec.module])
+                    w = writers[rec.module] = _ModulePayload(self.storage, infos[rec.module])
                 rows.append(w.write(rec))
         finally:
             for w in writers.values():
@@ -247,41 +244,36 @@ class RunWriter:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         manifest = sink.getvalue().to_pybytes()
-        self._put(MANIFEST, manifest)
+        self.storage.write_bytes(MANIFEST, manifest)
         info = dict(run_info)
         info.setdefault("payload_format_version", PAYLOAD_FORMAT_VERSION)
-        self._put(RUN_JSON, json.dumps(info, indent=2, sort_keys=True, default=str).encode())
+        run_json = json.dumps(info, indent=2, sort_keys=True, default=str)
+        self.storage.write_bytes(RUN_JSON, run_json.encode())
         marker = {"manifest_sha256": hashlib.sha256(manifest).hexdigest(),
                   "committed_at": time.time()}
-        self._put(COMMIT_MARKER, json.dumps(marker).encode())
+        self.storage.write_bytes(COMMIT_MARKER, json.dumps(marker).encode())
         return self.uri
 
     def write_statistics(self, group: str, moments: Moments) -> str:
         """Keep one input group's Σ in the run (``statistics/<group>.safetensors``), so a later
         run can merge new shards into it and re-solve without re-reading these."""
         rel = f"{STATISTICS_DIR}/{group}.safetensors"
-        self.fs.makedirs(fsx.join(self.root, STATISTICS_DIR), exist_ok=True)
-        self._put(rel, moments.to_bytes())
+        self.storage.makedirs(STATISTICS_DIR)
+        self.storage.write_bytes(rel, moments.to_bytes())
         return rel
 
     def abort(self) -> None:
         """Remove everything written so far (best effort): no half-written run stays behind."""
         try:
-            if self.fs.exists(self.root):
-                self.fs.rm(self.root, recursive=True)
+            if self.storage.exists():
+                self.storage.rm()
         except OSError:
             pass
-
-    def _put(self, rel: str, data: bytes) -> None:
-        with self.fs.open(fsx.join(self.root, rel), "wb") as f:
-            f.write(data)
 
 
 def run_exists(uri: str, storage_options=None) -> bool:
     """True when a committed run is at ``uri``."""
-    fs = fsx.filesystem(uri, storage_options)
-    root = fsx.strip_protocol(uri) if fsx.is_remote(uri) else uri
-    return fs.exists(fsx.join(root, COMMIT_MARKER))
+    return Storage(uri, storage_options).exists(COMMIT_MARKER)
 
 
 class Run:
@@ -290,19 +282,17 @@ class Run:
     def __init__(self, uri: str, storage_options=None) -> None:
         self.uri = uri.rstrip("/")
         self.storage_options = storage_options
-        self._fs = fsx.filesystem(self.uri, storage_options)
-        self._root = fsx.strip_protocol(self.uri) if fsx.is_remote(self.uri) else self.uri
-        marker_path = fsx.join(self._root, COMMIT_MARKER)
-        if not self._fs.exists(marker_path):
+        self._storage = Storage(self.uri, storage_options)
+        if not self._storage.exists(COMMIT_MARKER):
             raise FileNotFoundError(
                 f"{self.uri} is not a committed engram run (no {COMMIT_MARKER} marker): "
                 "the extraction did not finish, or this is not a run directory"
             )
-        marker = json.loads(self._read(COMMIT_MARKER))
-        manifest = self._read(MANIFEST)
+        marker = json.loads(self._storage.read_bytes(COMMIT_MARKER))
+        manifest = self._storage.read_bytes(MANIFEST)
         if hashlib.sha256(manifest).hexdigest() != marker["manifest_sha256"]:
             raise ValueError(f"{self.uri}: manifest.parquet does not match the commit marker")
-        self.info = json.loads(self._read(RUN_JSON))
+        self.info = json.loads(self._storage.read_bytes(RUN_JSON))
         version = self.info.get("payload_format_version")
         if version != PAYLOAD_FORMAT_VERSION:
             raise ValueError(
@@ -347,7 +337,7 @@ class Run:
         """One input group's kept Σ (what a solver task of an extending run merges into)."""
         rel = f"{STATISTICS_DIR}/{group}.safetensors"
         try:
-            return Moments.from_bytes(self._read(rel), what=f"{self.uri}/{rel}")
+            return Moments.from_bytes(self._storage.read_bytes(rel), what=f"{self.uri}/{rel}")
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"run {self.uri} kept no statistics for input group {group!r}; extract with "
@@ -366,7 +356,7 @@ class Run:
 
     def _load_uncached(self, concept: str, module: str):
         row = self.record(concept, module)
-        path = fsx.join(self._root, row["payload"])
+        path = self._storage.uri_of(row["payload"])
         t = self._row_group(row["payload"], row["row_group"]).slice(row["row"], 1)
         if t.num_rows != 1 or t.column("concept")[0].as_py() != concept:
             raise ValueError(f"{path}: row group {row['row_group']} row {row['row']} is not "
@@ -391,8 +381,8 @@ class Run:
         return weight, None if bias is None else torch.from_numpy(bias)
 
     def _read_row_group(self, rel: str, index: int) -> pa.Table:
-        path = fsx.join(self._root, rel)
-        with self._fs.open(path, "rb") as f:
+        path = self._storage.uri_of(rel)
+        with self._storage.open(rel, "rb") as f:
             pf = pq.ParquetFile(f)
             version = (pf.schema_arrow.metadata or {}).get(b"payload_format_version", b"?")
             if version != str(PAYLOAD_FORMAT_VERSION).encode():
@@ -401,10 +391,6 @@ class Run:
                 raise ValueError(f"{path}: has {pf.num_row_groups} row groups, the manifest "
                                  f"names row group {index}")
             return pf.read_row_group(index)
-
-    def _read(self, rel: str) -> bytes:
-        with self._fs.open(fsx.join(self._root, rel), "rb") as f:
-            return f.read()
 
 
 def _cell(table: pa.Table, column: str) -> pa.Buffer | None:

@@ -9,6 +9,12 @@ themselves (the whole model here, one pipeline stage in :mod:`engram_ray.models.
 Remote HF directories are copied into a local cache (``$ENGRAM_RAY_CACHE``, default
 ``~/.cache/engram_ray``) because transformers and ``safe_open`` read local files; only
 safetensors weights are supported there.
+
+Model directories are data, not code: every transformers ``Auto*`` call passes
+``trust_remote_code=False``, so a directory whose ``config.json`` carries an ``auto_map`` to
+its own ``.py`` files loads the built-in class for its ``model_type``, or fails with
+transformers' error, and never runs that code nor stops to ask ``[y/N]`` on stdin (a remote
+worker has no one to answer).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch import nn
 from engram_ray.config import ModelSpec
 from engram_ray.io.storage import StorageOptions, filesystem, is_remote, join
 from engram_ray.models.weights import (
-    Checkpoint,
+    WeightFiles,
     cache_dir_for,
     download,
     empty_parameters,
@@ -35,11 +41,11 @@ __all__ = [
     "as_dtype",
     "build_empty",
     "call_factory",
-    "load_config",
     "load_model",
+    "load_model_config",
     "load_tokenizer",
     "model_dir",
-    "open_checkpoint",
+    "open_weights",
     "resolve_factory",
     "tied_aliases",
 ]
@@ -92,7 +98,7 @@ def model_dir(
     """A local directory with the HF checkpoint at ``path`` (copied into the cache if remote).
 
     ``weights=False`` copies only the small files (config, tokenizer, index json): a stage reads
-    its own shards later through :class:`~engram_ray.models.weights.Checkpoint`.
+    its own shards later through :class:`~engram_ray.models.weights.WeightFiles`.
     """
     fs = filesystem(path, storage_options)
     if not is_remote(path):
@@ -120,13 +126,18 @@ def model_dir(
     return local
 
 
-def load_config(spec: ModelSpec, storage_options: StorageOptions | None = None):
+def load_model_config(spec: ModelSpec, storage_options: StorageOptions | None = None):
     """The HF config of a ``path`` spec (only the small files are fetched)."""
     if spec.path is None:
         raise ValueError(f"model {spec.name} is a factory: it has no HF config")
+    return _hf_config(model_dir(spec.path, storage_options, weights=False))
+
+
+def _hf_config(local: str):
+    """``AutoConfig`` of a local directory, never running (or asking to run) its own code."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_dir(spec.path, storage_options, weights=False))
+    return AutoConfig.from_pretrained(local, trust_remote_code=False)
 
 
 def _auto_class(config):
@@ -149,22 +160,22 @@ def build_empty(
     """
     dtype = as_dtype(dtype)
     if spec.path is not None:
-        config = load_config(spec, storage_options)
+        config = load_model_config(spec, storage_options)
         with empty_parameters():
-            return _auto_class(config).from_config(config, dtype=dtype)
+            return _auto_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
     with empty_parameters():
         return call_factory(spec)
 
 
-def open_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None = None) -> Checkpoint:
-    """The spec's weights as a lazily read :class:`Checkpoint`."""
+def open_weights(spec: ModelSpec, storage_options: StorageOptions | None = None) -> WeightFiles:
+    """The spec's safetensors weights as lazily read :class:`WeightFiles`."""
     if spec.path is not None:
         if not is_remote(spec.path):
             model_dir(spec.path)  # a clear FileNotFoundError for a missing directory
-        return Checkpoint(spec.path, storage_options)
+        return WeightFiles(spec.path, storage_options)
     if spec.weights is None:
         raise ValueError(f"model factory {spec.factory!r} has no `weights` to load from")
-    return Checkpoint(spec.weights, storage_options)
+    return WeightFiles(spec.weights, storage_options)
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -207,17 +218,15 @@ def load_model(
     dtype = as_dtype(dtype)
     if spec.path is not None:
         local = model_dir(spec.path, storage_options, weights=True)
-        from transformers import AutoConfig
-
-        cls = _auto_class(AutoConfig.from_pretrained(local))
+        cls = _auto_class(_hf_config(local))
         kwargs = {} if dtype is None else {"dtype": dtype}
-        return cls.from_pretrained(local, **kwargs).eval()
+        return cls.from_pretrained(local, trust_remote_code=False, **kwargs).eval()
     if spec.weights is None:
         model = call_factory(spec)
         return (model.to(dtype) if dtype is not None else model).eval()
-    checkpoint = open_checkpoint(spec, storage_options)
+    weights = open_weights(spec, storage_options)
     model = build_empty(spec)
-    materialize(model, checkpoint, dtype=dtype, aliases=tied_aliases(model))
+    materialize(model, weights, dtype=dtype, aliases=tied_aliases(model))
     return model.eval()
 
 
@@ -227,4 +236,5 @@ def load_tokenizer(spec: ModelSpec, storage_options: StorageOptions | None = Non
         raise ValueError(f"model factory {spec.factory!r} has no tokenizer")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir(spec.path, storage_options, weights=False))
+    local = model_dir(spec.path, storage_options, weights=False)
+    return AutoTokenizer.from_pretrained(local, trust_remote_code=False)

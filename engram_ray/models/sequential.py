@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from engram_ray.models.stages import Stage
+from engram_ray.models.base import Family, Stage
 
 __all__ = ["SequentialStage", "SingleStage", "mlp"]
 
@@ -28,12 +28,10 @@ _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.Si
 class SequentialStage(Stage):
     """Children ``layer_range`` of an ``nn.Sequential``, in order, under their original names."""
 
-    family = "sequential"
-
     def __init__(
-        self, model: nn.Sequential, *, index: int, n_stages: int, layer_range: range
+        self, model: nn.Sequential, family: Family, *, index: int, n_stages: int, layer_range: range
     ) -> None:
-        super().__init__(index=index, n_stages=n_stages, layer_range=layer_range)
+        super().__init__(family, index=index, n_stages=n_stages, layer_range=layer_range)
         children = list(model.named_children())
         self._order = [children[i][0] for i in layer_range]
         for i in layer_range:
@@ -47,12 +45,23 @@ class SequentialStage(Stage):
 
 
 class SingleStage(Stage):
-    """The whole model as the only stage; names, parameters and buffers are the model's own."""
+    """The whole model as the only stage; names, parameters and buffers are the model's own.
 
-    family = "single"
+    Takes the same arguments as the other stages (so the registry builds every family alike),
+    but ``index``/``n_stages``/``layer_range`` are always ``0``/``1``/``range(0, 1)``.
+    """
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(index=0, n_stages=1, layer_range=range(0, 1))
+    def __init__(
+        self,
+        model: nn.Module,
+        family: Family,
+        *,
+        index: int = 0,
+        n_stages: int = 1,
+        layer_range: range = range(0, 1),
+    ) -> None:
+        # Always stage 0 of 1: the caller checks that the model was not asked to split.
+        super().__init__(family, index=0, n_stages=1, layer_range=range(0, 1))
         self.__dict__["wrapped"] = model  # held without registering: no "wrapped." prefix
         self._mirror()
 

@@ -1,14 +1,17 @@
 """Key-selective reads of safetensors checkpoints, and materializing modules built without weights.
 
 A pipeline stage owns a slice of a model, so it must read only that slice's tensors: a 70B
-checkpoint is far larger than one stage's memory. :class:`Checkpoint` maps tensor names to the
+checkpoint is far larger than one stage's memory. :class:`WeightFiles` maps tensor names to the
 files that hold them (one ``model.safetensors``, a sharded HF checkpoint described by
 ``model.safetensors.index.json``, or a bare ``.safetensors`` state dict), opens only the files a
 request touches (downloading remote ones into a local cache on first use) and reads tensors one
 by one with ``safetensors.safe_open``. :func:`empty_parameters` builds a module whose parameters
 live on the meta device (no memory, no init cost) while buffers are computed for real (e.g.
 RoPE's ``inv_freq``, which no checkpoint stores); :func:`materialize` then fills in exactly the
-parameters a module still holds from a :class:`Checkpoint`.
+parameters a module still holds from a :class:`WeightFiles`.
+
+``WeightFiles`` is named for what it reads (the model's weight files, key by key), to keep it
+apart from the run's resume checkpoints (:mod:`engram_ray.io.sigma_checkpoint`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from engram_ray.io.storage import StorageOptions, filesystem, is_remote, join
 __all__ = [
     "INDEX_FILE",
     "WEIGHTS_FILE",
-    "Checkpoint",
+    "WeightFiles",
     "cache_dir_for",
     "cache_root",
     "download",
@@ -79,7 +82,7 @@ def download(uri: str, local_dir: str, storage_options: StorageOptions | None = 
     return target
 
 
-class Checkpoint:
+class WeightFiles:
     """Tensor-by-tensor access to a safetensors checkpoint, local or ``s3://``.
 
     ``location`` is either a directory (HF layout: ``model.safetensors`` or a sharded
@@ -184,7 +187,7 @@ def empty_parameters() -> Iterator[None]:
 
 
 def _resolve_key(
-    names: list[str], checkpoint: Checkpoint, aliases: Mapping[str, str], prefixes: Iterable[str]
+    names: list[str], checkpoint: WeightFiles, aliases: Mapping[str, str], prefixes: Iterable[str]
 ) -> str | None:
     """The checkpoint key holding the tensor known in the module under any of ``names``."""
     candidates = list(names) + [aliases[n] for n in names if n in aliases]
@@ -201,7 +204,7 @@ def _resolve_key(
 
 def materialize(
     module: nn.Module,
-    checkpoint: Checkpoint,
+    checkpoint: WeightFiles,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,

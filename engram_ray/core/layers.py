@@ -1,0 +1,79 @@
+"""What a supported layer is: its kind, the width of its feature vectors, its weight matrix.
+
+Each supported layer is a linear map of a feature vector ``x``:
+
+- ``nn.Linear``: ``y = W x + b``, features = the input's last dimension;
+- transformers' GPT-2 ``Conv1D``: ``y = x W + b`` with ``W`` stored ``[in, out]``; same features;
+- ``nn.Conv2d`` (groups = 1): ``y = W ∗ x + b`` is ``W_flat · patch`` for every output position,
+  where ``patch`` is the ``C·kh·kw`` unfolded input window, so the layer is a Linear over
+  patches and ``W_flat = W.reshape(out, -1)``.
+
+With bias absorption the matrix is ``[W_flat | b]`` of shape (out, D): one matrix, so the engram
+edits the bias too.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+__all__ = ["check_supported", "feature_dim", "module_kind", "weight_matrix"]
+
+
+def _conv1d_type():
+    # A Conv1D instance implies transformers was imported: skip the (seconds-long) import for
+    # plain torch models, e.g. in every stage actor of an nn.Sequential.
+    if "transformers" not in sys.modules:
+        return None
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """"linear" | "conv1d" | "conv2d" for supported layers, else None."""
+    conv1d = _conv1d_type()
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def check_supported(name: str, module: nn.Module) -> str:
+    kind = module_kind(module)
+    if kind is None:
+        raise ValueError(
+            f"module {name!r} ({type(module).__name__}) is not a supported layer; "
+            "engrams are defined for nn.Linear, GPT-2 Conv1D and nn.Conv2d"
+        )
+    if kind == "conv2d" and module.groups != 1:
+        raise ValueError(
+            f"module {name!r} is a grouped Conv2d (groups={module.groups}); only groups=1 is "
+            "supported (a grouped conv is several independent linear maps)"
+        )
+    return kind
+
+
+def feature_dim(module: nn.Module, absorb_bias: bool = True) -> int:
+    """Width D of the feature vectors (bias column included) whose Σ the module needs."""
+    kind = module_kind(module)
+    w = module.weight
+    d = w.shape[0] if kind == "conv1d" else w[0].numel()
+    return d + int(absorb_bias and module.bias is not None)
+
+
+def weight_matrix(module: nn.Module, absorb_bias: bool = True) -> torch.Tensor:
+    """The module as one float64 matrix ``[W_flat | b]`` of shape (out, D)."""
+    kind = module_kind(module)
+    w = module.weight.detach()
+    w = (w.T if kind == "conv1d" else w.reshape(w.shape[0], -1)).double()
+    if absorb_bias and module.bias is not None:
+        w = torch.cat([w, module.bias.detach().double()[:, None]], dim=1)
+    return w
+
+

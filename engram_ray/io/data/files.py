@@ -1,0 +1,210 @@
+"""Data files: which files a config names, their format, their columns, their rows.
+
+:func:`resolve_paths` expands ``cfg.paths`` (files, directories, globs; local or ``s3://``)
+into data files; :func:`read_table` reads one file's needed columns, :func:`read_schema` and
+:func:`count_file_rows` read as little as they can (a Parquet footer, the first JSON lines).
+Why here and separate from encoding: the Ray path (:mod:`engram_ray.distributed.ingest`) reads
+files with Ray Data and needs only the discovery and the schema checks, so that a missing
+column or an unreadable file fails on the driver with a :class:`DataError` naming it.
+
+Files: Parquet, or JSON lines (``.jsonl`` / ``.json`` / ``.ndjson``; a ``.json`` file holding
+one top-level array is accepted too). Every location goes through
+:class:`engram_ray.io.storage.Storage`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from engram_ray.config import DataConfig
+from engram_ray.io.storage import Storage
+
+__all__ = [
+    "DataError",
+    "count_file_rows",
+    "count_rows",
+    "file_format",
+    "read_schema",
+    "read_table",
+    "resolve_paths",
+]
+
+_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json",
+               ".ndjson": "json"}
+_GLOB_CHARS = "*?["
+# Failures of a read (pyarrow, I/O, JSON decoding, rows that are not objects) reported as
+# DataError naming the file.
+_READ_ERRORS = (pa.ArrowException, OSError, ValueError, TypeError, AttributeError)
+# Bytes read from a JSON file to learn its columns without reading all of it.
+_JSON_HEAD_BYTES = 1 << 20
+
+
+class DataError(ValueError):
+    """A data file cannot be read or lacks a column the config needs."""
+
+
+def file_format(path: str, cfg: DataConfig) -> str:
+    """``cfg.format``, else the format implied by the file extension."""
+    if cfg.format is not None:
+        return cfg.format
+    fmt = _format_by_extension(path)
+    if fmt is None:
+        raise DataError(
+            f"cannot tell the format of {path} from its extension; "
+            f"use one of {sorted(_EXTENSIONS)} or set format"
+        )
+    return fmt
+
+
+def _format_by_extension(path: str) -> str | None:
+    name = path.rsplit("/", 1)[-1].lower()
+    for ext, fmt in _EXTENSIONS.items():
+        if name.endswith(ext):
+            return fmt
+    return None
+
+
+def _is_data_file(path: str, cfg: DataConfig) -> bool:
+    """Files picked up from directories and globs: known extensions, no hidden/marker files."""
+    name = path.rsplit("/", 1)[-1]
+    if name.startswith((".", "_")):
+        return False
+    fmt = _format_by_extension(path)
+    return fmt is not None and (cfg.format is None or fmt == cfg.format)
+
+
+def _expand(uri: str, cfg: DataConfig) -> list[str]:
+    """The data files ``uri`` names (a file, a directory, a glob), as URIs."""
+    storage = Storage(uri, cfg.storage_options)
+    fs, target = storage.fs, storage.root
+    if any(c in target for c in _GLOB_CHARS):
+        found = [p for p in fs.glob(target) if fs.isfile(p)]
+        files = [p for p in found if _is_data_file(p, cfg)]
+    elif fs.isdir(target):
+        files = [p for p in fs.find(target) if _is_data_file(p, cfg)]
+    elif fs.isfile(target):
+        files = [target]
+    else:
+        raise DataError(f"data path does not exist: {uri}")
+    if not files:
+        raise DataError(f"no data files match {uri}")
+    return [storage.to_uri(p) for p in files]
+
+
+def resolve_paths(cfg: DataConfig) -> list[str]:
+    """Every data file named by ``cfg.paths`` (files, directories, globs), sorted, unique."""
+    files: set[str] = set()
+    for uri in cfg.paths:
+        files.update(_expand(uri, cfg))
+    return sorted(files)
+
+
+def _missing_column_error(path: str, key: str, column: str, present: Sequence[str]) -> DataError:
+    return DataError(
+        f"column {column!r} ({key}) not found in {path}; columns present: {list(present)}"
+    )
+
+
+def _check_columns(path: str, present: Sequence[str], cfg: DataConfig) -> None:
+    for key, column in cfg.data_columns().items():
+        if column not in present:
+            raise _missing_column_error(path, key, column, present)
+
+
+def _read_json_bytes(data: bytes) -> pa.Table:
+    """JSON lines via pyarrow; a file holding one top-level JSON array via ``json``."""
+    if data.lstrip()[:1] == b"[":
+        return pa.Table.from_pylist(json.loads(data))
+    if not data.strip():
+        return pa.table({})
+    return pajson.read_json(io.BytesIO(data))
+
+
+@contextmanager
+def _reading(path: str, cfg: DataConfig) -> Iterator[tuple[str, Any]]:
+    """Open one data file as ``(format, binary file)``; read failures become a DataError naming
+    the file. Column checks belong after the ``with`` block (a DataError inside is re-wrapped)."""
+    fmt = file_format(path, cfg)
+    storage = Storage(path, cfg.storage_options)
+    try:
+        with storage.open() as f:
+            yield fmt, f
+    except FileNotFoundError as e:
+        raise DataError(f"data file does not exist: {path}") from e
+    except _READ_ERRORS as e:
+        raise DataError(f"cannot read {fmt} file {path}: {e}") from e
+
+
+def read_table(path: str, cfg: DataConfig) -> pa.Table:
+    """One data file as a table holding only the columns ``cfg`` needs (checked, named errors)."""
+    columns = cfg.needed_columns()
+    table = None
+    with _reading(path, cfg) as (fmt, f):
+        if fmt == "parquet":
+            pf = pq.ParquetFile(f)
+            present = pf.schema_arrow.names
+            if set(columns) <= set(present):
+                table = pf.read(columns=columns)
+        else:
+            table = _read_json_bytes(f.read())
+            present = table.column_names
+    _check_columns(path, present, cfg)
+    return table.select(columns)
+
+
+def _json_head(f) -> bytes:
+    """The first complete JSON lines of an open file (the whole file if it is one array)."""
+    head = f.read(_JSON_HEAD_BYTES)
+    if head.lstrip()[:1] == b"[":
+        return head + f.read()
+    if len(head) < _JSON_HEAD_BYTES:
+        return head
+    while b"\n" not in head:
+        more = f.read(_JSON_HEAD_BYTES)
+        if not more:
+            return head
+        head += more
+    return head[: head.rfind(b"\n") + 1]
+
+
+def read_schema(path: str, cfg: DataConfig) -> list[str]:
+    """Column names of one file, cheaply (Parquet footer; the first JSON lines), checked.
+
+    Raises :class:`DataError` naming the file when it cannot be read, or naming the column and
+    the file when a needed column is absent.
+    """
+    with _reading(path, cfg) as (fmt, f):
+        if fmt == "parquet":
+            present = pq.read_schema(f).names
+        else:
+            present = _read_json_bytes(_json_head(f)).column_names
+    _check_columns(path, present, cfg)
+    return present
+
+
+def count_file_rows(path: str, cfg: DataConfig) -> int:
+    """Rows in one file: Parquet footer metadata; JSON lines counted (arrays parsed)."""
+    with _reading(path, cfg) as (fmt, f):
+        if fmt == "parquet":
+            return pq.ParquetFile(f).metadata.num_rows
+        data = f.read()
+        if data.lstrip()[:1] == b"[":
+            return len(json.loads(data))
+        return sum(1 for line in data.splitlines() if line.strip())
+
+
+def count_rows(cfg: DataConfig, max_workers: int = 16) -> int:
+    """Total input rows over all files (before encoding drops any), files read concurrently."""
+    paths = resolve_paths(cfg)
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(paths)))) as pool:
+        return sum(pool.map(lambda p: count_file_rows(p, cfg), paths))
+

@@ -1,0 +1,163 @@
+"""The single-process executor: the whole method in one process, and the oracle the Ray
+executor is tested against (both run :mod:`engram_ray.extraction`; only where Σ lives differs).
+
+    run = extract(model, batches, uri="runs/r1")      # Σ for every concept in one pass
+    plan = plan_edit(run, ["c1", "c2"], alpha=1.0)    # engrams add: any subset from one run
+    apply_edit(model, plan)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TextIO
+
+from torch import nn
+
+from engram_ray.config import ExtractConfig, SelectConfig, SolverConfig, StoreConfig
+from engram_ray.core.batch import Batch
+from engram_ray.core.capture import Capture
+from engram_ray.core.layers import weight_matrix
+from engram_ray.core.moments import Statistics
+from engram_ray.core.select import select_modules
+from engram_ray.core.solve import solve_group
+from engram_ray.extraction import (
+    GroupCheckpoint,
+    GroupSolve,
+    Layout,
+    Plan,
+    plan_for,
+    prepare,
+    run_extraction,
+)
+from engram_ray.io.store import Run, RunWriter, open_run
+from engram_ray.runinfo import model_fingerprint
+
+__all__ = ["LocalExecutor", "extract", "extract_from_config", "solve_statistics"]
+
+
+class LocalExecutor:
+    """Σ in this process: one :class:`Capture` on the whole model, fed ``batches_for(files)``."""
+
+    def __init__(self, model: nn.Module, batches_for: Callable[[list[str]], Iterable[Batch]],
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.model, self.batches_for, self.progress = model, batches_for, progress
+        self.capture: Capture | None = None
+        self.rows = 0
+
+    def start(self, plan: Plan) -> None:
+        self.model.eval()
+        modules = select_modules(self.model, plan.select.target_modules,
+                                 plan.select.layers_to_transform)
+        self.capture = Capture(modules, plan.select)
+
+    def accumulate(self, plan: Plan, files: list[str]) -> None:
+        for batch in self.batches_for(files):
+            self.capture.accumulate(self.model, batch)
+            self.rows += batch.batch_size
+            if self.progress is not None:
+                mask = batch.token_mask()
+                self.progress(self.rows, int(mask.sum()) if mask is not None else batch.batch_size)
+
+    def layout(self) -> Layout | None:
+        if self.rows == 0:
+            return None
+        stats = self.capture.statistics()
+        return Layout(modules=stats.modules, dims={g: m.dim for g, m in stats.groups.items()},
+                      summaries={g: m.summary() for g, m in stats.groups.items()},
+                      fingerprint=model_fingerprint(self.model.state_dict().items()))
+
+    def snapshot(self, step: GroupCheckpoint, layout: Layout) -> None:
+        for group in layout.solve_order():
+            step(group, self.capture.groups[group].clone())
+
+    def solve(self, step: GroupSolve, layout: Layout) -> list[dict]:
+        rows: list[dict] = []
+        for group in layout.solve_order():
+            members = layout.members(group)
+            weights = {i.name: weight_matrix(self.model.get_submodule(i.name), i.bias)
+                       for i in members}
+            rows += step(self.capture.groups[group], members, weights)
+        return rows
+
+    def metadata(self) -> dict:
+        return {"mode": "single-process", "model": {"class": type(self.model).__name__}}
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.close()
+
+
+def extract(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    uri: str,
+    select: SelectConfig | None = None,
+    solver: SolverConfig | None = None,
+    storage_options: Mapping | None = None,
+    overwrite: bool = False,
+    keep_statistics: bool = False,
+    sources: Sequence[str] = (),
+    extension=None,
+    config: Mapping | None = None,
+    progress=None,
+    **select_fields,
+) -> Run:
+    """Accumulate Σ over ``batches``, solve every engram, commit a run at ``uri``, open it.
+
+    ``select`` picks the modules (``select_fields`` are a shorthand for SelectConfig's own,
+    e.g. ``target_modules=["q_proj"]``, ``low_rank=False``). ``keep_statistics`` also stores
+    Σ in the run (:meth:`Run.statistics`), tagged with ``sources`` (e.g. the shard paths
+    read), so a later run can merge new shards and re-solve; ``extension``
+    (:class:`~engram_ray.incremental.Extension`) merges ``batches``' Σ into a base run's.
+    On any error nothing committed stays behind at ``uri``.
+    """
+    select = select or SelectConfig()
+    if select_fields:
+        select = dataclasses.replace(select, **select_fields)
+    parent, _, run_id = uri.rstrip("/").rpartition("/")
+    store = StoreConfig(uri=parent or ".", storage_options=storage_options, overwrite=overwrite,
+                        keep_statistics=keep_statistics)
+    if extension is not None:
+        sources = extension.new_files  # what the new Σ counted, on top of the base's
+    plan = plan_for(uri, store, run_id, select=select, solver=solver or SolverConfig(),
+                    sources=list(sources), config=dict(config or {}), extension=extension)
+    once = iter([batches])
+    executor = LocalExecutor(model, lambda files: next(once), progress)
+    run_extraction(plan, executor, log=io.StringIO())  # the Python API reports by returning
+    return open_run(plan.uri, storage_options)
+
+
+def extract_from_config(cfg: ExtractConfig, *, progress=None, log: TextIO | None = None) -> Run:
+    """The single-process path for an :class:`~engram_ray.config.ExtractConfig` (no Ray).
+
+    Same plan, readers, tokenization, selection and solver as the Ray executor: this is the
+    oracle its tests compare against, and the fallback for one-machine jobs.
+    """
+    from engram_ray.io.data import iter_batches
+    from engram_ray.models.loading import load_model, load_tokenizer
+
+    if cfg.store.checkpoint_shards is not None:
+        raise ValueError("store.checkpoint_shards checkpoints the Ray pipeline; the single-process "
+                         "engine (--local) does not checkpoint: unset it or drop --local")
+    plan = prepare(cfg, log)
+    storage = cfg.data.storage_options or cfg.store.storage_options
+    model = load_model(cfg.model, storage, dtype=cfg.parallel.dtype)
+    tokenizer = None if cfg.data.features_column else load_tokenizer(cfg.model, storage)
+    executor = LocalExecutor(model, lambda files: iter_batches(plan.restrict(files), tokenizer),
+                             progress)
+    return open_run(run_extraction(plan, executor, log), cfg.store.storage_options)
+
+
+def solve_statistics(stats: Statistics, weights: Mapping, writer: RunWriter,
+                     solver: SolverConfig | None = None) -> list[dict]:
+    """Solve in-memory ``stats`` (e.g. two runs' Σ merged by hand) into ``writer``, every
+    input group largest D first; returns the manifest rows for ``writer.commit``."""
+    rows: list[dict] = []
+    for group in sorted(stats.groups, key=lambda g: (-stats.groups[g].dim, g)):
+        records = solve_group(stats.groups[group], stats.members(group), weights,
+                              solver or SolverConfig())
+        rows += writer.write_records(stats.modules, records)
+    return rows
