@@ -6,14 +6,17 @@ PIP := $(VENV)/bin/pip
 # multi-GB CUDA build that an open range would pull.
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= demo-out
+# The one image for head, workers and RayJob submitters (Dockerfile; cluster/*.yaml name this
+# tag: <project version>-ray<Ray version>). Point it at your registry: make image IMAGE=...
+IMAGE ?= registry.example.com/engram-ray:0.1.0-ray2.60.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench image clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q $(TORCH_PIN) -e ".[test]"
+	$(PIP) install -q $(TORCH_PIN) -e ".[test,cluster,peft]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,6 +35,10 @@ lint: install
 bench: install
 	$(PIP) install -q $(TORCH_PIN) ai-engram==0.11.0
 	$(PY) benchmarks/extract_throughput.py --out docs/benchmarks.md
+
+# Needs a Docker daemon (none in CI: tests/test_cluster_manifests.py checks the Dockerfile).
+image:
+	docker build --build-arg TORCH_PIN=$(TORCH_PIN) -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

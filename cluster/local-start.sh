@@ -2,6 +2,9 @@
 # A local multi-process Ray "cluster" on one machine: a head and N workers, each with a custom
 # resource node<i> so stage placement can be inspected. Then:
 #   engram-ray extract cfg.yaml --set parallel.address=auto
+# or, through the job server (ray[default]: `make install` installs the `cluster` extra):
+#   ray job submit --address http://127.0.0.1:8265 --working-dir DIR -- engram-ray extract cfg.yaml
+# Stop it with `ray stop` (which stops every Ray on the machine).
 set -euo pipefail
 N=${1:-2}
 VENV=${VENV:-.venv}

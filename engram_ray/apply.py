@@ -1,34 +1,87 @@
-"""``apply``: turn a committed run into an edited model on disk.
+"""``apply``: turn a committed run into an edited model, published whole or not at all.
 
 HF models (``model.path``) become an HF directory (config, tokenizer, safetensors) written
-tensor by tensor (``export.py``); factory models become ``OUT/model.safetensors`` holding the
-edited state dict. The model comes from the run's own config unless given explicitly, and an
-``s3://`` output is written locally first and uploaded once complete.
+tensor by tensor (``io/export.py``); factory models become ``OUT/model.safetensors`` holding the
+edited state dict. Every output ends with ``edit.json`` (:data:`~engram_ray.io.export.MARKER`),
+written last: the run, concepts, α, scale, modules, the base model's fingerprint and the
+engram-ray version. An output without it is not a complete edit.
+
+What is refused, before anything is written:
+
+- a run whose model is a ``factory`` (``"pkg.module:callable"``), unless the caller consents:
+  ``trust_factory=True`` (``--trust-factory``) or the model given again (``model=``,
+  ``--model``). A factory is imported and called, so running the one a run names would run
+  whatever code its ``run.json`` says; the factories shipped in :mod:`engram_ray.models`
+  (:data:`BUILTIN_FACTORIES`, constructors of plain modules) are the exception;
+- an output that is an existing file or a non-empty directory or ``s3://`` prefix;
+- an α that is not finite or overflows float32, and any edit whose weights would not be finite.
+
+A local output is written under ``<out>.partial-<nonce>`` and renamed into place; an ``s3://``
+output is written to a local temporary directory, uploaded with the marker last (what was
+uploaded is removed if the upload fails), and the temporary directory is removed either way.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
 
-from engram_ray.core.edit import apply_edit, plan_edit
+from engram_ray.core.edit import EditPlan, apply_edit, plan_edit
+from engram_ray.io.export import (
+    MARKER,
+    check_output,
+    staged_local,
+    upload_dir,
+    write_edited_files,
+)
 from engram_ray.io.storage import Storage
 from engram_ray.io.store import open_run
 from engram_ray.models.loading import ModelSpec, build_empty, load_model, model_dir, tied_aliases
+from engram_ray.runinfo import VERSION
 
-__all__ = ["apply_run", "run_model_spec"]
+__all__ = ["BUILTIN_FACTORIES", "MARKER", "apply_run", "run_model_spec"]
+
+# Factories shipped with engram-ray that only construct a module from numbers: running them
+# runs no code a run.json could choose. Any other factory needs the user's consent.
+BUILTIN_FACTORIES = frozenset({
+    "engram_ray.models.sequential:mlp",
+    "engram_ray.models.tiny:tiny_llama",
+    "engram_ray.models.tiny:tiny_gpt2",
+})
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 def run_model_spec(run, model: str | None = None) -> ModelSpec:
-    """The model a run was extracted from (``model`` overrides: a directory or URI)."""
+    """The model a run was extracted from, as data (nothing is imported here).
+
+    ``model`` overrides it: a directory or URI, or a factory ``"pkg.module:callable"`` that
+    replaces the run's own factory (keeping the run's ``kwargs`` and ``weights``).
+    """
+    recorded = (run.info.get("config") or {}).get("model")
     if model is not None:
+        if _FACTORY.fullmatch(model) and not os.path.exists(model):
+            kept = {k: v for k, v in (recorded or {}).items() if k in ("kwargs", "weights")}
+            return ModelSpec(factory=model, **kept) if "factory" in (recorded or {}) \
+                else ModelSpec(factory=model)
         return ModelSpec(path=model)
-    spec = (run.info.get("config") or {}).get("model")
-    if not spec:
+    if not recorded:
         raise ValueError(f"run {run.uri} does not record its model; pass --model")
-    return ModelSpec.from_dict(spec)
+    return ModelSpec.from_dict(recorded)
+
+
+def check_trusted(spec: ModelSpec, run_uri: str, *, given: bool, trust_factory: bool) -> None:
+    """Refuse to import a factory the run names unless the user consented (see the module
+    docstring): the message names the factory and the flags that consent."""
+    if spec.factory is None or given or trust_factory or spec.factory in BUILTIN_FACTORIES:
+        return
+    raise PermissionError(
+        f"run {run_uri} builds its model with factory {spec.factory!r}, which would import and "
+        "run that code; pass --trust-factory if you trust the run's author, or --model "
+        f"{spec.factory} to name it yourself")
 
 
 def apply_run(
@@ -41,38 +94,88 @@ def apply_run(
     out: str,
     model: str | None = None,
     storage_options=None,
+    trust_factory: bool = False,
+    format: str = "full",
+    adapter_rtol: float | None = None,
+    adapter_exact_dense: bool = False,
 ) -> str:
-    """Write the model with ``forget`` edited out of it to ``out``; returns ``out``."""
+    """Write the model with ``forget`` edited out of it to ``out``; returns ``out``.
+
+    ``format="peft"`` writes the edit as a PEFT LoRA adapter instead (``io/adapter.py``):
+    exact for low-rank engrams, a truncated SVD within ``adapter_rtol`` for dense ones."""
+    if format not in ("full", "peft"):
+        raise ValueError(f"format must be 'full' or 'peft', got {format!r}")
+    dest = Storage(out, storage_options)
+    check_output(dest)
     run = open_run(run_uri, storage_options)
     spec = run_model_spec(run, model)
-    plan = plan_edit(run, forget or [], alpha=alpha, scale=scale, modules=modules)
-    dest = Storage(out, storage_options)
-    remote = dest.remote
-    local_out = os.path.join(tempfile.mkdtemp(prefix="engram-apply-"), "model") if remote else out
-    if spec.path is not None:
-        from engram_ray.io.export import write_edited_checkpoint
+    check_trusted(spec, run.uri, given=model is not None, trust_factory=trust_factory)
+    if format == "peft":
+        from engram_ray.io.adapter import write_peft_adapter
 
+        write_peft_adapter(run, list(forget or []), alpha=alpha, scale=scale, modules=modules,
+                           out=out, base_model_dir_or_spec=spec, rtol=adapter_rtol,
+                           exact_dense=adapter_exact_dense, storage_options=storage_options,
+                           trust_factory=True)  # consent was checked just above
+        return out
+    plan = plan_edit(run, forget or [], alpha=alpha, scale=scale, modules=modules)
+    provenance = _provenance(run, spec, plan, scale, modules)
+    if not dest.remote:
+        with staged_local(out) as stage:
+            _write(stage, spec, plan, provenance, storage_options)
+        return out
+    tmp = tempfile.mkdtemp(prefix="engram-apply-")
+    try:
+        _write(tmp, spec, plan, provenance, storage_options)
+        check_output(dest)  # again: someone may have written there meanwhile
+        upload_dir(tmp, dest, MARKER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write(stage: str, spec: ModelSpec, plan: EditPlan, provenance: dict,
+           storage_options) -> None:
+    """The edited model into the empty directory ``stage``, then ``edit.json`` last."""
+    if spec.path is not None:
         src = model_dir(spec.path, storage_options)
         aliases = tied_aliases(build_empty(spec, storage_options))
-        write_edited_checkpoint(src, local_out, plan, aliases)
+        write_edited_files(src, stage, plan, aliases)
     else:
-        from safetensors.torch import save_file
+        _write_factory_model(stage, spec, plan, storage_options)
+    provenance["notes"] = list(plan.notes)  # what the write noted (tied weights edited once)
+    provenance["files"] = {name: os.path.getsize(os.path.join(stage, name))
+                           for name in sorted(os.listdir(stage))}
+    with open(os.path.join(stage, MARKER), "w") as f:
+        json.dump(provenance, f, indent=1, sort_keys=True)
 
-        net = load_model(spec, storage_options)
-        apply_edit(net, plan)
-        state, seen = {}, set()
-        for k, v in net.state_dict().items():
-            if v.data_ptr() in seen:  # tied tensors are stored once, like HF does
-                continue
-            seen.add(v.data_ptr())
-            state[k] = v.contiguous()
-        if os.path.exists(local_out) and os.listdir(local_out):
-            raise FileExistsError(f"output directory {out} exists and is not empty")
-        os.makedirs(local_out, exist_ok=True)
-        tmp = os.path.join(local_out, "model.safetensors.partial")
-        save_file(state, tmp)
-        os.replace(tmp, os.path.join(local_out, "model.safetensors"))  # complete, or absent
-    if remote:
-        dest.fs.put(local_out + "/", dest.root, recursive=True)
-        shutil.rmtree(os.path.dirname(local_out), ignore_errors=True)
-    return out
+
+def _write_factory_model(stage: str, spec: ModelSpec, plan: EditPlan, storage_options) -> None:
+    """A factory model, edited in memory, as ``stage/model.safetensors`` (tied tensors once)."""
+    from safetensors.torch import save_file
+
+    net = load_model(spec, storage_options)
+    apply_edit(net, plan)
+    state, seen = {}, set()
+    for k, v in net.state_dict().items():
+        if v.data_ptr() in seen:  # tied tensors are stored once, like HF does
+            continue
+        seen.add(v.data_ptr())
+        state[k] = v.contiguous()
+    save_file(state, os.path.join(stage, "model.safetensors"))
+
+
+def _provenance(run, spec: ModelSpec, plan: EditPlan, scale, modules) -> dict:
+    """What ``edit.json`` says: which run, which edit, which base model, which software."""
+    return {
+        "run": run.uri,
+        "concepts": list(plan.forget),
+        "alpha": plan.alpha,
+        "scale": scale if isinstance(scale, str) else getattr(scale, "__name__", repr(scale)),
+        "modules_requested": modules if modules is None or isinstance(modules, str)
+        else list(modules),
+        "modules": {m: plan.scales[m] for m in sorted(plan.scales)},
+        "base_model": {"spec": spec.to_dict(),
+                       "fingerprint": (run.info.get("model") or {}).get("fingerprint")},
+        "engram_ray_version": VERSION,
+    }

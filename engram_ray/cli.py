@@ -2,10 +2,16 @@
 
 Conventions: the result a script needs (a run URI, an output path) is the last line of stdout;
 progress and logs go to stderr; bad input exits with status 2 and one line naming the culprit
-(file, column, key, concept or module); nothing is committed or half-written on failure.
+(file, column, key, concept or module); a failure of the cluster or the storage (an actor or
+node died, S3 unreachable) exits with status 1 and one line; nothing is committed or
+half-written on failure. Ray's wrapped errors are unwrapped to their cause first
+(:func:`engram_ray.distributed.errors.unwrap`), so ``--local`` and the Ray pipeline report the
+same bad input the same way. ``ENGRAM_RAY_TRACEBACK=1`` re-raises instead (for debugging).
 
 This module owns every subcommand's arguments: comma-separated lists are parsed here, once
-(:func:`_csv`), and the work is handed to plain functions with typed arguments.
+(:func:`_csv`), and the work is handed to plain functions with typed arguments. Concept names
+may hold commas or spaces: ``--forget @FILE`` or ``--forget-file FILE`` reads them one a line,
+exactly (:func:`_concepts`).
 """
 
 from __future__ import annotations
@@ -14,12 +20,20 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from engram_ray.runinfo import VERSION
+
 __all__ = ["build_parser", "main"]
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, TypeError)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, TypeError,
+               PermissionError)
+# Failures of the environment, not of the input: one line, exit 1 (a traceback is for bugs):
+# these classes, and whatever a storage client raises (botocore, s3fs, aiohttp, pyarrow).
+RUN_ERRORS = (OSError, RuntimeError, TimeoutError)
+CLIENT_PACKAGES = frozenset({"botocore", "aiobotocore", "s3fs", "aiohttp", "fsspec", "pyarrow"})
 REGEX_CHARS = "*.[]()|?+\\"
 
 T = TypeVar("T")
@@ -38,11 +52,35 @@ def _modules(text: str | None) -> list[str] | str | None:
     return text
 
 
+def _concepts(text: str | None, path: str | None, storage_options: dict | None = None
+              ) -> list[str]:
+    """The concepts of ``--forget`` (comma-separated, or ``@FILE``) or ``--forget-file``.
+
+    A file holds one concept a line, kept exactly (commas, inner and outer spaces: a concept
+    named ``"Smith, John "`` is that string); only the line break is dropped, and blank lines
+    are ignored. A comma-separated value cannot express such names: its items are stripped.
+    """
+    if text is not None and text.startswith("@"):
+        path = text[1:]
+    elif text is not None:
+        return _csv(text)
+    from engram_ray.io.storage import Storage
+
+    raw = Storage(path, storage_options).read_bytes().decode("utf-8")
+    return [ln for ln in raw.splitlines() if ln.strip()]
+
+
 def _storage(items: list[str] | None) -> dict | None:
-    """Repeated ``--storage-option KEY=VALUE`` flags as fsspec storage options."""
-    out = {}
+    """Repeated ``--storage-option KEY=VALUE`` flags as fsspec storage options; a VALUE that
+    is a JSON object is parsed (``config_kwargs={"retries": {"max_attempts": 3}}``)."""
+    out: dict = {}
     for it in items or []:
         k, _, v = it.partition("=")
+        if v.lstrip().startswith("{"):
+            try:
+                v = json.loads(v)
+            except ValueError as e:
+                raise ValueError(f"--storage-option {k}: not valid JSON ({e})") from None
         out[k] = v
     return out or None
 
@@ -66,18 +104,23 @@ def cmd_apply(args) -> str:
     """Write the edited model; returns ``--out``."""
     from engram_ray.apply import apply_run
 
+    storage = _storage(args.storage_option)
     return apply_run(
-        args.run, _csv(args.forget), alpha=args.alpha, scale=args.scale,
-        modules=_modules(args.modules), out=args.out, model=args.model,
-        storage_options=_storage(args.storage_option),
+        args.run, _concepts(args.forget, args.forget_file, storage), alpha=args.alpha,
+        scale=args.scale, modules=_modules(args.modules), out=args.out, model=args.model,
+        storage_options=storage, trust_factory=args.trust_factory, format=args.format,
+        adapter_rtol=args.adapter_rtol, adapter_exact_dense=args.adapter_exact_dense,
     )
 
 
 def cmd_show(args) -> str:
-    """Describe a committed run on stderr; returns its URI."""
+    """Describe a committed run on stderr (``--json``: as JSON on stdout); returns its URI."""
+    from engram_ray.io.catalog import describe_run
     from engram_ray.io.store import open_run
 
     run = open_run(args.run, _storage(args.storage_option))
+    if args.json:
+        return json.dumps(describe_run(run), sort_keys=True)
     print(f"run       {run.uri}", file=sys.stderr)
     print(f"concepts  {len(run.concepts)}: {', '.join(run.concepts[:20])}", file=sys.stderr)
     print(f"modules   {len(run.modules)}", file=sys.stderr)
@@ -92,6 +135,76 @@ def cmd_show(args) -> str:
     timings = run.info.get("timings", {})
     print(f"timings   {json.dumps(timings)}", file=sys.stderr)
     return run.uri
+
+
+def cmd_list(args) -> str:
+    """The committed runs of a store, oldest first (``--json``: one JSON list); returns the
+    store URI (or the JSON)."""
+    from engram_ray.io.catalog import list_runs
+
+    runs = list_runs(args.store, _storage(args.storage_option))
+    if args.json:
+        return json.dumps(runs, sort_keys=True)
+    for r in runs:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["committed_at"] or 0))
+        print(f"{r['run_id']}  {when}  {len(r['concepts'])} concepts  {r['modules']} modules  "
+              f"model {str(r['model_fingerprint'])[:12]}  {r['uri']}", file=sys.stderr)
+    return args.store
+
+
+def cmd_batch(args) -> str:
+    """Run every request of a requests file (one Ray task each, or here with ``--local``);
+    writes the summary table and returns its URI. Failed requests make the exit status 1."""
+    from engram_ray.requests import read_requests, run_batch, write_summary
+
+    storage = _storage(args.storage_option)
+    requests = read_requests(args.requests, storage)
+    rows = run_batch(requests, storage_options=storage, trust_factory=args.trust_factory,
+                     map_fn=None if args.local else _ray_map(args.num_cpus))
+    summary = args.summary or args.requests.rsplit(".", 1)[0] + ".summary.parquet"
+    write_summary(rows, summary, requests, storage)
+    failed = [r for r in rows if r["status"] == "failed"]
+    for r in rows:
+        print(f"{r['request_id']}: {r['status']} {r['error'] or r['out']}", file=sys.stderr)
+    if failed:
+        raise BatchFailed(f"{len(failed)} of {len(rows)} request(s) failed (see {summary})")
+    return summary
+
+
+def cmd_tick(args) -> str:
+    """One scheduled tick of a queue (see ``engram_ray.schedule``); returns the current run."""
+    from engram_ray.schedule import tick
+
+    def extract(cfg) -> str:
+        if args.local:
+            from engram_ray.local import extract_from_config
+
+            return extract_from_config(cfg).uri
+        from engram_ray.distributed.runner import run_extract
+
+        return run_extract(cfg)
+
+    result = tick(args.queue, extract=extract, storage_options=_storage(args.storage_option),
+                  map_fn=None if args.local else _ray_map(1.0),
+                  lease_timeout_s=args.lease_timeout_s)
+    print(f"[engram-ray] {result.message}", file=sys.stderr)
+    return result.run or ""
+
+
+class BatchFailed(RuntimeError):
+    """Some requests of a batch failed (each is recorded in the summary)."""
+
+
+def _ray_map(num_cpus: float):
+    """One Ray task per item (``distributed/sweep.py``), Ray joined or started on first use."""
+    def map_fn(fn, items):
+        from engram_ray.distributed.cluster import ensure_ray
+        from engram_ray.distributed.sweep import parallel_map
+
+        ensure_ray(None)
+        return parallel_map(fn, list(items), num_cpus=num_cpus)
+
+    return map_fn
 
 
 def cmd_demo(args) -> str:
@@ -114,7 +227,7 @@ def cmd_eval(args) -> str:
     return run_alpha_eval(
         alpha_search, run_uri=args.run, model_path=spec.path, gold_dir=args.gold,
         split_paths=(args.forget_set, args.retain_set, args.holdout_set),
-        forget=_csv(args.forget), alphas=_csv(args.alphas, float), scale=args.scale,
+        forget=_concepts(args.forget, args.forget_file), alphas=_csv(args.alphas, float), scale=args.scale,
         out=args.out,
     )
 
@@ -135,23 +248,77 @@ def _add_extract(sub) -> None:
 def _add_apply(sub) -> None:
     a = sub.add_parser("apply", help="write a model with concepts forgotten")
     a.add_argument("--run", required=True, help="committed run URI")
-    a.add_argument("--forget", required=True, help="comma-separated concepts")
+    _add_forget(a)
     a.add_argument("--alpha", type=float, default=1.0, help="edit strength (negative amplifies)")
     a.add_argument("--scale", default="uniform",
                    help="uniform | weight_norm | effective_rank | products like a*b")
     a.add_argument("--modules", default=None,
                    help="only these modules: comma-separated suffixes, or a regex")
-    a.add_argument("--model", default=None, help="model dir/URI (default: the run's model)")
-    a.add_argument("--out", required=True, help="output directory")
+    a.add_argument("--model", default=None,
+                   help="model dir/URI, or a factory pkg.module:callable replacing the run's "
+                        "(default: the run's model)")
+    a.add_argument("--format", choices=("full", "peft"), default="full",
+                   help="full: an edited checkpoint; peft: a LoRA adapter for the base model")
+    a.add_argument("--adapter-rtol", type=float, default=None,
+                   help="peft: relative error allowed when truncating dense edits (1e-3)")
+    a.add_argument("--adapter-exact-dense", action="store_true",
+                   help="peft: write dense edits exactly (full rank) instead of truncating")
+    a.add_argument("--trust-factory", action="store_true",
+                   help="import and run the model factory the run names (it runs code: only "
+                        "for runs whose config you trust)")
+    a.add_argument("--out", required=True,
+                   help="output directory or s3:// prefix; must be absent or empty")
     a.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     a.set_defaults(fn=cmd_apply)
+
+
+def _add_forget(p) -> None:
+    """``--forget LIST|@FILE`` or ``--forget-file FILE``: exactly one is required."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--forget", help="comma-separated concepts, or @FILE: one concept a line")
+    g.add_argument("--forget-file", metavar="FILE",
+                   help="concepts to forget, one a line, kept exactly (commas, spaces)")
 
 
 def _add_show(sub) -> None:
     s = sub.add_parser("show", help="describe a committed run")
     s.add_argument("run")
+    s.add_argument("--json", action="store_true", help="print the description as JSON")
     s.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     s.set_defaults(fn=cmd_show)
+
+
+def _add_list(sub) -> None:
+    s = sub.add_parser("list", help="the committed runs of a store")
+    s.add_argument("store", help="a store URI (the store.uri of extractions)")
+    s.add_argument("--json", action="store_true", help="print the runs as JSON on stdout")
+    s.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    s.set_defaults(fn=cmd_list)
+
+
+def _add_batch(sub) -> None:
+    b = sub.add_parser("batch", help="run a file of edit requests (one edited model each)")
+    b.add_argument("requests", help="Parquet or JSON lines: request_id, run, concepts, out, "
+                                    "[alpha, scale, modules]")
+    b.add_argument("--summary", default=None,
+                   help="summary table (default: REQUESTS with .summary.parquet)")
+    b.add_argument("--local", action="store_true", help="run the requests here, one by one")
+    b.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per request task")
+    b.add_argument("--trust-factory", action="store_true",
+                   help="allow factory models named in the runs (they run code)")
+    b.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    b.set_defaults(fn=cmd_batch)
+
+
+def _add_tick(sub) -> None:
+    t = sub.add_parser("tick", help="one scheduled tick of an edit queue (extend Σ, run "
+                                    "pending requests); safe to run on a timer")
+    t.add_argument("queue", help="the queue prefix (local or s3://)")
+    t.add_argument("--local", action="store_true", help="extract and apply in this process")
+    t.add_argument("--lease-timeout-s", type=float, default=3600.0,
+                   help="a crashed tick's lease expires after this long")
+    t.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    t.set_defaults(fn=cmd_tick)
 
 
 def _add_demo(sub) -> None:
@@ -172,7 +339,7 @@ def _add_eval(sub) -> None:
     v.add_argument("--forget-set", required=True)
     v.add_argument("--retain-set", required=True)
     v.add_argument("--holdout-set", required=True)
-    v.add_argument("--forget", required=True, help="comma-separated concepts to forget")
+    _add_forget(v)
     v.add_argument("--alphas", default="1.0", help="comma-separated α values to try in parallel")
     v.add_argument("--scale", default="uniform")
     v.add_argument("--out", required=True)
@@ -182,30 +349,54 @@ def _add_eval(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``engram-ray`` parser: one subparser per subcommand, each bound to its ``cmd_*``."""
     p = argparse.ArgumentParser(prog="engram-ray", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"engram-ray {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_extract, _add_apply, _add_show, _add_demo, _add_eval):
+    for add in (_add_extract, _add_apply, _add_show, _add_list, _add_batch, _add_tick,
+                _add_demo, _add_eval):
         add(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand: prints its result as stdout's last line; user errors exit 2."""
+    """Run one subcommand: prints its result as stdout's last line; bad input exits 2, a
+    failed cluster or store exits 1, each with one line on stderr."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         result = args.fn(args)
-    except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"engram-ray {args.command}: error: {msg}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a Ray task error wraps the user error: unwrap its message
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, USER_ERRORS):
-            print(f"engram-ray {args.command}: error: {cause}", file=sys.stderr)
-            return 2
-        raise
+    except Exception as e:  # noqa: BLE001 - reported in one line, or re-raised below
+        rc = _report(args.command, e)
+        if rc is None or os.environ.get("ENGRAM_RAY_TRACEBACK"):
+            raise
+        return rc
     print(result)
     return 0
+
+
+def _report(command: str, exc: Exception) -> int | None:
+    """Print ``exc`` (unwrapped from Ray's wrappers) as one line; the exit status, or
+    ``None`` for an unexpected error (a bug: its traceback is worth more than a line)."""
+    inner = _unwrap(exc)
+    if isinstance(inner, USER_ERRORS):
+        msg = inner.args[0] if isinstance(inner, KeyError) and inner.args else inner
+        print(f"engram-ray {command}: error: {msg}", file=sys.stderr)
+        return 2
+    from_client = type(inner).__module__.split(".")[0] in CLIENT_PACKAGES
+    if inner is exc and not isinstance(inner, RUN_ERRORS) and not from_client:
+        return None
+    lines = str(inner).strip().splitlines() or [""]
+    print(f"engram-ray {command}: error: {type(inner).__name__}: {lines[0]}", file=sys.stderr)
+    return 1
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray's wrappers removed; Ray is imported only by ``distributed/`` and only if it is
+    already loaded (a ``--local`` run never pays for importing it here)."""
+    if "ray" not in sys.modules:
+        return exc
+    from engram_ray.distributed.errors import unwrap
+
+    return unwrap(exc)
 
 
 if __name__ == "__main__":

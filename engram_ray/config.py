@@ -11,10 +11,17 @@
     parallel: {stages, replicas, address, num_cpus, num_gpus, max_in_flight, placement,
                encode_num_cpus, encode_concurrency, solver_num_cpus, solver_num_gpus, dtype}
     store:    {uri, run_id, storage_options, overwrite, keep_statistics, extend,
-               checkpoint_shards}
+               checkpoint_shards, lease_timeout_s, break_lease}
 
 Unknown keys anywhere are errors naming the full dotted key, so a typo never falls back to a
 default silently. Every section is a keyword-only dataclass validated in ``__post_init__``.
+
+``store.run_id`` names a directory the writer creates and, with ``overwrite``, replaces, so it
+must be one safe path component (:func:`run_id_problem`): never ``.``/``..``/a path, and never a
+name starting with ``_`` (reserved for the store's own ``_staging``, ``_leases``,
+``_checkpoints``). ``storage_options`` hold credentials: ``to_dict`` (what ``run.json`` records)
+and every error message go through :func:`engram_ray.io.storage.redact`, and the options never
+appear in a section's ``repr``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -42,6 +50,7 @@ __all__ = [
     "StoreConfig",
     "apply_overrides",
     "load_config",
+    "run_id_problem",
 ]
 
 
@@ -53,6 +62,37 @@ class ConfigError(ValueError):
 FORMATS = ("parquet", "json")
 # The float32 machine epsilon: the solver's default spectral cut is ``D × FLOAT32_EPS``.
 FLOAT32_EPS = 1.1920928955078125e-07
+_RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def run_id_problem(run_id: object) -> str | None:
+    """Why ``run_id`` is not one safe path component (``None`` when it is): letters, digits,
+    ``.``, ``_`` and ``-`` only, at most 200 characters, not ``.`` or ``..``, not starting with
+    ``_`` (the store's reserved names)."""
+    if not isinstance(run_id, str):
+        return f"must be a string, got a {type(run_id).__name__}"
+    if not _RUN_ID.fullmatch(run_id):
+        return (f"{run_id!r} is not one path component of letters, digits, '.', '_' and '-' "
+                "(at most 200 characters)")
+    if run_id in (".", ".."):
+        return f"{run_id!r} names a directory, not a run"
+    if run_id.startswith("_"):
+        return f"{run_id!r} starts with '_', reserved for the store's _staging, _leases, _checkpoints"
+    return None
+
+
+def _check_options(options: Any, key: str) -> dict[str, Any] | None:
+    """Validated storage options (a copy); errors name ``key`` and never echo a value."""
+    if options is None:
+        return None
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{key}: expected a mapping of option names to values, got a "
+                          f"{type(options).__name__}")
+    try:
+        fsx.resolve_storage_options(options)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    return dict(options)
 
 
 @dataclass(kw_only=True)
@@ -128,7 +168,7 @@ class DataConfig:
     features_column: str | None = None
     max_length: int = 512
     batch_size: int = 8
-    storage_options: dict[str, Any] | None = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.paths, str):
@@ -143,14 +183,7 @@ class DataConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}: expected a positive int, got {value!r}")
-        if self.storage_options is not None:
-            if not isinstance(self.storage_options, Mapping):
-                raise ValueError(f"storage_options: expected a dict, got {self.storage_options!r}")
-            self.storage_options = dict(self.storage_options)
-            try:
-                fsx.resolve_storage_options(self.storage_options)
-            except ValueError as e:
-                raise ValueError(f"storage_options: {e}") from None
+        self.storage_options = _check_options(self.storage_options, "data.storage_options")
         if not self.concept_column:
             raise ValueError("concept_column: must be a non-empty column name")
 
@@ -166,6 +199,12 @@ class DataConfig:
             names = "text_column | prompt_column+answer_column | features_column"
             got = ", ".join(chosen) or "none"
             raise ValueError(f"set exactly one of {names}; got {got}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, credentials redacted (what run.json records)."""
+        out = asdict(self)
+        out["storage_options"] = fsx.redact(self.storage_options)
+        return out
 
     @property
     def mode(self) -> str:
@@ -247,6 +286,11 @@ class ParallelConfig:
     solver_num_cpus: float = 1.0
     solver_num_gpus: float = 0.0
     dtype: str | None = None  # e.g. "bfloat16" for the stage weights; Σ stays fp32→fp64
+    # CPUs an autoscaler may still add (e.g. KubeRay maxReplicas × worker CPUs): counted by the
+    # schedulability check made before any actor starts (distributed/resources.py).
+    autoscale_max_cpus: float = 0.0
+    # Fail with a diagnostic when no row has moved for this long (None: wait forever).
+    stall_timeout_s: float | None = 600.0
 
     def __post_init__(self) -> None:
         for key in ("stages", "replicas", "max_in_flight"):
@@ -265,7 +309,7 @@ class ParallelConfig:
 class StoreConfig:
     uri: str = "runs"
     run_id: str | None = None  # None: a fresh time-stamped id
-    storage_options: dict[str, Any] | None = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)
     overwrite: bool = False
     keep_statistics: bool = False  # store Σ in the run so new shards can be merged in later
     # A committed run that kept its Σ: read only the shards it has not counted, merge, re-solve
@@ -274,8 +318,21 @@ class StoreConfig:
     # Ray pipeline: feed the shards N at a time and checkpoint the Σ so far after each slice
     # under <uri>/_checkpoints/<run_id>; rerunning with the same run_id resumes (resume.py).
     checkpoint_shards: int | None = None
+    # One writer per run: the writer holds <uri>/_leases/<run_id> while it works. A lease older
+    # than this is a crashed writer's and is broken; break_lease breaks a live-looking one.
+    lease_timeout_s: float = 3600.0
+    break_lease: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.uri, str) or not self.uri:
+            raise ConfigError("store.uri must be a non-empty path or URI")
+        if self.run_id is not None and (problem := run_id_problem(self.run_id)) is not None:
+            raise ConfigError(f"store.run_id {problem}")
+        self.storage_options = _check_options(self.storage_options, "store.storage_options")
+        t = self.lease_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ConfigError(f"store.lease_timeout_s must be a positive number of seconds, "
+                              f"got {t!r}")
         if self.checkpoint_shards is not None and self.checkpoint_shards < 1:
             raise ConfigError(f"store.checkpoint_shards must be ≥ 1, got {self.checkpoint_shards}")
         if self.checkpoint_shards is not None and self.run_id is None:
@@ -286,6 +343,12 @@ class StoreConfig:
 
     def run_uri(self, run_id: str) -> str:
         return fsx.join(self.uri, run_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, credentials redacted (what run.json records)."""
+        out = asdict(self)
+        out["storage_options"] = fsx.redact(self.storage_options)
+        return out
 
 
 @dataclass(kw_only=True)
@@ -298,6 +361,8 @@ class ExtractConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def to_dict(self) -> dict:
+        """Every section as plain data, storage credentials redacted (``"***"``): this is what
+        run.json records; the options themselves travel inside the config objects."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -336,7 +401,8 @@ def _reject_unknown(raw: Mapping, known: Sequence[str] | Mapping, prefix: str) -
 
 def _build(name: str, typ, values: Mapping[str, Any]):
     if not isinstance(values, Mapping):
-        raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
+        raise ConfigError(f"config section {name!r} must be a mapping, got a "
+                          f"{type(values).__name__}")
     names = [f.name for f in dataclasses.fields(typ)]
     _reject_unknown(values, names, f"{name}.")
     try:

@@ -7,14 +7,20 @@
       ├ executor.accumulate(shards)      # Σ over the shards, a checkpoint slice at a time
       ├ layout = executor.layout()       # modules, Σ sizes, token counts, model fingerprint
       ├ checks: extension/resume model + modules, every concept has tokens everywhere
+      ├ RunWriter(run)                   # first: the run's lease (one writer per run) and a
+      │                                  # staging area; a second writer fails here, at once
       ├ executor.solve(GroupSolve, …)    # per input group, largest D first: merge the base Σ,
-      │                                  # keep Σ, eigh once, every engram → payload files
-      └ RunWriter.commit(manifest, run.json); a failure anywhere aborts: nothing committed
+      │                                  # keep Σ, eigh once, every engram → staged payloads
+      ├ solution_warnings                # directions kept per group, engram norms → run.json
+      └ RunWriter.commit(manifest, run.json): publish, marker last; a failure anywhere aborts
+                                         # (staging removed, lease released): nothing committed
 
 An executor only moves Σ around (in one process, or across actors, a tree reduction and solver
 tasks); what is merged, solved, checked and committed is decided here, so every feature built
 on extraction (extensions, resume, checks, metadata) exists once. :class:`GroupSolve` and
-:class:`GroupCheckpoint` are the per-group steps both executors run (the Ray one inside tasks).
+:class:`GroupCheckpoint` are the per-group steps both executors run (the Ray one inside tasks);
+solver tasks write into the writer's staging area (``GroupSolve.uri``), never into the run's
+own prefix, so a run becomes visible only through the commit (``io/store.py``).
 """
 
 from __future__ import annotations
@@ -30,11 +36,11 @@ import torch
 
 from engram_ray.config import DataConfig, ExtractConfig, SelectConfig, SolverConfig, StoreConfig
 from engram_ray.core.moments import ModuleInfo, Moments, check_counts, merge_summaries
-from engram_ray.core.solve import solve_group
+from engram_ray.core.solve import solution_warnings, solve_group
 from engram_ray.incremental import Extension, prepare_extension
 from engram_ray.io.sigma_checkpoint import Generation, SigmaCheckpoint, config_digest, slices
 from engram_ray.io.storage import Storage
-from engram_ray.io.store import RunWriter, run_exists
+from engram_ray.io.store import RunWriter, run_exists, split_run_uri
 from engram_ray.runinfo import new_run_id, run_metadata
 
 __all__ = [
@@ -84,10 +90,17 @@ class Plan:
         """The data config reading only ``files``."""
         return dataclasses.replace(self.data, paths=list(files))
 
-    def group_solve(self) -> GroupSolve:
+    def group_solve(self, staging_uri: str) -> GroupSolve:
+        """The per-group solve step, writing payloads into the writer's staging area."""
         keep = self.store.keep_statistics or self.extension is not None
-        return GroupSolve(self.uri, self.store.storage_options, self.solver, keep, self.base,
+        return GroupSolve(staging_uri, self.store.storage_options, self.solver, keep, self.base,
                           tuple(self.sources))
+
+    def writer(self) -> RunWriter:
+        """The run's writer: takes the run's lease and a staging area (``io/store.py``)."""
+        return RunWriter(self.uri, self.store.storage_options, overwrite=self.store.overwrite,
+                         lease_timeout_s=self.store.lease_timeout_s,
+                         break_lease=self.store.break_lease)
 
 
 @dataclass
@@ -129,11 +142,12 @@ def merge_base(base, group: str, moments: Moments, sources: Sequence[str]) -> Mo
 
 @dataclass(frozen=True)
 class GroupSolve:
-    """Solve one input group and write its payloads into the run at ``uri`` (prepared by the
-    driver): merge the base Σ, keep Σ if asked, one eigh, every engram of every member."""
+    """Solve one input group and write its payloads into the staging area at ``uri`` (the
+    driver's :class:`RunWriter` made it): merge the base Σ, keep Σ if asked, one eigh, every
+    engram of every member."""
 
-    uri: str
-    storage_options: Mapping | None
+    uri: str  # the writer's staging URI, not the run's
+    storage_options: Mapping | None = field(repr=False)
     solver: SolverConfig
     keep_statistics: bool
     base: object | None
@@ -193,8 +207,9 @@ def prepare(cfg: ExtractConfig, log: TextIO | None = None) -> Plan:
 
 def plan_for(uri: str, store: StoreConfig, run_id: str, **fields) -> Plan:
     """A plan committing at ``uri``; a committed run there is refused up front unless
-    ``store.overwrite``."""
+    ``store.overwrite``, and so is a run id that is not one safe path component."""
     uri = uri.rstrip("/")
+    split_run_uri(uri)
     if run_exists(uri, store.storage_options) and not store.overwrite:
         raise FileExistsError(f"a committed run already exists at {uri}; choose another "
                               "run_id or pass overwrite")
@@ -211,29 +226,50 @@ def _check_model_paths(cfg: ExtractConfig) -> None:
 
 def run_extraction(plan: Plan, executor: Executor, log: TextIO | None = None) -> str:
     """Accumulate, check, solve and commit ``plan`` with ``executor``; returns the run's URI.
-    On any error nothing is committed; the executor is closed either way."""
+    The run's lease is taken first; on any error nothing is committed (the writer aborts: its
+    staging area removed, the lease released) and the executor is closed either way."""
     t0 = time.time()
+    writer = plan.writer()
     try:
-        executor.start(plan)
-        _accumulate(plan, executor, log)
-        t_stats = time.time()
-        layout = _checked_layout(plan, executor.layout())
-        writer = RunWriter(plan.uri, plan.store.storage_options, overwrite=plan.store.overwrite)
         try:
-            rows = executor.solve(plan.group_solve(), layout)
+            executor.start(plan)
+            _accumulate(plan, executor, log)
+            t_stats = time.time()
+            layout = _checked_layout(plan, executor.layout())
+            rows = executor.solve(plan.group_solve(writer.staging_uri), layout)
+            kept, warnings = _warnings(rows, layout, log)
             timings = {"statistics_s": t_stats - t0, "solve_s": time.time() - t_stats,
                        "total_s": time.time() - t0}
-            writer.commit(rows, _metadata(plan, layout, executor.metadata(), timings))
-        except BaseException:
-            writer.abort()
-            raise
-    finally:
-        executor.close()
+            meta = _metadata(plan, layout, executor.metadata(), timings)
+            writer.commit(rows, {**meta, "warnings": warnings,
+                                 "groups": _with_kept(meta["groups"], kept)})
+        finally:
+            executor.close()
+    except BaseException:
+        writer.abort()
+        raise
     if plan.checkpoint is not None:
         plan.checkpoint.remove()  # the committed run holds everything it had
     say(log, f"committed {len(rows)} engrams ({len(layout.modules)} modules) to {plan.uri} "
              f"in {time.time() - t0:.1f}s")
     return plan.uri
+
+
+def _warnings(rows: Sequence[dict], layout: Layout, log: TextIO | None):
+    """Directions kept per group, and the solver's warnings (each also said on ``log``)."""
+    kept: dict[str, int | None] = {}
+    for r in rows:
+        kept.setdefault(r["group"], r.get("kept"))
+    found = solution_warnings({g: (k, layout.dims[g]) for g, k in kept.items()},
+                              ((r["group"], r["module"], r["concept"], r["rel_norm"])
+                               for r in rows))
+    for w in found:
+        say(log, f"warning: {w['message']}")
+    return kept, found
+
+
+def _with_kept(groups: Mapping[str, dict], kept: Mapping[str, int | None]) -> dict:
+    return {g: {**v, "kept": kept.get(g)} for g, v in groups.items()}
 
 
 def _accumulate(plan: Plan, executor: Executor, log: TextIO | None) -> None:

@@ -13,7 +13,12 @@ serves every subset U. ``α > 0`` forgets, ``α < 0`` amplifies. ``f_l`` scales 
 
 Tied parameters (a tied lm_head and embedding, or one Linear reused) are edited exactly once.
 An edit is planned first (:func:`plan_edit`: scales from the union engrams) and then applied to
-a live model or streamed into a checkpoint one tensor at a time (``checkpoint.py``).
+a live model or streamed into a checkpoint one tensor at a time (``io/export.py``).
+
+An edit never produces non-finite weights: :func:`plan_edit` refuses an α that is not finite or
+that overflows float32 (the engrams' dtype: ``α·W⁺`` would be ``inf``), and every edited tensor
+is checked (:func:`check_finite`) before it replaces the weight or is written, so a too-large α
+for the model's dtype (float16 overflows at 65504) is refused instead of written as ``inf``.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ from torch import nn
 
 from engram_ray.core.select import match_modules
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 __all__ = [
     "EditPlan",
     "EngramSource",
     "SCALES",
     "apply_edit",
+    "check_finite",
     "compose",
     "plan_edit",
     "union_engram",
@@ -179,8 +187,7 @@ def plan_edit(
     unknown = [c for c in forget if c not in source.concepts]
     if unknown:
         raise ValueError(f"concept(s) {unknown} not in the run (known: {source.concepts[:10]})")
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha}")
+    _check_alpha(alpha)
     picked = match_modules(source.modules, modules)
     fn = _scale_fn(scale)
     infos = {m: source.module_info(m) for m in picked}
@@ -191,34 +198,81 @@ def plan_edit(
     return EditPlan(source=source, forget=forget, alpha=float(alpha), scales=scales)
 
 
+def _check_alpha(alpha: float) -> None:
+    """α must be finite and representable in float32, the dtype engrams are scaled in: a
+    larger α turns every non-zero engram entry into ``inf``."""
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    if abs(alpha) > FLOAT32_MAX:
+        raise ValueError(f"alpha {alpha:g} overflows float32 (|alpha| must be at most "
+                         f"{FLOAT32_MAX:.4g}): the edited weights would be infinite")
+
+
+def check_finite(where: str, before: torch.Tensor, after: torch.Tensor, alpha: float) -> None:
+    """Refuse an edit that makes a finite entry of ``before`` non-finite in ``after`` (α too
+    large for the weight's dtype); entries already non-finite in the source are left alone."""
+    if not after.is_floating_point() or bool(torch.isfinite(after).all()):
+        return
+    if bool((torch.isfinite(before) & ~torch.isfinite(after)).any()):
+        raise ValueError(f"{where}: the edit at alpha={alpha:g} makes non-finite weights "
+                         f"(overflows {str(after.dtype).removeprefix('torch.')}); "
+                         "nothing was written")
+
+
+def _targets(model: nn.Module, plan: EditPlan) -> list[tuple[str, nn.Module]]:
+    """The planned modules, each weight once: a parameter shared by several modules (tied
+    weights) goes to the first in name order, the others are noted in ``plan.notes``."""
+    done: dict[int, str] = {}
+    out = []
+    for name in sorted(plan.scales):
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"module {name!r} of the run is not in this model") from None
+        if id(mod.weight) in done:
+            plan.notes.append(f"{name}: weight tied to {done[id(mod.weight)]}, edited once")
+            continue
+        done[id(mod.weight)] = name
+        out.append((name, mod))
+    return out
+
+
+def _edited(name: str, mod: nn.Module, plan: EditPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``mod``'s edited (weight, bias), checked for shape and finiteness; the module is not
+    touched."""
+    w = mod.weight
+    dw, db = plan.delta(name)
+    if tuple(dw.shape) != tuple(w.shape):
+        raise ValueError(f"module {name!r}: engram shape {tuple(dw.shape)} does not "
+                         f"match weight {tuple(w.shape)}; is this the same model?")
+    new_w = w - dw.to(w.device, w.dtype)
+    check_finite(f"{name}.weight", w, new_w, plan.alpha)
+    new_b = None
+    if db is not None:
+        if mod.bias is None:
+            raise ValueError(f"module {name!r}: the run has a bias engram but the "
+                             "module has no bias")
+        new_b = mod.bias - db.to(mod.bias.device, mod.bias.dtype)
+        check_finite(f"{name}.bias", mod.bias, new_b, plan.alpha)
+    return new_w, new_b
+
+
 def apply_edit(model: nn.Module, plan: EditPlan) -> dict[str, float]:
     """Subtract the plan's deltas from ``model`` in place; returns each module's scale.
 
     A parameter shared by several modules (tied weights) is edited once, by the first module
-    in name order; the others are noted in ``plan.notes``.
+    in name order; the others are noted in ``plan.notes``. Every edited tensor is checked
+    (shape, finiteness) before the first weight changes, so a refused edit leaves the model
+    as it was; the price is computing each module's delta twice.
     """
-    done: dict[int, str] = {}
-    applied = {}
+    _check_alpha(plan.alpha)
     with torch.no_grad():
-        for name in sorted(plan.scales):
-            try:
-                mod = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"module {name!r} of the run is not in this model") from None
-            w = mod.weight
-            if id(w) in done:
-                plan.notes.append(f"{name}: weight tied to {done[id(w)]}, edited once")
-                continue
-            dw, db = plan.delta(name)
-            if tuple(dw.shape) != tuple(w.shape):
-                raise ValueError(f"module {name!r}: engram shape {tuple(dw.shape)} does not "
-                                 f"match weight {tuple(w.shape)}; is this the same model?")
-            w.sub_(dw.to(w.device, w.dtype))
-            if db is not None:
-                if mod.bias is None:
-                    raise ValueError(f"module {name!r}: the run has a bias engram but the "
-                                     "module has no bias")
-                mod.bias.sub_(db.to(mod.bias.device, mod.bias.dtype))
-            done[id(w)] = name
-            applied[name] = plan.scales[name]
-    return applied
+        targets = _targets(model, plan)
+        for name, mod in targets:  # check everything first: all or nothing
+            _edited(name, mod, plan)
+        for name, mod in targets:
+            new_w, new_b = _edited(name, mod, plan)
+            mod.weight.copy_(new_w)
+            if new_b is not None:
+                mod.bias.copy_(new_b)
+    return {name: plan.scales[name] for name, _ in targets}

@@ -43,6 +43,7 @@ __all__ = [
     "Moments",
     "Statistics",
     "check_counts",
+    "fold_rows",
     "merge_summaries",
     "pack_symmetric",
     "partition",
@@ -186,10 +187,7 @@ class Moments:
         for c, n in other.counts.items():
             counts[c] = counts.get(c, 0) + n
         max_rows = min(self.max_rows, other.max_rows)
-        for c in list(rows):  # the form follows the merged count alone
-            if c in concepts or counts[c] > max_rows:
-                gram = _gram(rows.pop(c), torch.float64)
-                concepts[c] = concepts[c] + gram if c in concepts else gram
+        fold_rows(concepts, rows, counts, max_rows)
         return Moments(
             dim=self.dim,
             total=self.total + other.total.to(dev),
@@ -267,6 +265,21 @@ class Moments:
             rows={c: tensors[f"r{i}"] for i, c in enumerate(small)},
             max_rows=int(meta.get("max_rows", "0")),
         )
+
+
+def fold_rows(concepts: dict[str, torch.Tensor], rows: dict[str, torch.Tensor],
+              counts: Mapping[str, int], max_rows: int) -> None:
+    """Fold (in the dicts, in place) the kept rows of every concept that has a Gram block or
+    more than ``max_rows`` tokens into its block: the form follows the merged count alone.
+
+    One rule for every merge (two partials here, R replicas' partials in the Ray reduction,
+    which concatenates rows while they travel and folds once where the group is solved), so
+    the form never depends on how rows were spread or in which order partials met.
+    """
+    for c in list(rows):
+        if c in concepts or counts[c] > max_rows:
+            gram = _gram(rows.pop(c), torch.float64)
+            concepts[c] = concepts[c] + gram if c in concepts else gram
 
 
 def partition(concept_index: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

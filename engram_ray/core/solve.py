@@ -19,6 +19,15 @@ Numeric contract (the defaults reproduce the reference implementation's TOFU num
 
 One eigendecomposition serves every concept and every module of an input group.
 
+Telling the user when the cut mattered: every record carries how many directions of the
+group's D the pseudo-inverse kept (``kept``) and its norm ratio ``rel_norm = ‖W⁺_c‖/‖W‖``.
+:func:`solution_warnings` turns them into warnings (``run.json`` ``warnings`` and stderr) when a
+group kept fewer than ``max(MIN_KEPT, 5 %)`` of its directions (Σ nearly singular or extremely
+ill-conditioned: the engram only sees that span) or an engram is more than ``MAX_REL_NORM`` times
+its weight (a rescaled inverse of tiny eigenvalues; applying it would wreck the layer). Neither
+stops the run: both can be legitimate (few tokens, a deliberate ``rank_fraction``), so they are
+reported, never silent.
+
 Concepts kept as raw rows ``X_c`` (fewer tokens than half the layer's width, see ``moments.py``)
 get their engram as exact rank-n_c factors instead of a dense matrix:
 
@@ -35,7 +44,7 @@ orthonormalizing B by a QR first gave the same accuracy at a third of the solve'
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +60,17 @@ __all__ = [
     "default_rtol",
     "engram_matrix",
     "pseudo_inverse",
+    "solution_warnings",
     "solve_group",
+    "spectral_inverse",
     "to_weight_shape",
 ]
 
+# Warning thresholds (see the module docstring).
+MIN_KEPT_FRACTION = 0.05
+MIN_KEPT = 2
+MAX_REL_NORM = 10.0
+MAX_LISTED = 20  # norm warnings listed one by one; the rest are counted in one entry
 
 
 def default_rtol(dim: int) -> float:
@@ -64,17 +80,24 @@ def default_rtol(dim: int) -> float:
 
 def pseudo_inverse(sigma: torch.Tensor, config: SolverConfig = SolverConfig()) -> torch.Tensor:
     """Spectral pseudo-inverse (or ridge inverse) of a symmetric PSD ``(D, D)`` matrix, float64."""
+    return spectral_inverse(sigma, config)[0]
+
+
+def spectral_inverse(sigma: torch.Tensor,
+                     config: SolverConfig = SolverConfig()) -> tuple[torch.Tensor, int]:
+    """:func:`pseudo_inverse` and how many of the D directions it kept (D for ridge: every
+    direction is damped, none dropped; 0 for a zero Σ)."""
     d = sigma.shape[0]
     sym = sigma.double()
     sym = (sym + sym.T) / 2  # remove fp asymmetry before eigh
     evals, evecs = torch.linalg.eigh(sym)  # ascending
     lam_max = evals[-1].clamp_min(0)
     if lam_max <= 0:
-        return torch.zeros_like(sym)
+        return torch.zeros_like(sym), 0
     if config.ridge is not None:
         lam = config.ridge * evals.clamp_min(0).mean()
         inv = 1.0 / (evals.clamp_min(0) + lam)
-        return (evecs * inv) @ evecs.T
+        return (evecs * inv) @ evecs.T, d
     rtol = config.rtol if config.rtol is not None else default_rtol(d)
     cut = rtol * lam_max
     if config.condition_cap is not None:
@@ -86,7 +109,7 @@ def pseudo_inverse(sigma: torch.Tensor, config: SolverConfig = SolverConfig()) -
         top[-k:] = True
         keep &= top
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
-    return (evecs * inv) @ evecs.T  # V diag(1/λ) Vᵀ over kept eigenpairs
+    return (evecs * inv) @ evecs.T, int(keep.sum())  # V diag(1/λ) Vᵀ over kept eigenpairs
 
 
 def engram_matrix(w: torch.Tensor, sigma_c: torch.Tensor, pinv: torch.Tensor) -> torch.Tensor:
@@ -156,6 +179,7 @@ class EngramRecord:
     rel_norm: float  # ‖W⁺‖_F / ‖W‖_F (bias included when absorbed)
     weight_norm: float  # ‖W‖_F (bias included when absorbed)
     factors: FactoredEngram | None = None
+    kept: int | None = None  # directions of the group's D that Σ_total⁺ kept
 
     def dense(self) -> torch.Tensor:
         return self.weight if self.weight is not None else self.factors.weight()
@@ -180,7 +204,7 @@ def solve_group(
         if not torch.isfinite(w).all():
             raise ValueError(f"module {info.name!r} has non-finite weights")
     device = moments.total.device
-    pinv = pseudo_inverse(moments.total, config)
+    pinv, kept = spectral_inverse(moments.total, config)
     norms = {i.name: float(torch.linalg.norm(weights[i.name].double())) for i in members}
     # All modules of the group as one (Σ out, D) matrix: one matmul chain per concept.
     stacked = torch.cat([weights[i.name].double() for i in members]).to(device)
@@ -195,9 +219,11 @@ def solve_group(
         for info, mat in zip(members, mats):
             w, b = to_weight_shape(mat.float().cpu(), info)
             yield _record(c, info, moments, float(torch.linalg.norm(mat)), norms[info.name],
-                          weight=w, bias=b)
+                          weight=w, bias=b, kept=kept)
     for chunk in _chunks(small, moments, _rows_per_chunk(moments.dim, stacked.shape[0])):
-        yield from _factored(chunk, moments, members, stacked, splits, pinv, norms)
+        for rec in _factored(chunk, moments, members, stacked, splits, pinv, norms):
+            rec.kept = kept
+            yield rec
 
 
 def _rows_per_chunk(dim: int, outputs: int, budget_bytes: int = 256 << 20) -> int:
@@ -252,3 +278,30 @@ def _record(concept: str, info: ModuleInfo, moments: Moments, norm: float, weigh
     return EngramRecord(concept=concept, module=info.name, n=moments.counts[concept],
                         n_total=moments.n_total, weight_norm=weight_norm,
                         rel_norm=norm / weight_norm if weight_norm > 0 else 0.0, **payload)
+
+
+def solution_warnings(groups: Mapping[str, tuple[int | None, int]],
+                      engrams: Iterable[tuple[str, str, str, float]]) -> list[dict]:
+    """Warnings for a solved run (module docstring): ``groups`` maps an input group to
+    (directions kept, D); ``engrams`` yields (group, module, concept, rel_norm). Each warning
+    is a dict naming what it is about, with a one-line ``message``."""
+    out = []
+    for group, (kept, dim) in sorted(groups.items()):
+        floor = min(dim, max(MIN_KEPT, math.ceil(MIN_KEPT_FRACTION * dim)))
+        if kept is not None and kept < floor:
+            out.append({"kind": "directions", "group": group, "kept": kept, "dim": dim,
+                        "message": f"input group {group!r}: the pseudo-inverse of Σ kept {kept} "
+                                   f"of {dim} directions (Σ is nearly singular or extremely "
+                                   "ill-conditioned); its engrams only act on that span"})
+    large = sorted((e for e in engrams if e[3] > MAX_REL_NORM), key=lambda e: -e[3])
+    for group, module, concept, ratio in large[:MAX_LISTED]:
+        out.append({"kind": "norm", "group": group, "module": module, "concept": concept,
+                    "rel_norm": ratio,
+                    "message": f"engram of concept {concept!r} at module {module!r} (group "
+                               f"{group!r}) is {ratio:.3g}× its weight's norm (> "
+                               f"{MAX_REL_NORM:g}×): applying it would overwhelm the layer"})
+    if len(large) > MAX_LISTED:
+        out.append({"kind": "norm", "count": len(large) - MAX_LISTED,
+                    "message": f"... and {len(large) - MAX_LISTED} more engrams over "
+                               f"{MAX_REL_NORM:g}× their weight's norm"})
+    return out

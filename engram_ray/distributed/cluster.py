@@ -1,33 +1,59 @@
-"""Joining Ray: a running cluster when there is one, else a local Ray sized for the pipeline."""
+"""Joining Ray, and dividing the cluster's cores between stages, ingest and solvers.
+
+A local Ray (started here when there is no cluster) may advertise more logical CPUs than the
+machine has cores, so that every reservation can be scheduled; how many threads and tasks
+actually run is then decided from the cores (:func:`cluster_cores`), not from that number.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+from collections import Counter
+from collections.abc import Mapping
 
 import ray
 
 from engram_ray.config import ParallelConfig
 
-__all__ = ["cpus_needed", "ensure_ray"]
+__all__ = ["actor_threads", "cluster_cores", "cpus_needed", "ensure_ray", "ingest_concurrency",
+           "solver_slots"]
+
+# Cores of the machine when this process started the local Ray itself (None: joined a cluster,
+# whose advertised CPUs are taken as its cores).
+_LOCAL_CORES: int | None = None
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def ensure_ray(address: str | None = None, min_cpus: float = 0.0) -> None:
     """Join ``address`` (or RAY_ADDRESS, or a local ``ray start`` head that Ray finds on its
     own) without passing resources, else start a local Ray; no-op when connected.
 
-    A local Ray advertises at least ``min_cpus`` logical CPUs: on a small machine (2 cores)
-    the stage actors' reservations would otherwise leave Ray Data's read tasks no CPU to be
-    scheduled on, and the stream would wait forever.
+    ``address`` (or RAY_ADDRESS) ``"local"`` always starts a new local Ray, never joining one
+    that runs beside it. A local Ray advertises at least ``min_cpus`` logical CPUs: on a small
+    machine (2 cores) the stage actors' reservations would otherwise leave Ray Data's read
+    tasks no CPU to be scheduled on, and the stream would wait forever.
     """
+    global _LOCAL_CORES
     if ray.is_initialized():
         return
-    if address is not None or os.environ.get("RAY_ADDRESS"):
+    fresh = (address or os.environ.get("RAY_ADDRESS")) == "local"
+    if not fresh and (address is not None or os.environ.get("RAY_ADDRESS")):
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         return
-    cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
+    cpus = max(_cores(), math.ceil(min_cpus))
     try:
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        # "local" (Ray's own name for it): a new Ray for this process, even when another
+        # one runs on the machine; None: Ray may join a `ray start` head it finds.
+        ray.init(address="local" if fresh else None, num_cpus=cpus, include_dashboard=False,
+                 log_to_driver=False)
+        _LOCAL_CORES = _cores()
     except ValueError as e:
         # ray.init() joins a local `ray start` head on its own, and then refuses resources:
         # the cluster's own resources are what there is, so join it as it is.
@@ -37,5 +63,46 @@ def ensure_ray(address: str | None = None, min_cpus: float = 0.0) -> None:
 
 
 def cpus_needed(p: ParallelConfig) -> float:
-    """Logical CPUs the pipeline reserves at once: actors, feeders, one encode and one read task."""
-    return p.stages * p.replicas * p.num_cpus + p.replicas * 0.25 + 2 * p.encode_num_cpus + 1
+    """Logical CPUs the pipeline reserves at once: actors, one encode and one read task, and
+    one solver task."""
+    return p.stages * p.replicas * p.num_cpus + 2 * p.encode_num_cpus + p.solver_num_cpus
+
+
+def cluster_cores() -> float:
+    """Cores the pipeline may keep busy: the machine's when Ray was started here, else the
+    CPUs the alive nodes advertise."""
+    if _LOCAL_CORES is not None and len(ray.nodes()) == 1:
+        return float(_LOCAL_CORES)
+    return float(sum(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]))
+
+
+def actor_threads(num_cpus: float, nodes: list[str], cores: Mapping[str, int]) -> list[int]:
+    """Torch threads per stage actor, given the node each runs on and that node's cores.
+
+    As many threads as the actor reserves (at least one); an actor alone on its node gets
+    every core of it (nothing else there computes while it streams: ingest is light, and
+    solvers start after the stream).
+    """
+    per_node = Counter(nodes)
+    own = max(1, round(num_cpus))
+    return [max(own, int(cores[n])) if per_node[n] == 1 else own for n in nodes]
+
+
+def ingest_concurrency(p: ParallelConfig, cores: float, files: int) -> int:
+    """Read + tokenize tasks at once when ``parallel.encode_concurrency`` is unset: the cores
+    the stage actors leave (at least one task, at most one per file). Every task is a process
+    importing transformers, so on a small machine more of them only steal the stages' cores.
+    """
+    if p.encode_concurrency is not None:
+        return p.encode_concurrency
+    free = cores - p.stages * p.replicas * max(p.num_cpus, 1.0)
+    per_task = max(p.encode_num_cpus, 1.0)
+    return max(1, min(files, math.floor(free / per_task)))
+
+
+def solver_slots(p: ParallelConfig, cores: float, gpus: float = 0.0) -> int:
+    """Solver tasks to keep in flight: the cores (or GPUs) divided by what one task reserves.
+    Groups beyond that wait unreduced, so at most that many reduced Σ sit in the store."""
+    if p.solver_num_gpus > 0:
+        return max(1, math.floor(gpus / p.solver_num_gpus))
+    return max(1, math.floor(cores / max(p.solver_num_cpus, 1.0)))

@@ -1,20 +1,26 @@
-"""The Ray executor: Σ accumulated in stage actors, reduced by a tree, solved in tasks.
+"""The Ray executor: Σ accumulated in stage actors, reduced between them, solved in tasks.
 
 ::
 
-    Ray Data (read + tokenize) ─ streaming_split(R) ─▶ feeder r ─▶ stage 0 ─▶ … ─▶ stage S−1
-                                                         (R × S StageActors, Σ inside each)
-    per (stage, input group): tree_reduce over the R replicas (⌈log₂R⌉ rounds)
-    per input group, largest D first: solve_task → payload/<module>.parquet
+    Ray Data (read + tokenize) ─ streaming_split(R) ─▶ stage 0 ─▶ … ─▶ stage S−1   (replica r)
+                                                     (R × S StageActors, Σ inside each)
+    per (stage, input group): tree reduction between the R actors (⌈log₂R⌉ rounds, in place)
+    per input group, largest D first: solve_task → payload/<module>.parquet, each group's
+    solve starting as soon as that group is reduced (a window of solver slots in flight)
 
 :mod:`engram_ray.extraction` drives it exactly as it drives the single-process executor; this
 module only decides where Σ lives and how it moves. Every fed row is checked to have been read
 once and seen once by every stage, or the run fails before anything is committed.
+
+Start-up runs side by side: the stage actors load their slices while the driver builds the
+dataset, a worker loads the tokenizer (the pad id, and the first encode worker) and solver
+workers start. ``run.json`` records what each phase cost (:meth:`RayExecutor.metadata`).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import TextIO
 
@@ -22,13 +28,28 @@ import ray
 
 from engram_ray.config import ExtractConfig
 from engram_ray.core.moments import merge_summaries
-from engram_ray.distributed.cluster import cpus_needed, ensure_ray
-from engram_ray.distributed.feed import ProgressTracker, feed_replica
-from engram_ray.distributed.ingest import count_rows, encoded_dataset, validate_files
-from engram_ray.distributed.reduce import tree_depth, tree_reduce
-from engram_ray.distributed.solver import checkpoint_task, solve_task
+from engram_ray.distributed.cluster import (
+    actor_threads,
+    cluster_cores,
+    cpus_needed,
+    ensure_ray,
+    ingest_concurrency,
+    solver_slots,
+)
+from engram_ray.distributed.feed import DEFAULT_BATCH_TOKENS
+from engram_ray.distributed.ingest import (
+    count_rows,
+    encoded_dataset,
+    tokenizer_pad_id,
+    validate_files,
+)
+from engram_ray.distributed.reduce import tree_depth, tree_plan
+from engram_ray.distributed.resources import check_schedulable
+from engram_ray.distributed.solver import checkpoint_task, solve_task, task_threads, warm_solver
 from engram_ray.distributed.stage_actor import StageActor
+from engram_ray.distributed.watchdog import Watchdog, pending_work
 from engram_ray.extraction import GroupCheckpoint, GroupSolve, Layout, Plan, say
+from engram_ray.io.sigma_checkpoint import slices
 from engram_ray.runinfo import combine_fingerprints
 
 __all__ = ["RayExecutor", "feed_slice"]
@@ -40,23 +61,48 @@ class RayExecutor:
     def __init__(self, cfg: ExtractConfig, log: TextIO | None = None) -> None:
         self.cfg, self.log = cfg, log
         self.actors: list[list] = []
-        self.tracker = None
         self.fed = [{"rows": 0, "tokens": 0} for _ in range(cfg.parallel.replicas)]
         self.nodes: list[str] = []
+        self.threads: list[int] = []
         self.rounds = 0
+        self.startup: dict[str, float] = {}
+        self.reduce: dict[str, float] = {}
+        self.launched: tuple | None = None  # (paths, consume refs) of a slice already started
+        self.groups: dict[str, int] = {}  # input group → the stage that owns it
+        self.feed: list[dict] = []  # per replica: what its stage 0 measured while feeding
 
     def start(self, plan: Plan) -> None:
-        t0 = time.time()
+        self.t0 = t0 = time.time()
         validate_files(plan.data)
-        ensure_ray(self.cfg.parallel.address, cpus_needed(self.cfg.parallel))
-        self.tok_dir, self.pad_id = _tokenizer_info(self.cfg)
-        self.tracker = ProgressTracker.remote()
-        self.actors = _start_actors(self.cfg, self.tracker)
-        self.nodes = ray.get([a.node_id.remote() for chain in self.actors for a in chain])
         p = self.cfg.parallel
+        ensure_ray(p.address, cpus_needed(p))
+        self.startup["ray_init_s"] = time.time() - t0
+        check_schedulable(p, [n["Resources"] for n in ray.nodes() if n.get("Alive")],
+                          max_extra_cpus=p.autoscale_max_cpus)
+        self.cores = cluster_cores()
+        self.actors = _start_actors(self.cfg, task_threads(p.num_cpus))
+        self.pad_id, self.tok_dir = _pad_id(self.cfg)
+        first = slices(plan.sources, plan.store.checkpoint_shards)
+        if first:
+            data = plan.restrict(first[0])
+            self.launched = (tuple(data.paths), _launch(self, data))
+        infos = ray.get([a.node_info.remote() for chain in self.actors for a in chain])
+        self.nodes = [i["node"] for i in infos]
+        self.threads = actor_threads(p.num_cpus, self.nodes, {i["node"]: i["cores"]
+                                                               for i in infos})
+        flat = [a for chain in self.actors for a in chain]
+        ray.get([a.configure.remote(t) for a, t in zip(flat, self.threads)])
+        self.startup["actors_ready_s"] = max(i["ready_at"] for i in infos) - t0
+        # Solver workers start now, off the path to the first row (actors, tokenizer, data).
+        self.warm = [warm_solver.options(num_cpus=p.solver_num_cpus).remote(
+            task_threads(p.solver_num_cpus)) for _ in range(self._slots())]
         say(self.log, f"{len(self.nodes)} stage actors ready on {len(set(self.nodes))} node(s) "
-                      f"({p.replicas} replica(s) × {p.stages} stage(s)) after "
-                      f"{time.time() - t0:.1f}s")
+                      f"({p.replicas} replica(s) × {p.stages} stage(s), torch threads "
+                      f"{sorted(set(self.threads))}) after {time.time() - t0:.1f}s")
+
+    def _slots(self) -> int:
+        p = self.cfg.parallel
+        return solver_slots(p, self.cores, ray.cluster_resources().get("GPU", 0.0))
 
     def accumulate(self, plan: Plan, files: list[str]) -> None:
         feed_slice(self, plan.restrict(files))
@@ -69,45 +115,66 @@ class RayExecutor:
         active = self.active()
         if not active:
             return None
-        modules, dims = {}, {}
-        for actor in active[0]:
-            modules.update(ray.get(actor.module_infos.remote()))
-            dims.update(ray.get(actor.group_dims.remote()))
+        first = active[0]
+        infos, dims, prints = (ray.get([getattr(a, m).remote() for a in first])
+                               for m in ("module_infos", "group_dims", "fingerprint"))
         summaries = merge_summaries(*ray.get([a.summaries.remote() for c in active for a in c]))
-        parts: dict[str, str] = {}
-        for part in ray.get([actor.fingerprint.remote() for actor in active[0]]):
-            parts.update(part)
-        return Layout(modules=modules, dims=dims, summaries=summaries,
-                      fingerprint=combine_fingerprints(parts))
+        modules, parts = {}, {}
+        for s, (i, d, f) in enumerate(zip(infos, dims, prints)):
+            modules.update(i)
+            parts.update(f)
+            self.groups.update({g: s for g in d})
+        return Layout(modules=modules, dims={g: d for dd in dims for g, d in dd.items()},
+                      summaries=summaries, fingerprint=combine_fingerprints(parts))
 
-    def _reduced(self, layout: Layout) -> dict[str, tuple[object, object]]:
-        """Per group, in solve order: (the tree-reduced Σ ref, the stage actor holding it)."""
+    def _reduced(self, index: int, group: str, final: bool) -> tuple[object, object]:
+        """Submit the tree reduction of ``group`` between the replicas' actors of its stage;
+        returns (the reduced partial's ref, the actor holding it). The root rotates with
+        ``index`` so every replica's actor takes a share of the reductions."""
         active = self.active()
-        owner = {}
-        for s, actor in enumerate(active[0]):
-            for g in ray.get(actor.group_dims.remote()):
-                owner[g] = s
-        out = {}
-        for g in layout.solve_order():
-            s = owner[g]
-            out[g], self.rounds = tree_reduce([chain[s].partial.remote(g) for chain in active])
-            out[g] = (out[g], active[0][s])
-        return out
+        stage = self.groups[group]
+        root = index % len(active)
+        for rnd in tree_plan(len(active), root):
+            for recv, send in rnd:
+                part = active[send][stage].export.remote(group, final)
+                active[recv][stage].absorb.remote(group, part, final)
+        self.rounds = tree_depth(len(active))
+        actor = active[root][stage]
+        return actor.export.remote(group, final), actor
 
     def snapshot(self, step: GroupCheckpoint, layout: Layout) -> None:
         opts = {"num_cpus": self.cfg.parallel.solver_num_cpus}
-        ray.get([checkpoint_task.options(**opts).remote(step, g, ref)
-                 for g, (ref, _) in self._reduced(layout).items()])
+        ray.get([checkpoint_task.options(**opts).remote(step, g, self._reduced(i, g, False)[0])
+                 for i, g in enumerate(layout.solve_order())])
 
     def solve(self, step: GroupSolve, layout: Layout) -> list[dict]:
-        p = self.cfg.parallel
+        p, t0 = self.cfg.parallel, time.time()
         opts = {"num_cpus": p.solver_num_cpus, "num_gpus": p.solver_num_gpus}
-        tasks = [solve_task.options(**opts).remote(step, ref, layout.members(g),
-                                                   actor.group_weights.remote(g))
-                 for g, (ref, actor) in self._reduced(layout).items()]
+        threads, slots = task_threads(p.solver_num_cpus), self._slots()
         say(self.log, f"Σ from {sum(f['tokens'] for f in self.fed):,} tokens; solving "
-                      f"{len(tasks)} input group(s), reduce depth {self.rounds}")
-        return [row for part in ray.get(tasks) for row in part]
+                      f"{len(layout.dims)} input group(s), {slots} at a time, reduce depth "
+                      f"{tree_depth(len(self.active()))}")
+        window: deque = deque()
+        done: dict[int, list[dict]] = {}
+        for i, g in enumerate(layout.solve_order()):
+            sigma, actor = self._reduced(i, g, True)
+            window.append((i, solve_task.options(**opts).remote(
+                step, sigma, layout.members(g), actor.group_weights.remote(g), threads)))
+            if len(window) > slots:  # one group reduced ahead of the solvers, no more
+                j, ref = window.popleft()
+                done[j] = ray.get(ref)
+        for j, ref in window:
+            done[j] = ray.get(ref)
+        self._account_reduce(time.time() - t0)
+        return [row for j in sorted(done) for row in done[j]]
+
+    def _account_reduce(self, solve_s: float) -> None:
+        """What the reduction cost, from the actors' own counters (``run.json`` ``reduce``)."""
+        counters = ray.get([a.counters.remote() for c in self.active() for a in c])
+        actor_s = [c["reduce_s"] for c in counters]
+        self.reduce = {"solve_phase_s": solve_s, "actor_s": sum(actor_s),
+                       "bytes_moved": sum(c["reduce_bytes"] for c in counters),
+                       "share_of_solve": max(actor_s, default=0.0) / max(solve_s, 1e-9)}
 
     def metadata(self) -> dict:
         p = self.cfg.parallel
@@ -117,35 +184,56 @@ class RayExecutor:
             "parallel": {"stages": p.stages, "replicas": p.replicas,
                          "replicas_with_rows": len(self.active()), "reduce_rounds": self.rounds,
                          "nodes": sorted(set(self.nodes)),
-                         "tree_depth": tree_depth(len(self.active()))},
+                         "tree_depth": tree_depth(len(self.active())),
+                         "torch_threads": {"stage_actors": self.threads,
+                                           "solver_tasks": task_threads(p.solver_num_cpus)},
+                         "batch_tokens": _batch_tokens(self.cfg)},
             "data": {"rows": sum(f["rows"] for f in self.fed),
                      "tokens": sum(f["tokens"] for f in self.fed)},
+            "startup": dict(self.startup),
+            "feed": _feed_summary(self.feed, self.t0) if self.feed else {},
+            "reduce": dict(self.reduce),
         }
 
     def close(self) -> None:
         for chain in self.actors:
             for actor in chain:
                 ray.kill(actor)
-        if self.tracker is not None:
-            ray.kill(self.tracker)
 
 
-def _tokenizer_info(cfg: ExtractConfig) -> tuple[str | None, int]:
-    """The model's local directory (config + tokenizer files only) and its pad token id."""
+def _feed_summary(feed: list[dict], t0: float) -> dict:
+    """The last slice's stream as stage 0 saw it: micro-batches, seconds from the first row to
+    the last, and seconds the stage waited for rows after the first one arrived."""
+    got = [f for f in feed if f["first_row_at"] is not None]
+    if not got:
+        return {"batches": 0}
+    return {"batches": sum(f["batches"] for f in feed),
+            "stream_s": max(f["done_at"] for f in got) - min(f["first_row_at"] for f in got),
+            "wait_after_first_row_s": sum(f["wait_s"] - (f["first_row_at"] - f["started_at"])
+                                          for f in got),
+            "started_s": min(f["started_at"] for f in got) - t0}
+
+
+def _batch_tokens(cfg: ExtractConfig) -> int:
+    """Padded tokens per micro-batch: ``data.batch_tokens`` when the config has that key."""
+    return getattr(cfg.data, "batch_tokens", None) or DEFAULT_BATCH_TOKENS
+
+
+def _pad_id(cfg: ExtractConfig):
+    """(the pad id or its ref, the model's local directory with its tokenizer files): the
+    tokenizer is loaded in an encode worker, never in the driver or a stage actor."""
     if cfg.data.features_column is not None:
-        return None, 0
-    from engram_ray.models.loading import load_tokenizer, model_dir
+        return 0, None
+    from engram_ray.models.loading import model_dir
 
-    storage = cfg.data.storage_options or cfg.store.storage_options
     if cfg.model.path is None:
         raise ValueError("text data needs an HF model directory with a tokenizer (model.path)")
+    storage = cfg.data.storage_options or cfg.store.storage_options
     local = model_dir(cfg.model.path, storage, weights=False)
-    tok = load_tokenizer(cfg.model, storage)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return local, int(pad)
+    return tokenizer_pad_id.options(num_cpus=cfg.parallel.encode_num_cpus).remote(local), local
 
 
-def _start_actors(cfg: ExtractConfig, tracker) -> list[list]:
+def _start_actors(cfg: ExtractConfig, threads: int) -> list[list]:
     p = cfg.parallel
     opts = {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
     if p.placement == "spread":
@@ -153,29 +241,49 @@ def _start_actors(cfg: ExtractConfig, tracker) -> list[list]:
     storage = cfg.data.storage_options or cfg.store.storage_options
     return [[StageActor.options(**opts).remote(cfg.model, s, p.stages, r, cfg.select,
                                                dtype=p.dtype, storage_options=storage,
-                                               tracker=tracker)
+                                               threads=threads)
              for s in range(p.stages)]
             for r in range(p.replicas)]
+
+
+def _launch(ex: RayExecutor, data) -> list:
+    """Start streaming ``data`` into the replicas: each stage 0 pulls its split. Returns the
+    ``consume`` refs (each: what its replica was fed)."""
+    p = ex.cfg.parallel
+    # drop_empty=False: rows without a counted token still flow (adding nothing to Σ), so the
+    # fed row count can be checked against the files' row count exactly.
+    ds = encoded_dataset(data, ex.tok_dir, drop_empty=False, num_cpus=p.encode_num_cpus,
+                         concurrency=ingest_concurrency(p, ex.cores, len(data.paths)),
+                         read_num_cpus=p.encode_num_cpus)
+    splits = ds.streaming_split(len(ex.actors), equal=False)
+    prefetch = max(2, p.max_in_flight)
+    return [chain[0].consume.remote(splits[r], chain[1:], ex.pad_id, _batch_tokens(ex.cfg),
+                                    p.max_in_flight, prefetch)
+            for r, chain in enumerate(ex.actors)]
 
 
 def feed_slice(ex: RayExecutor, data) -> None:
     """Stream ``data``'s shards through the replicas, adding what each got to ``ex.fed``.
     Checks every row was read once and seen once by every stage."""
     expected = count_rows(data)
-    p = ex.cfg.parallel
-    # drop_empty=False: rows without a counted token still flow (adding nothing to Σ), so the
-    # fed row count can be checked against the files' row count exactly.
-    ds = encoded_dataset(data, ex.tok_dir, drop_empty=False, num_cpus=p.encode_num_cpus,
-                         concurrency=p.encode_concurrency, read_num_cpus=p.encode_num_cpus)
-    splits = ds.streaming_split(len(ex.actors), equal=False)
-    feeders = [feed_replica.remote(splits[r], chain, data.batch_size, ex.pad_id,
-                                   p.max_in_flight, ex.tracker)
-               for r, chain in enumerate(ex.actors)]
-    progress = _Progress(ex.tracker, expected + sum(f["rows"] for f in ex.fed), ex.log)
-    while ray.wait(feeders, num_returns=len(feeders), timeout=1.0)[1]:
+    if ex.launched is not None and ex.launched[0] == tuple(data.paths):
+        refs, ex.launched = ex.launched[1], None
+    else:
+        refs = _launch(ex, data)
+    progress = _Progress(ex, expected + sum(f["rows"] for f in ex.fed))
+    dog = Watchdog(ex.cfg.parallel.stall_timeout_s, f"feeding {len(data.paths)} shard(s) "
+                   f"({sum(f['rows'] for f in ex.fed):,} rows counted before them)")
+    while ray.wait(refs, num_returns=len(refs), timeout=1.0)[1]:
         progress.maybe_print()
-    now = ray.get(feeders)
+        dog.observe(progress.rows)
+        dog.check(pending_work)
+    now = ray.get(refs)
     progress.maybe_print(force=True)
+    first = [f["first_row_at"] for f in now if f["first_row_at"] is not None]
+    if first and "first_row_s" not in ex.startup:
+        ex.startup["first_row_s"] = min(first) - ex.t0
+    ex.feed = [{k: f[k] for k in ("batches", "wait_s", "first_row_at", "started_at", "done_at")}
+               for f in now]
     got = sum(f["rows"] for f in now)
     if got != expected:
         raise RuntimeError(f"fed {got} rows but the data has {expected}: rows were lost or "
@@ -188,30 +296,41 @@ def feed_slice(ex: RayExecutor, data) -> None:
 
 def _check_rows(fed: list[Mapping], actors) -> None:
     """Every fed row seen by every stage of its replica, exactly once."""
-    for r, chain in enumerate(actors):
-        for s, actor in enumerate(chain):
-            seen = ray.get(actor.counters.remote())["rows"]
-            if seen != fed[r]["rows"]:
-                raise RuntimeError(f"stage {s} of replica {r} saw {seen} rows, fed "
+    seen = _counters(actors)
+    for r, chain in enumerate(seen):
+        for s, c in enumerate(chain):
+            if c["rows"] != fed[r]["rows"]:
+                raise RuntimeError(f"stage {s} of replica {r} saw {c['rows']} rows, fed "
                                    f"{fed[r]['rows']}; nothing was committed")
 
 
-class _Progress:
-    """Rows/s and tokens/s, stage by stage, every ``every`` seconds on ``out``."""
+def _counters(actors: list[list]) -> list[list[dict]]:
+    """Every stage actor's counters, by replica then stage (one round trip)."""
+    flat = ray.get([a.counters.remote() for chain in actors for a in chain])
+    n = len(actors[0]) if actors else 0
+    return [flat[r * n:(r + 1) * n] for r in range(len(actors))]
 
-    def __init__(self, tracker, expected: int, out: TextIO | None, every: float = 2.0) -> None:
-        self.tracker, self.expected, self.out, self.every = tracker, expected, out, every
+
+class _Progress:
+    """Rows/s and tokens/s, stage by stage, every ``every`` seconds on the executor's log."""
+
+    def __init__(self, ex: RayExecutor, expected: int, every: float = 2.0) -> None:
+        self.ex, self.expected, self.every = ex, expected, every
         self.last = 0.0
+        self.rows = 0  # rows the last stages have seen: what the stall watchdog watches
 
     def maybe_print(self, force: bool = False) -> None:
         now = time.time()
         if not force and now - self.last < self.every:
             return
         self.last = now
-        s = ray.get(self.tracker.snapshot.remote())
-        el = max(s["elapsed"], 1e-9)
-        stages = " | ".join(
-            f"stage {i}: {v[1] / max(v[2], 1e-9):,.0f} tok/s busy" for i, v in s["stages"].items()
-        )
-        say(self.out, f"rows {s['rows']:,}/{self.expected:,} "
-                      f"({s['rows'] / el:,.1f} rows/s, {s['tokens'] / el:,.0f} tok/s) {stages}")
+        chains = _counters(self.ex.actors)
+        rows = self.rows = sum(c[-1]["rows"] for c in chains)
+        tokens = sum(c[-1]["tokens"] for c in chains)
+        el = max(now - self.ex.t0, 1e-9)
+        busy = [(sum(c[s]["tokens"] for c in chains), sum(c[s]["busy_s"] for c in chains))
+                for s in range(len(chains[0]))]
+        stages = " | ".join(f"stage {s}: {tok / max(sec, 1e-9):,.0f} tok/s busy"
+                            for s, (tok, sec) in enumerate(busy))
+        say(self.ex.log, f"rows {rows:,}/{self.expected:,} ({rows / el:,.1f} rows/s, "
+                         f"{tokens / el:,.0f} tok/s since start) {stages}")

@@ -36,6 +36,7 @@ from engram_ray.io.data import (
     count_rows,
     encode_rows,
     file_format,
+    pad_token_id,
     read_schema,
     resolve_paths,
     to_arrow,
@@ -45,7 +46,7 @@ from engram_ray.io.storage import Storage
 
 # count_rows (Parquet footers; JSON lines counted; no Ray) is re-exported for the pipeline, which
 # compares it with the rows it accumulated to check that each row was counted exactly once.
-__all__ = ["count_rows", "encoded_dataset", "read_dataset", "validate_files"]
+__all__ = ["count_rows", "encoded_dataset", "read_dataset", "tokenizer_pad_id", "validate_files"]
 
 # Rows per map_batches call: big enough to amortise the tokenizer call, small enough to stream.
 ENCODE_BATCH_ROWS = 256
@@ -139,6 +140,15 @@ def _cached_tokenizer(tokenizer_dir: str | None):
     # One tokenizer per worker process and directory: Ray reuses task workers across blocks
     # (and across runs of one session), so the load is paid once, not once per block.
     return tokenizer_from(tokenizer_dir)
+
+
+@ray.remote
+def tokenizer_pad_id(tokenizer_dir: str) -> int:
+    """The pad id the single-process path pads with (pad, else EOS, else 0), found where the
+    tokenizer is loaded anyway: in a worker that then encodes blocks with it cached. The
+    driver and the stage actors never import a tokenizer; this task also starts the first
+    encode worker while the stage actors load their slices."""
+    return pad_token_id(_cached_tokenizer(tokenizer_dir))
 
 
 def _encode_block(table, cfg: DataConfig, tokenizer_dir: str | None, drop_empty: bool):

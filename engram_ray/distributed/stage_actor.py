@@ -1,48 +1,63 @@
 """The stage actor: one contiguous slice of the model, and the Σ accumulators of its modules.
 
-Each actor loads only its slice's weights (``models.load_stage``), hooks the selected modules
-inside it with the same :class:`~engram_ray.core.capture.Capture` the single-process engine uses,
-and passes hidden states on to the next stage. The driver owns the actor, so after the stream
-ends it can read the partial Σ back out per input group (Ray Data offers no way to read state
-out of ``map_batches`` workers, which is why accumulation lives in Ray Core actors).
+Each actor loads only its slice's weights (``models.load_stage``: torch and safetensors, plus
+transformers' model classes for an HF model, never its tokenizers), hooks the selected modules
+inside it with the same :class:`~engram_ray.core.capture.Capture` the single-process engine
+uses, and passes hidden states on to the next stage as numpy (zero-copy through the object
+store, ``wire.py``). Stage 0 of each replica pulls its rows itself (:meth:`consume`,
+``feed.py``). The driver owns the actor, so after the stream it reduces the partial Σ between
+the actors (:meth:`export` / :meth:`absorb`, ``reduce.py``) and hands each group to a solver.
+
+Threads: Ray sets ``OMP_NUM_THREADS`` to the actor's CPU reservation, so torch would run one
+thread on a 1-CPU actor. The actor starts with as many threads as it reserves, and the driver
+raises that to every core of the node when the actor is alone there (:meth:`configure`); the
+compute thread applies it before its next micro-batch. Status calls (counters, configure) run
+in their own concurrency group, so they answer while a stream is being computed.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import ray
 import torch
 
 from engram_ray.config import ModelSpec, SelectConfig
 from engram_ray.core.capture import Capture
 from engram_ray.core.layers import weight_matrix
-from engram_ray.core.moments import ModuleInfo, Moments
+from engram_ray.core.moments import ModuleInfo
 from engram_ray.core.select import select_modules
+from engram_ray.distributed.feed import FeedCounters, feed
+from engram_ray.distributed.reduce import SigmaBlocks
+from engram_ray.distributed.wire import from_wire, payload_nbytes, to_wire
 from engram_ray.runinfo import fingerprint_parts
 
 __all__ = ["StageActor"]
 
 
-@ray.remote
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@ray.remote(concurrency_groups={"status": 1})
 class StageActor:
     """Stage ``index`` of ``n_stages`` in replica ``replica``."""
 
-    def __init__(
-        self,
-        model: ModelSpec,
-        index: int,
-        n_stages: int,
-        replica: int,
-        select: SelectConfig,
-        *,
-        dtype: str | None = None,
-        storage_options: Mapping | None = None,
-        tracker=None,
-    ) -> None:
+    def __init__(self, model: ModelSpec, index: int, n_stages: int, replica: int,
+                 select: SelectConfig, *, dtype: str | None = None,
+                 storage_options: Mapping | None = None, threads: int = 1) -> None:
         from engram_ray.models.stages import load_stage
 
+        self.t_created = time.time()
+        self._threads = threads
+        torch.set_num_threads(threads)
         self.index, self.n_stages, self.replica = index, n_stages, replica
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.stage = load_stage(model, index, n_stages, dtype=dtype, device=self.device,
@@ -50,9 +65,31 @@ class StageActor:
         modules = select_modules(self.stage, select.target_modules, select.layers_to_transform,
                                  allow_empty=True)
         self.capture = Capture(modules, select)
-        self.tracker = tracker
-        self.rows = self.tokens = 0
-        self.busy_s = 0.0
+        self.rows = self.tokens = self.batches = 0
+        self.busy_s = self.reduce_s = 0.0
+        self.wire_bytes = self.reduce_bytes = 0  # received: hidden states; partial Σ
+        self.feed = FeedCounters()
+        self.reducing: dict[str, SigmaBlocks] = {}
+        self.ready_at = time.time()
+
+    @ray.method(concurrency_group="status")
+    def node_info(self) -> dict:
+        """Where this actor runs: node id, the cores it may use, when it became ready."""
+        return {"node": ray.get_runtime_context().get_node_id(), "cores": cores(),
+                "ready_at": self.ready_at}
+
+    @ray.method(concurrency_group="status")
+    def configure(self, threads: int) -> int:
+        """Run torch with ``threads`` threads from the next micro-batch on."""
+        self._threads = max(1, int(threads))
+        return self._threads
+
+    @ray.method(concurrency_group="status")
+    def counters(self) -> dict:
+        return {"rows": self.rows, "tokens": self.tokens, "batches": self.batches,
+                "busy_s": self.busy_s, "reduce_s": self.reduce_s, "threads": self._threads,
+                "wire_bytes": self.wire_bytes, "reduce_bytes": self.reduce_bytes,
+                "feed": self.feed.as_dict()}
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -60,25 +97,40 @@ class StageActor:
     def selected(self) -> list[str]:
         return sorted(self.capture.modules)
 
-    def forward(self, payload: Mapping[str, torch.Tensor], concepts: Sequence[str | None],
-                mask: torch.Tensor | None):
-        """Run the slice on one micro-batch, accumulating Σ; return the next stage's payload.
-
-        The last stage returns only the number of rows, so logits never cross the network.
-        """
+    def _run(self, inputs: Mapping[str, torch.Tensor], concepts: Sequence[str | None],
+             mask: torch.Tensor | None):
+        """One micro-batch through the slice, accumulating Σ; the slice's output (or, for the
+        last stage, only the number of rows, so logits never leave the actor)."""
+        if torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)  # from the thread that computes
         t0 = time.perf_counter()
-        inputs = {k: v.to(self.device) for k, v in payload.items()}
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
         with torch.no_grad(), self.capture.observe(concepts, mask):
             out = self.stage(**inputs)
-        n_rows = len(concepts)
-        n_tok = int(mask.sum()) if mask is not None else n_rows
-        dt = time.perf_counter() - t0
-        self.rows, self.tokens, self.busy_s = self.rows + n_rows, self.tokens + n_tok, self.busy_s + dt
-        if self.tracker is not None:
-            self.tracker.stage.remote(self.index, self.replica, n_rows, n_tok, dt)
-        if self.index == self.n_stages - 1:
-            return n_rows
-        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        self.rows += len(concepts)
+        self.batches += 1
+        self.tokens += int(mask.sum()) if mask is not None else len(concepts)
+        self.busy_s += time.perf_counter() - t0
+        return len(concepts) if self.index == self.n_stages - 1 else out
+
+    def forward(self, payload: Mapping, concepts: Sequence[str | None], mask: np.ndarray | None):
+        """Stages ≥ 1: the previous stage's numpy payload in, this stage's payload out."""
+        self.wire_bytes += payload_nbytes(payload) + (mask.nbytes if mask is not None else 0)
+        tmask = from_wire({"m": mask})["m"] if mask is not None else None
+        out = self._run(from_wire(payload), concepts, tmask)
+        return out if isinstance(out, int) else to_wire(out)
+
+    def consume(self, split, rest: list, pad_id: int, batch_tokens: int, max_in_flight: int,
+                prefetch: int) -> dict:
+        """Stage 0: pull this replica's split and push every row through the replica's chain
+        (this stage, then ``rest``); returns what was fed (``feed.py``)."""
+        def first(batch):
+            inputs = dict(batch.inputs) if isinstance(batch.inputs, dict) else {"x": batch.inputs}
+            return self._run(inputs, batch.concepts, batch.token_mask())
+
+        self.feed = FeedCounters()  # one slice's feed (a checkpointed run feeds several)
+        return feed(split, first, rest, batch_tokens=batch_tokens, pad_id=pad_id,
+                    max_in_flight=max_in_flight, prefetch=prefetch, counters=self.feed)
 
     def module_infos(self) -> dict[str, ModuleInfo]:
         return self.capture.module_infos()
@@ -89,20 +141,35 @@ class StageActor:
     def summaries(self) -> dict[str, tuple[int, dict[str, int]]]:
         return {g: m.summary() for g, m in self.capture.groups.items()}
 
-    def partial(self, group: str) -> Moments:
-        """This replica's Σ for one input group, tagged so it can only be merged once."""
-        m = self.capture.groups[group].to("cpu")
-        m.sources = frozenset({f"replica-{self.replica}"})
-        return m
+    def _partial(self, group: str, in_place: bool) -> SigmaBlocks:
+        """This replica's Σ of ``group`` as numpy blocks, tagged so it can merge only once."""
+        if group not in self.reducing:
+            m = self.capture.groups[group]
+            m.sources = frozenset({f"replica-{self.replica}"})
+            self.reducing[group] = SigmaBlocks.from_moments(m, in_place=in_place)
+        return self.reducing[group]
 
-    def group_weights(self, group: str) -> dict[str, torch.Tensor]:
-        """The (out, D) float64 matrices of the group's modules, for the solver task."""
+    def absorb(self, group: str, incoming: SigmaBlocks, in_place: bool = False) -> None:
+        """Add another replica's partial of ``group`` into this one's (``reduce.py``).
+        ``in_place``: the final reduction may add into the accumulators themselves."""
+        t0 = time.perf_counter()
+        self.reduce_bytes += incoming.nbytes()
+        self._partial(group, in_place).absorb(incoming)
+        self.reduce_s += time.perf_counter() - t0
+
+    def export(self, group: str, in_place: bool = False) -> SigmaBlocks:
+        """This actor's (possibly already merged) partial of ``group``, handed on once."""
+        t0 = time.perf_counter()
+        out = self._partial(group, in_place)
+        del self.reducing[group]
+        self.reduce_s += time.perf_counter() - t0
+        return out
+
+    def group_weights(self, group: str) -> dict[str, np.ndarray]:
+        """The (out, D) float64 matrices of the group's modules, as numpy for the solver."""
         infos = self.capture.module_infos()
-        return {n: weight_matrix(self.stage.get_submodule(n), i.bias).cpu()
+        return {n: weight_matrix(self.stage.get_submodule(n), i.bias).cpu().numpy()
                 for n, i in infos.items() if i.group == group}
 
     def fingerprint(self) -> dict[str, str]:
         return fingerprint_parts(self.stage.state_dict().items())
-
-    def counters(self) -> dict:
-        return {"rows": self.rows, "tokens": self.tokens, "busy_s": self.busy_s}

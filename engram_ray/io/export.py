@@ -8,24 +8,45 @@ a time. Peak memory is one tensor plus its engrams. Config, tokenizer and other 
 copied as they are. A tied output layer (GPT-2's ``lm_head`` stored as ``transformer.wte``) is
 edited through the key the checkpoint stores it under, once.
 
-The output directory is written under a temporary name and renamed into place at the end, so a
-failed export never leaves a half-written model that looks complete.
+Outputs are published whole or not at all. A local output is written into
+``<out>.partial-<nonce>`` and renamed into place at the end (:func:`staged_local`); an ``s3://``
+output is written to a local temporary directory and uploaded file by file with the completion
+marker (``edit.json``) last, and a failed upload removes what it had uploaded (best effort:
+the store may be what failed) (:func:`upload_dir`). An output that is an existing file, or a
+non-empty directory or prefix, is refused before anything is written (:func:`check_output`),
+locally and on S3 alike: an edit never merges with stale files. Every edited tensor is checked
+to be finite before it is written (an α too large for the checkpoint's dtype is refused).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from safetensors import safe_open
 
-from engram_ray.core.edit import EditPlan
+from engram_ray.core.edit import EditPlan, check_finite
+from engram_ray.io.storage import Storage
 
-__all__ = ["edit_tensor_stream", "write_edited_checkpoint", "write_safetensors_stream"]
+__all__ = [
+    "MARKER",
+    "check_output",
+    "edit_tensor_stream",
+    "staged_local",
+    "upload_dir",
+    "write_edited_checkpoint",
+    "write_edited_files",
+    "write_safetensors_stream",
+]
+
+MARKER = "edit.json"  # written last: an output holding it is complete (and says what it is)
 
 _DTYPE_NAMES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -97,49 +118,124 @@ def edit_tensor_stream(
                 if tuple(delta.shape) != tuple(t.shape):
                     raise ValueError(f"{key}: engram shape {tuple(delta.shape)} ≠ tensor "
                                      f"{tuple(t.shape)}; is this the run's model?")
-                t = (t.float() - delta.float()).to(t.dtype)
+                edited = (t.float() - delta.float()).to(t.dtype)
+                check_finite(key, t, edited, plan.alpha)
+                t = edited
         yield key, t
 
 
 def write_edited_checkpoint(src_dir: str, out_dir: str, plan: EditPlan,
                             aliases: Mapping[str, str] | None = None) -> list[str]:
-    """Copy the HF directory ``src_dir`` to ``out_dir`` with the plan's edits; returns files."""
+    """Copy the HF directory ``src_dir`` to the local ``out_dir`` with the plan's edits,
+    published whole (:func:`staged_local`); returns the safetensors files written."""
+    check_output(Storage(out_dir))
+    with staged_local(out_dir) as stage:
+        return write_edited_files(src_dir, stage, plan, aliases)
+
+
+def write_edited_files(src_dir: str, dest_dir: str, plan: EditPlan,
+                       aliases: Mapping[str, str] | None = None) -> list[str]:
+    """Write ``src_dir``'s HF checkpoint, edited, into the existing directory ``dest_dir``
+    (small files copied, safetensors streamed tensor by tensor); returns the safetensors files."""
     files = sorted(f for f in os.listdir(src_dir) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {src_dir}")
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"output directory {out_dir} exists and is not empty")
-    tmp = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        for name in os.listdir(src_dir):
-            src = os.path.join(src_dir, name)
-            if os.path.isfile(src) and not name.endswith((".safetensors", ".bin", ".pt")):
-                shutil.copy2(src, os.path.join(tmp, name))
-        all_keys = {}
-        for fname in files:
-            with safe_open(os.path.join(src_dir, fname), framework="pt") as f:
-                all_keys[fname] = list(f.keys())
-        edited_anywhere = EditPlanFilter(plan, {k for ks in all_keys.values() for k in ks}, aliases)
-        for fname in files:
-            path = os.path.join(src_dir, fname)
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                layout = {}
-                for k in all_keys[fname]:
-                    sl = f.get_slice(k)
-                    layout[k] = (_torch_dtype(sl.get_dtype()), tuple(sl.get_shape()))
-                sub = edited_anywhere.for_keys(all_keys[fname])
-                stream = edit_tensor_stream(sub, all_keys[fname], f.get_tensor, aliases)
-                write_safetensors_stream(os.path.join(tmp, fname), layout, stream, meta)
-        if os.path.exists(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    for name in os.listdir(src_dir):
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src) and not name.endswith((".safetensors", ".bin", ".pt")):
+            shutil.copy2(src, os.path.join(dest_dir, name))
+    all_keys = {}
+    for fname in files:
+        with safe_open(os.path.join(src_dir, fname), framework="pt") as f:
+            all_keys[fname] = list(f.keys())
+    edited_anywhere = EditPlanFilter(plan, {k for ks in all_keys.values() for k in ks}, aliases)
+    for fname in files:
+        with safe_open(os.path.join(src_dir, fname), framework="pt") as f:
+            meta = f.metadata() or {}
+            layout = {}
+            for k in all_keys[fname]:
+                sl = f.get_slice(k)
+                layout[k] = (_torch_dtype(sl.get_dtype()), tuple(sl.get_shape()))
+            sub = edited_anywhere.for_keys(all_keys[fname])
+            stream = edit_tensor_stream(sub, all_keys[fname], f.get_tensor, aliases)
+            write_safetensors_stream(os.path.join(dest_dir, fname), layout, stream, meta)
     return files
+
+
+def check_output(dest: Storage) -> None:
+    """Refuse an output that is an existing file, or a non-empty directory (local) or prefix
+    (``s3://``): an edited model never merges with what was there. Checked before any work,
+    so the refusal is one line and costs nothing."""
+    if not dest.remote:
+        if os.path.exists(dest.root) and not os.path.isdir(dest.root):
+            raise FileExistsError(f"output {dest.uri} is an existing file, not a directory")
+        if os.path.isdir(dest.root) and os.listdir(dest.root):
+            raise FileExistsError(f"output directory {dest.uri} exists and is not empty")
+        return
+    try:
+        with dest.errors("checking the output"):
+            info = dest.fs.info(dest.root)
+    except FileNotFoundError:
+        return
+    if info.get("type") != "directory":
+        raise FileExistsError(f"output {dest.uri} is an existing object, not a prefix")
+    with dest.errors("listing the output"):
+        entries = dest.fs.ls(dest.root, detail=False)
+    if entries:
+        raise FileExistsError(f"output prefix {dest.uri} exists and is not empty; an edit is "
+                              "never merged with other objects: choose an empty prefix")
+
+
+@contextmanager
+def staged_local(out: str) -> Iterator[str]:
+    """A fresh ``<out>.partial-<nonce>`` directory to write into, renamed to ``out`` when the
+    block ends without error (atomic: ``out`` is absent or complete) and removed either way."""
+    out = os.path.abspath(os.path.expanduser(out))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    stage = f"{out}.partial-{uuid.uuid4().hex[:12]}"
+    os.mkdir(stage)
+    try:
+        yield stage
+        try:
+            os.replace(stage, out)  # replaces an empty directory, never a non-empty one
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise FileExistsError(f"output {out} was created by someone else while this "
+                                      "edit was written; nothing was published") from None
+            raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def upload_dir(local: str, dest: Storage, marker: str = MARKER) -> list[str]:
+    """Upload every file under ``local`` to ``dest``, ``marker`` last; returns the relative
+    names. If any upload fails, what was uploaded is removed (best effort, one bulk delete:
+    the store may be the thing that failed) and the error is raised: no prefix is left that
+    holds the marker without the whole model."""
+    names = sorted(os.path.relpath(os.path.join(d, f), local).replace(os.sep, "/")
+                   for d, _, fs in os.walk(local) for f in fs)
+    names = [n for n in names if n != marker] + ([marker] if marker in names else [])
+    started: list[str] = []
+    try:
+        for name in names:
+            started.append(name)
+            with dest.errors("uploading", name):
+                dest.fs.put_file(os.path.join(local, *name.split("/")), dest.path(name))
+    except BaseException:
+        _remove_quietly(dest, started)
+        raise
+    return names
+
+
+def _remove_quietly(dest: Storage, names: list[str]) -> None:
+    """Delete ``names`` below ``dest`` in one request, ignoring every error (a dead endpoint,
+    botocore's own exceptions): cleanup must not hide the failure that caused it."""
+    if not names:
+        return
+    try:
+        dest.fs.rm([dest.path(n) for n in names])
+    except Exception:  # noqa: BLE001, S110 - best effort; the original error is re-raised
+        pass
 
 
 class EditPlanFilter:

@@ -12,7 +12,7 @@ covers, and merges the checkpoint's Σ into each group at solve time exactly as 
 merges its base run's (``Moments.merge`` refuses a shard counted twice), so every row is counted
 exactly once across the kill. The state names the model fingerprint and a digest of the config
 that shapes Σ (model, data, select); a rerun with anything else is refused. Committing the run
-removes the checkpoint.
+removes the checkpoint. Credentials are no part of the digest (see :func:`config_digest`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,23 @@ STATE = "state.json"
 
 
 def config_digest(cfg) -> str:
-    """sha256 of the config sections that decide what Σ holds (not parallelism, not storage)."""
+    """sha256 of the config sections that decide what Σ holds (not parallelism, not storage).
+
+    Of ``data.storage_options`` only the endpoint counts (it decides what the data paths name);
+    credentials, retries and the like do not, so rotating a key never blocks a resume."""
     shaping = {k: v for k, v in cfg.to_dict().items() if k in ("model", "data", "select")}
+    if "data" in shaping:
+        shaping["data"] = {**shaping["data"],
+                           "storage_options": _endpoint(cfg.data.storage_options)}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _endpoint(options: Mapping | None) -> dict | None:
+    """The part of storage options that says where data lives (``None`` when nothing does)."""
+    options = options or {}
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get(
+        "endpoint_url")
+    return {"endpoint_url": endpoint} if endpoint else None
 
 
 @dataclass(frozen=True)
@@ -132,7 +146,7 @@ class SigmaCheckpoint:
     def _read_state(self) -> dict | None:
         if not self._storage.exists(STATE):
             return None
-        return json.loads(self._storage.read_bytes(STATE))
+        return self._storage.read_json(STATE)
 
 
 def slices(files: list[str], size: int | None) -> list[list[str]]:

@@ -1,11 +1,51 @@
 """A run of engrams on any fsspec URI: payload Parquet files, a manifest, run.json, a commit marker.
 
-Layout of ``<run>/`` (local directory or ``s3://bucket/prefix``)::
+Layout of ``<store>/<run_id>/`` (local directory or ``s3://bucket/prefix``)::
 
     payload/<module>.parquet   one file per module, one row (= one row group) per concept
     manifest.parquet           one row per (concept, module): where the payload is + sha256
-    run.json                   config, model fingerprint, versions, timings
-    _COMMITTED                 written last; names the manifest's sha256
+    run.json                   config (credentials redacted), fingerprint, versions, warnings
+    statistics/<group>.safetensors   the kept Σ (``store.keep_statistics``)
+    _COMMITTED                 written last: names the generation and the sha256 of the
+                               manifest and of run.json (the manifest names every payload's)
+
+and, beside the runs, the store's reserved names (a run id never starts with ``_``)::
+
+    _staging/<run_id>-<nonce>/ where a writer writes; readers never look here
+    _leases/<run_id>           the exclusive lease of the one writer of run_id (``lease.py``)
+
+Commit protocol (the same on local disk and S3, which has no rename):
+
+1. *Lease.* The writer first takes ``_leases/<run_id>`` with an exclusive create (``O_EXCL``
+   locally, ``If-None-Match: *`` on S3): a second writer of the same run fails at once with a
+   message naming the holder (host, pid, since when). A background heartbeat renews the lease
+   while the writer lives; a lease older than ``lease_timeout_s`` is a crashed writer's and is
+   broken, and ``store.break_lease: true`` breaks a live-looking one (the documented way out).
+2. *Stage.* Payloads (written by solver tasks, which get the staging URI), statistics, the
+   manifest and run.json go to ``_staging/<run_id>-<nonce>/``, never to the run's own prefix.
+3. *Publish.* The files are moved (locally: renamed; S3: server-side copied) into the run's
+   prefix, into file names no committed run uses: the canonical names when they are free,
+   else a fresh *generation* ``<run>/v-<nonce>/`` (an ``overwrite`` of a committed run: its
+   files stay untouched, and readable, all along).
+4. *Commit.* ``_COMMITTED`` is written last, in one atomic step (S3: one PUT; locally: a
+   temporary file renamed over it). It is the only switch: a reader trusts nothing but the
+   generation, manifest and run.json it names, each checked against its sha256, and payload
+   bytes against the manifest's; so a reader sees the old run or the new one, never a mix,
+   and a crash at any point before this step leaves the old run (or no run) in force.
+5. *Clean up* (best effort, under the lease): the superseded generation, this writer's staging
+   and stale staging areas of crashed writers of the same run id; then release the lease.
+
+Why generations and not an in-place replace: S3 cannot rename, so replacing the files in place
+would expose a mixed or half-written run for the length of the copy and lose the old run if the
+writer died during it. Why staging outside the run prefix: nothing under ``<run_id>/`` exists
+until the run is published, so an aborted or crashed writer never leaves a half-run where a
+run is expected, and abort only ever removes what this writer created.
+
+Safety of paths: a run id is one safe path component (``config.run_id_problem``), checked for
+``store.run_id`` and for the last component of a URI given to the Python API; a target that
+exists and holds anything but run files (a data directory, a file) is refused, never removed.
+Storage failures surface as one-line :class:`~engram_ray.io.storage.StorageError` naming the
+location; an abort after a failure never masks it (cleanup errors are swallowed).
 
 Payload rows (format version 2). Tensors are raw little-endian float32 bytes, row-major, in
 ``binary`` columns — the safetensors idea inside Parquet: one value per tensor, so writing costs
@@ -23,33 +63,46 @@ row group and row: a reader fetching one engram reads at most that much besides 
 engrams do not pay Parquet's per-row-group cost each (measured on 1,450 rank-41 engrams: 0.35 s
 at one row group each, 0.12 s at one per module).
 
-Readers refuse runs without the commit marker, a manifest that does not match it, and a payload
-whose sha256 differs from the manifest's: what a reader returns is what the writer committed.
+Readers refuse runs without the commit marker, a marker, manifest or run.json that is invalid or
+does not match, and a payload whose sha256 differs from the manifest's: what a reader returns is
+what the writer committed. Errors name the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import secrets
+import shutil
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from engram_ray.config import run_id_problem
 from engram_ray.core.moments import ModuleInfo, Moments, Statistics
 from engram_ray.core.solve import EngramRecord, FactoredEngram
-from engram_ray.io.storage import Storage
+from engram_ray.io.lease import Lease, LeaseHeld
+from engram_ray.io.storage import Storage, is_remote
 
 __all__ = [
+    "COMMIT_FORMAT",
     "PAYLOAD_FORMAT_VERSION",
+    "LeaseHeld",
     "Run",
     "RunWriter",
     "open_run",
     "run_exists",
+    "run_lease",
+    "split_run_uri",
 ]
 
 PAYLOAD_FORMAT_VERSION = 2  # 2: float32 bytes in binary columns (1: Arrow tensors)
@@ -58,6 +111,12 @@ MANIFEST = "manifest.parquet"
 RUN_JSON = "run.json"
 PAYLOAD_DIR = "payload"
 STATISTICS_DIR = "statistics"
+COMMIT_FORMAT = 2  # 2: the marker names the generation and the sha256 of manifest and run.json
+STAGING_DIR = "_staging"
+LEASE_DIR = "_leases"
+GENERATION_PREFIX = "v-"
+RUN_FILES = (PAYLOAD_DIR, STATISTICS_DIR, MANIFEST, RUN_JSON)  # what one generation holds
+_GENERATION = re.compile(r"v-[0-9a-f]{16}")
 
 ROW_GROUP_BYTES = 8 << 20
 
@@ -76,6 +135,7 @@ _MANIFEST_SCHEMA = pa.schema(
         ("N", pa.int64()),
         ("rel_norm", pa.float64()),
         ("weight_norm", pa.float64()),
+        ("kept", pa.int32()),
         ("payload", pa.string()),
         ("row_group", pa.int32()),
         ("row", pa.int32()),
@@ -163,6 +223,7 @@ class _ModulePayload:
             "N": rec.n_total,
             "rel_norm": rec.rel_norm,
             "weight_norm": rec.weight_norm,
+            "kept": rec.kept,
             "payload": self.rel,
             "row_group": self.row_groups,
             "row": len(self._buffer),
@@ -192,29 +253,189 @@ class _ModulePayload:
             self._writer.close()
             self._file.close()
 
+    def discard(self) -> None:
+        """Drop the file after a failure without finishing it: no footer, no upload (S3: a
+        multipart upload is aborted), no network call to a store that may be gone."""
+        if isinstance(self._file, fsspec.spec.AbstractBufferedFile):
+            _best_effort(self._file.discard)
+            self._file.closed = True
+        else:
+            _best_effort(self._file.close)
+        _best_effort(self._writer.close)  # fails on the closed sink: only marks it closed
+
+
+def split_run_uri(uri: str) -> tuple[str, str]:
+    """``(store URI, run id)`` of a run URI; the run id (its last component) must be one safe
+    path component (``config.run_id_problem``), checked before any normalization."""
+    text = uri.rstrip("/")
+    last = re.split(r"[/\\]", text)[-1] if text else ""
+    problem = run_id_problem(last)
+    if problem is not None:
+        raise ValueError(f"run URI {uri!r}: its last component (the run id) {problem}")
+    if is_remote(text):
+        if "/" not in text.split("://", 1)[1]:
+            raise ValueError(f"run URI {uri!r} names a bucket: a run needs a key below it")
+        return text.rsplit("/", 1)[0], last
+    return os.path.dirname(os.path.abspath(os.path.expanduser(text))), last
+
+
+def run_lease(uri: str, storage_options=None, *, timeout_s: float = 3600.0,
+              break_lease: bool = False, what: str | None = None,
+              how_to_break: str = "store.break_lease: true, or --set store.break_lease=true"
+              ) -> Lease:
+    """Take the exclusive lease on the run (or any output directory) at ``uri``: the object
+    ``<parent>/_leases/<name>`` (``lease.py``; ``name`` must be a safe run id). A live lease of
+    another holder raises :class:`LeaseHeld` naming it and ``how_to_break`` it; ``break_lease``
+    removes it first. Storage failures raise a one-line ``StorageError``."""
+    store_uri, name = split_run_uri(uri)
+    lease = Lease(Storage(store_uri, storage_options).child(LEASE_DIR, name),
+                  timeout_s=timeout_s, what=what or uri.rstrip("/"))
+    try:
+        with lease.storage.errors("taking the lease", keep=(LeaseHeld,)):
+            if break_lease:
+                lease.break_()
+            return lease.acquire()
+    except LeaseHeld as e:
+        raise LeaseHeld(f"{e} ({how_to_break}, breaks it)") from None
+
+
+class _Heartbeat:
+    """Renews a lease every quarter of its timeout while its writer lives (a daemon thread):
+    a live writer's lease never expires, a dead one's does."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease, self._stop = lease, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="engram-lease")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(1.0, self.lease.timeout_s / 4)):
+            try:
+                _renew(self.lease, self._stop)
+            except Exception:  # storage briefly unreachable: try again next beat
+                pass
+
+    def stop(self) -> None:
+        """Stop renewing, waiting (a little) for a renewal in flight: a renewal landing after
+        the release would resurrect the lease."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+
+def _lease_body(lease: Lease) -> dict | None:
+    try:
+        return json.loads(lease.storage.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}
+
+
+def _renew(lease: Lease, stopped: threading.Event) -> None:
+    """Push the lease's expiry forward if it is still ours (atomically: S3 PUT, local rename)."""
+    body = _lease_body(lease)
+    if not body or body.get("token") != lease.token or stopped.is_set():
+        return
+    body["expires"] = time.time() + lease.timeout_s
+    data = json.dumps(body).encode()
+    if lease.storage.remote:
+        lease.storage.write_bytes("", data)
+    else:
+        tmp = f"{lease.storage.root}.renew-{secrets.token_hex(4)}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, lease.storage.root)
+
+
+def _is_run_entry(name: str) -> bool:
+    """A name a run's prefix holds (current or superseded generation, marker, temp marker)."""
+    return (name in RUN_FILES or name == COMMIT_MARKER or name.startswith(COMMIT_MARKER + ".")
+            or name.startswith(GENERATION_PREFIX))
+
+
+def _entries(storage: Storage) -> list[str] | None:
+    """Names directly below ``storage`` (None when nothing is there; a file is its own name)."""
+    if not storage.exists():
+        return None
+    with storage.errors("listing"):
+        if not storage.fs.isdir(storage.root):
+            return [storage.root.rstrip("/").rsplit("/", 1)[-1]]
+    return storage.ls()
+
+
+def _run_of(staging_uri: str) -> str:
+    """``<store>/<run_id>`` of a staging URI ``<store>/_staging/<run_id>-<nonce>`` (for
+    messages; any other URI is returned as is)."""
+    parent, _, name = staging_uri.rstrip("/").rpartition("/")
+    store, _, area = parent.rpartition("/")
+    if area != STAGING_DIR or "-" not in name:
+        return staging_uri
+    return f"{store}/{name.rsplit('-', 1)[0]}"
+
+
+def _best_effort(fn, *args) -> None:
+    """Cleanup that must never mask the error being reported (nor fail a committed run)."""
+    try:
+        fn(*args)
+    except Exception:
+        pass
+
 
 class RunWriter:
-    """Writes a run; nothing is visible to readers until :meth:`commit` writes the marker.
+    """Writes a run (module docstring: lease, staging, publish, marker last); nothing is
+    visible to readers until :meth:`commit` writes the marker.
 
-    A run that already committed at ``uri`` is never overwritten (pass ``overwrite=True`` to
-    replace it); leftovers of an uncommitted attempt are removed first. Solver tasks that write
-    payloads into a run the driver prepared use ``attach=True``, which touches nothing.
+    A committed run at ``uri`` is replaced only with ``overwrite=True``, and stays readable
+    until the new one is committed; a target holding anything but run files is refused.
+    ``staging_uri`` is where payloads go: solver tasks write there with ``attach=True``
+    (``uri`` = the staging URI), which takes no lease and touches nothing else.
     """
 
-    def __init__(
-        self, uri: str, storage_options=None, *, overwrite: bool = False, attach: bool = False
-    ) -> None:
+    def __init__(self, uri: str, storage_options=None, *, overwrite: bool = False,
+                 attach: bool = False, lease_timeout_s: float = 3600.0,
+                 break_lease: bool = False) -> None:
         self.uri = uri.rstrip("/")
         self.storage_options = storage_options
-        self.storage = Storage(self.uri, storage_options)
+        self.lease: Lease | None = None
+        self._published: list[str] = []
+        self._marker: dict | None = None
+        self._released = False
         if attach:
+            self.storage = Storage(self.uri, storage_options)
             return
-        if self.storage.exists(COMMIT_MARKER) and not overwrite:
+        store_uri, self.run_id = split_run_uri(self.uri)
+        self.final = Storage(self.uri, storage_options)
+        self.lease = run_lease(self.uri, storage_options, timeout_s=lease_timeout_s,
+                               break_lease=break_lease, what=f"run {self.uri}")
+        self._heartbeat = _Heartbeat(self.lease)
+        try:
+            self._check_target(overwrite)
+            self._store = Storage(store_uri, storage_options)
+            self.storage = self._store.child(STAGING_DIR,
+                                             f"{self.run_id}-{secrets.token_hex(8)}")
+            self.storage.makedirs(PAYLOAD_DIR)
+        except BaseException:
+            self._release()
+            raise
+
+    @property
+    def staging_uri(self) -> str:
+        """Where this run's files are written before they are published."""
+        return self.storage.uri
+
+    def _check_target(self, overwrite: bool) -> None:
+        names = _entries(self.final)
+        if names is None:
+            return
+        if COMMIT_MARKER in names and not overwrite:
             raise FileExistsError(f"a committed run already exists at {self.uri}; "
                                   "choose another run_id or pass overwrite")
-        if self.storage.exists():
-            self.storage.rm()
-        self.storage.makedirs(PAYLOAD_DIR)
+        foreign = sorted(n for n in names if not _is_run_entry(n))
+        if foreign:
+            raise FileExistsError(
+                f"{self.uri} exists and is not an engram run (it holds {foreign[:5]}); the "
+                "writer never replaces what it did not write: choose another run_id")
 
     def write_records(
         self, infos: Mapping[str, ModuleInfo], records: Iterable[EngramRecord]
@@ -223,36 +444,85 @@ class RunWriter:
         manifest rows."""
         writers: dict[str, _ModulePayload] = {}
         rows = []
-        try:
-            for rec in records:
-                w = writers.get(rec.module)
-                if w is None:
-                    w = writers[rec.module] = _ModulePayload(self.storage, infos[rec.module])
-                rows.append(w.write(rec))
-        finally:
-            for w in writers.values():
-                w.close()
+        with self.storage.errors(f"writing payloads of run {_run_of(self.storage.uri)} to"):
+            try:
+                for rec in records:
+                    w = writers.get(rec.module)
+                    if w is None:
+                        w = writers[rec.module] = _ModulePayload(self.storage, infos[rec.module])
+                    rows.append(w.write(rec))
+                for w in writers.values():
+                    w.close()
+            except BaseException:
+                for w in writers.values():
+                    w.discard()
+                raise
         return rows
 
     def commit(self, manifest_rows: Sequence[dict], run_info: Mapping) -> str:
-        """Write manifest.parquet, run.json and, last, the commit marker; return the URI."""
-        rows = sorted(manifest_rows, key=lambda r: (r["concept"], r["module"]))
-        keys = [(r["concept"], r["module"]) for r in rows]
-        if len(set(keys)) != len(keys):
-            raise ValueError("manifest has duplicate (concept, module) rows")
-        table = pa.Table.from_pylist(rows, schema=_MANIFEST_SCHEMA)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        manifest = sink.getvalue().to_pybytes()
-        self.storage.write_bytes(MANIFEST, manifest)
+        """Stage manifest.parquet and run.json, publish, write the commit marker last, clean
+        up and release the lease; return the run's URI."""
+        manifest = _manifest_bytes(manifest_rows)
         info = dict(run_info)
         info.setdefault("payload_format_version", PAYLOAD_FORMAT_VERSION)
-        run_json = json.dumps(info, indent=2, sort_keys=True, default=str)
-        self.storage.write_bytes(RUN_JSON, run_json.encode())
-        marker = {"manifest_sha256": hashlib.sha256(manifest).hexdigest(),
-                  "committed_at": time.time()}
-        self.storage.write_bytes(COMMIT_MARKER, json.dumps(marker).encode())
+        run_json = json.dumps(info, indent=2, sort_keys=True, default=str).encode()
+        self.storage.write_bytes(MANIFEST, manifest)
+        self.storage.write_bytes(RUN_JSON, run_json)
+        self._check_lease()
+        generation = self._free_generation()
+        self._publish(generation)
+        self._marker = {"commit_format": COMMIT_FORMAT, "generation": generation,
+                        "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+                        "run_json_sha256": hashlib.sha256(run_json).hexdigest(),
+                        "writer": self.storage.uri.rsplit("-", 1)[-1],
+                        "committed_at": time.time()}
+        _write_atomic(self.final, COMMIT_MARKER, json.dumps(self._marker).encode())
+        _best_effort(self._collect, generation)
+        self._release()
         return self.uri
+
+    def _check_lease(self) -> None:
+        body = _lease_body(self.lease)
+        if not body or body.get("token") != self.lease.token:
+            holder = (body or {}).get("holder", "nobody")
+            raise LeaseHeld(f"lost the lease on run {self.uri} (now held by {holder}): another "
+                            "writer broke it; nothing was committed")
+
+    def _free_generation(self) -> str:
+        """The canonical names when no file of a run uses them, else a fresh ``v-<nonce>``."""
+        names = set(_entries(self.final) or ())
+        return "" if not names & set(RUN_FILES) else f"{GENERATION_PREFIX}{secrets.token_hex(8)}"
+
+    def _publish(self, generation: str) -> None:
+        """Move every staged file below the run's prefix (S3: server-side copies)."""
+        target = self.final.child(generation) if generation else self.final
+        staged = self.storage.ls()
+        self._published = [generation] if generation else list(staged)
+        with target.errors("publishing into"):
+            if not self.final.remote:
+                os.makedirs(target.root, exist_ok=True)
+                for name in staged:
+                    shutil.move(self.storage.path(name), target.path(name))
+                return
+            fs, root = self.storage.fs, self.storage.root
+            sources = fs.find(root)
+            fs.copy(sources, [target.path(p[len(root):].lstrip("/")) for p in sources])
+
+    def _collect(self, generation: str) -> None:
+        """After the commit: drop superseded run files, this staging area and stale staging
+        areas of crashed writers of this run id (all ours: we hold the lease)."""
+        for name in _entries(self.final) or ():
+            if name == COMMIT_MARKER or name == generation:
+                continue
+            stale = (name.startswith(GENERATION_PREFIX) or name.startswith(COMMIT_MARKER + ".")
+                     or (generation != "" and name in RUN_FILES))
+            if stale:
+                self.final.rm(name)
+        areas = self._store.child(STAGING_DIR)
+        for name in _entries(areas) or ():
+            tail = name[len(self.run_id) + 1:]
+            if name.startswith(self.run_id + "-") and re.fullmatch(r"[0-9a-f]{16}", tail):
+                _best_effort(areas.rm, name)
 
     def write_statistics(self, group: str, moments: Moments) -> str:
         """Keep one input group's Σ in the run (``statistics/<group>.safetensors``), so a later
@@ -263,17 +533,93 @@ class RunWriter:
         return rel
 
     def abort(self) -> None:
-        """Remove everything written so far (best effort): no half-written run stays behind."""
+        """Remove what this writer wrote (its staging area, files it published before the
+        marker) and release the lease. Best effort: it never raises, so the error that caused
+        the abort is the one reported. Never touches a committed run."""
+        if self.lease is None or self._released:
+            return  # attached (the driver's writer owns the staging area), or done
+        final, staging = _quick(self.final), _quick(self.storage)
+        if not self._committed_by_us():
+            for name in self._published:
+                _best_effort(final.rm, name)
+        _best_effort(staging.rm)
+        self.lease.storage = _quick(self.lease.storage)  # the store may be gone: don't linger
+        self._release()
+
+    def _committed_by_us(self) -> bool:
+        """True when the marker at the run names this writer (a marker write whose reply was
+        lost): its files are the committed run and must stay."""
+        if self._marker is None:
+            return False
         try:
-            if self.storage.exists():
-                self.storage.rm()
-        except OSError:
-            pass
+            return json.loads(_quick(self.final).read_bytes(COMMIT_MARKER)) == self._marker
+        except Exception:
+            return False
+
+    def _release(self) -> None:
+        if self.lease is not None and not self._released:
+            self._released = True
+            self._heartbeat.stop()
+            _best_effort(self.lease.release)
+
+
+def _quick(storage: Storage) -> Storage:
+    """The location with few retries, for cleanup after a failure: best effort, and a store
+    that is gone must not hold the original error back for minutes."""
+    if not storage.remote:
+        return storage
+    opts = dict(storage.options or {})
+    opts["config_kwargs"] = {**(opts.get("config_kwargs") or {}),
+                             "retries": {"max_attempts": 2, "mode": "standard"},
+                             "connect_timeout": 5}
+    quick = Storage(storage.uri, opts)
+    quick.options = storage.options  # pickles and reports as the original
+    return quick
+
+
+def _manifest_bytes(manifest_rows: Sequence[dict]) -> bytes:
+    rows = sorted(manifest_rows, key=lambda r: (r["concept"], r["module"]))
+    keys = [(r["concept"], r["module"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise ValueError("manifest has duplicate (concept, module) rows")
+    table = pa.Table.from_pylist(rows, schema=_MANIFEST_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _write_atomic(storage: Storage, rel: str, data: bytes) -> None:
+    """One object written whole or not at all: S3 PUTs are; locally, a renamed temp file."""
+    if storage.remote:
+        storage.write_bytes(rel, data)
+        return
+    tmp = f"{rel}.tmp-{secrets.token_hex(4)}"
+    storage.write_bytes(tmp, data)
+    os.replace(storage.path(tmp), storage.path(rel))
 
 
 def run_exists(uri: str, storage_options=None) -> bool:
     """True when a committed run is at ``uri``."""
     return Storage(uri, storage_options).exists(COMMIT_MARKER)
+
+
+def _read_marker(root: Storage) -> dict:
+    """The commit marker, checked: valid JSON, this commit format, a sane generation."""
+    uri = root.uri_of(COMMIT_MARKER)
+    if not root.exists(COMMIT_MARKER):
+        raise FileNotFoundError(
+            f"{root.uri} is not a committed engram run (no {COMMIT_MARKER} marker): "
+            "the extraction did not finish, or this is not a run directory")
+    marker = root.read_json(COMMIT_MARKER)
+    if not isinstance(marker, dict) or "manifest_sha256" not in marker:
+        raise ValueError(f"{uri} is not a commit marker (no manifest_sha256)")
+    if "run_json_sha256" not in marker:
+        raise ValueError(f"{uri} does not cover run.json (written by an engram-ray before "
+                         f"commit format {COMMIT_FORMAT}): re-extract the run")
+    gen = marker.get("generation", "")
+    if gen != "" and not (isinstance(gen, str) and _GENERATION.fullmatch(gen)):
+        raise ValueError(f"{uri} names an invalid generation {gen!r}")
+    return marker
 
 
 class Run:
@@ -282,24 +628,16 @@ class Run:
     def __init__(self, uri: str, storage_options=None) -> None:
         self.uri = uri.rstrip("/")
         self.storage_options = storage_options
-        self._storage = Storage(self.uri, storage_options)
-        if not self._storage.exists(COMMIT_MARKER):
-            raise FileNotFoundError(
-                f"{self.uri} is not a committed engram run (no {COMMIT_MARKER} marker): "
-                "the extraction did not finish, or this is not a run directory"
-            )
-        marker = json.loads(self._storage.read_bytes(COMMIT_MARKER))
+        root = Storage(self.uri, storage_options)
+        self.marker = _read_marker(root)
+        gen = self.marker.get("generation", "")
+        self._storage = root.child(gen) if gen else root  # the committed generation's files
         manifest = self._storage.read_bytes(MANIFEST)
-        if hashlib.sha256(manifest).hexdigest() != marker["manifest_sha256"]:
-            raise ValueError(f"{self.uri}: manifest.parquet does not match the commit marker")
-        self.info = json.loads(self._storage.read_bytes(RUN_JSON))
-        version = self.info.get("payload_format_version")
-        if version != PAYLOAD_FORMAT_VERSION:
-            raise ValueError(
-                f"{self.uri}: payload format version {version!r} is not readable by this "
-                f"engram-ray (reads version {PAYLOAD_FORMAT_VERSION}); re-extract the run with "
-                "this version, or read it with the engram-ray that wrote it"
-            )
+        raw_info = self._storage.read_bytes(RUN_JSON)
+        self.info = _check_info(self._storage, raw_info, self.marker)
+        if hashlib.sha256(manifest).hexdigest() != self.marker["manifest_sha256"]:
+            raise ValueError(f"{self.uri}: manifest.parquet does not match the commit marker "
+                             f"({self._storage.uri_of(MANIFEST)} was modified after the commit)")
         self.manifest = pq.read_table(pa.BufferReader(manifest))
         rows = self.manifest.to_pylist()
         self._rows = {(r["concept"], r["module"]): r for r in rows}
@@ -391,6 +729,29 @@ class Run:
                 raise ValueError(f"{path}: has {pf.num_row_groups} row groups, the manifest "
                                  f"names row group {index}")
             return pf.read_row_group(index)
+
+
+def _check_info(storage: Storage, raw: bytes, marker: Mapping) -> dict:
+    """run.json parsed and checked: its payload format first (a format this reader does not
+    know may commit differently), then its sha256 against the marker."""
+    uri = storage.uri_of(RUN_JSON)
+    try:
+        info = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{uri} is not valid JSON ({e}): the file is truncated or was "
+                         "edited") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{uri} is not a run description (a JSON object)")
+    version = info.get("payload_format_version")
+    if version != PAYLOAD_FORMAT_VERSION:
+        raise ValueError(
+            f"{storage.uri}: payload format version {version!r} is not readable by this "
+            f"engram-ray (reads version {PAYLOAD_FORMAT_VERSION}); re-extract the run with "
+            "this version, or read it with the engram-ray that wrote it")
+    if hashlib.sha256(raw).hexdigest() != marker["run_json_sha256"]:
+        raise ValueError(f"{uri} does not match the commit marker (sha256): it was modified "
+                         "after the run was committed; refusing to trust it")
+    return info
 
 
 def _cell(table: pa.Table, column: str) -> pa.Buffer | None:

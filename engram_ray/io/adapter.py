@@ -1,0 +1,598 @@
+"""Forget edits written as PEFT LoRA adapters (``apply --format peft``).
+
+Why: an edit ``W' = W − ΔW`` stored as a full checkpoint costs the model's bytes per variant;
+most engrams are exact low-rank factors, so the same edit fits in an adapter of
+``(out + in)·Σ r_c`` numbers per module that PEFT loads onto the unchanged base model.
+
+The math. The edit subtracts ``ΔW_m = α f_m Σ_{c∈U} W⁺_{c,m}`` from module ``m``
+(``core/edit.py``; bias part included when the run absorbed the bias). PEFT's LoRA adds
+``s · B A`` (``A = lora_A.weight``: r × in, ``B = lora_B.weight``: out × r, ``s = lora_alpha / r``).
+Every module gets ``lora_alpha = r`` (ranks differ per module: ``rank_pattern`` and
+``alpha_pattern``, equal), so ``s = 1`` exactly and ``B A`` must equal ``−ΔW_m``. Per module
+(``form`` in ``adapter_meta.json``):
+
+- ``factored`` (exact): a concept kept as token rows has its engram stored as factors
+  ``W⁺_c = A_c B_c`` (out × r_c, r_c × in), so ``−α f Σ_c A_c B_c = [−α f A_1 … −α f A_k] ·
+  [B_1; …; B_k]``: rank ``Σ r_c``, no SVD, no ``out × in`` matrix formed. Each rank-1 term is
+  rescaled by a power of two so both factors have similar norms (exact in binary floating
+  point; keeps float16 factors in range).
+- ``full_rank`` (exact): when ``Σ r_c ≥ min(out, in)`` (concatenating would not be smaller), and
+  for dense engrams with ``exact_dense=True``: ``−ΔW = I · (−ΔW)`` (out ≤ in) or ``(−ΔW) · I``,
+  rank ``min(out, in)``. That is ``(out + in)·min(out, in) ≥ out·in`` numbers, more than the
+  delta itself (2× for a square layer): a LoRA adapter has no slot for a full delta, and this is
+  the one exact way to put one in it, so it is chosen knowingly and reported, never silently.
+- ``svd`` (truncated): dense engrams (``select.low_rank: false``, or a concept with more tokens
+  than half the layer's width) make ``ΔW`` dense and of full rank in general; the adapter keeps
+  the smallest rank r of its SVD with ``‖ΔW − ΔW_r‖_F / ‖ΔW‖_F = sqrt(Σ_{i≥r} σ_i²) / ‖σ‖ ≤
+  rtol`` (``full_rank`` when no rank below min(out, in) gets there).
+
+Every module's relative Frobenius error of the factors *as stored* (in the base model's dtype)
+is computed in float64 and written to ``adapter_meta.json``: against the dense
+``plan.delta(m)`` for ``svd``/``full_rank``; for ``factored`` against the exact product of the
+run's factors (what ``plan.delta`` rounds to float32, ~3e-8 away), from the factors alone.
+
+Module kinds. ``nn.Linear`` as above. GPT-2 ``Conv1D`` (weight ``[in, out]``): the same factors
+with ``fan_in_fan_out=True`` (PEFT transposes ``B A`` when merging). ``nn.Conv2d``: ``lora_A`` is
+a conv with the base's kernel, stride and padding whose weight ``(r, C, kh, kw)`` is ``B``
+reshaped (the engram's ``in`` is the ``C·kh·kw`` patch) and ``lora_B`` a 1×1 conv ``(out, r, 1,
+1)``. PEFT builds ``lora_A`` without the base's dilation and padding mode, so a dilated,
+non-zero-padded or grouped Conv2d is refused with a ``ValueError`` naming it. So is a module
+whose weight is tied to another's (GPT-2's ``lm_head`` and ``wte``): the dense edit changes the
+output layer *and* the input embedding through the shared tensor, a LoRA on the output layer
+changes only the output, and PEFT's tied LoRA (``ensure_weight_tying``) merges the delta into
+the shared tensor twice (peft 0.21, huggingface/peft#2777). Exclude it or use ``--format full``.
+
+Biases (a bias change is not a low-rank factor). PEFT loads either of two exact encodings with
+no helper. ``lora_bias=True`` (peft ≥ 0.14) gives every ``lora_B`` a bias, set to the change
+``−α f Σ b⁺_c`` (zero where the run has none): it merges into the base bias and goes away with
+the adapter, but the flag is global and PEFT refuses to merge it into a layer without a bias.
+So ``lora_bias`` when every target has a bias; otherwise (Qwen2-like: biased q/k/v, bias-free
+o/MLP) ``bias="lora_only"``: the file carries ``<module>.base_layer.bias``, the *edited* bias
+values, bit for bit what ``--format full`` writes, which PEFT loads into the base layers (exact,
+but ``disable_adapter()`` does not undo it). ``bias_mode`` in the metadata says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from engram_ray.config import ModelSpec
+from engram_ray.core.edit import EditPlan, plan_edit
+from engram_ray.core.layers import module_kind
+from engram_ray.io.storage import Storage
+from engram_ray.io.store import PAYLOAD_FORMAT_VERSION, Run, open_run
+from engram_ray.models.loading import as_dtype, build_empty, open_weights
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_META",
+    "ADAPTER_WEIGHTS",
+    "DEFAULT_RTOL",
+    "ModuleAdapter",
+    "module_adapter",
+    "read_factors",
+    "write_peft_adapter",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_META = "adapter_meta.json"  # written last: an output with it is complete
+DEFAULT_RTOL = 1e-3
+_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F64": torch.float64}
+
+
+@dataclass
+class ModuleAdapter:
+    """One module's LoRA factors in float64, (out, in_flat) orientation: ``left @ right`` is
+    the change PEFT adds (``−ΔW``); ``bias`` the amount the edit subtracts from the bias
+    (float32, as ``plan.delta``); ``dense`` is ``−ΔW`` when it was formed (the error's
+    reference for ``svd`` and ``full_rank``)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    form: str  # "factored" | "full_rank" | "svd"
+    left: torch.Tensor  # (out, r): lora_B
+    right: torch.Tensor  # (r, in_flat): lora_A
+    bias: torch.Tensor | None
+    dense: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.left.shape[1])
+
+
+def write_peft_adapter(
+    run: Run | str,
+    forget: Sequence[str],
+    *,
+    alpha: float = 1.0,
+    scale="uniform",
+    modules: str | Sequence[str] | None = None,
+    out: str,
+    base_model_dir_or_spec: str | ModelSpec | Mapping | nn.Module | None = None,
+    rtol: float | None = None,
+    exact_dense: bool = False,
+    dtype: torch.dtype | str | None = None,
+    storage_options: Mapping | None = None,
+    trust_factory: bool = False,
+) -> dict:
+    """Write the edit forgetting ``forget`` as a PEFT LoRA adapter in ``out`` (local or
+    ``s3://``): ``adapter_config.json``, ``adapter_model.safetensors`` and, last,
+    ``adapter_meta.json`` (provenance, per-module form, rank and error); returns the metadata.
+
+    ``base_model_dir_or_spec``: the model the adapter is for (an HF directory or URI, a
+    :class:`ModelSpec` or its dict, or a live ``nn.Module``); default the run's own model.
+    ``rtol``: the truncation tolerance of dense engrams (default ``DEFAULT_RTOL``);
+    ``exact_dense`` writes them at full rank instead. ``dtype``: of the stored factors (default
+    each module's weight dtype in the base checkpoint). Modules PEFT cannot carry exactly raise
+    ``ValueError`` naming them, before anything is written. A factory model named by the run
+    (not given here) is built only with ``trust_factory`` (building it imports its code).
+    """
+    t0 = time.perf_counter()
+    _check_output(Storage(out, storage_options))
+    run = run if isinstance(run, Run) else open_run(run, storage_options)
+    rtol = DEFAULT_RTOL if rtol is None else float(rtol)
+    if not 0.0 <= rtol < 1.0:
+        raise ValueError(f"rtol must be in [0, 1), got {rtol}")
+    plan = plan_edit(run, forget, alpha=alpha, scale=scale, modules=modules)
+    base = _open_base(run, base_model_dir_or_spec, storage_options, trust_factory)
+    zero = [m for m in sorted(plan.scales) if plan.alpha * plan.scales[m] == 0.0]
+    targets = [m for m in sorted(plan.scales) if m not in zero]
+    if not targets:
+        raise ValueError(f"the edit changes nothing (alpha={plan.alpha:g}, every module's "
+                         "scale is 0): no adapter to write")
+    for m in targets:  # refuse before any work
+        _check_module(base, m, run.module_info(m))
+    bias_mode = _bias_mode(run, targets, base)
+    tensors, stats = _tensors(plan, targets, base, bias_mode, rtol, exact_dense, dtype)
+    config = _adapter_config(stats, base, bias_mode)
+    meta = {"format": "engram-ray peft adapter", "format_version": 1, "run": run.uri,
+            "forget": plan.forget, "alpha": plan.alpha,
+            "scale": scale if isinstance(scale, str) else getattr(scale, "__name__", str(scale)),
+            "rtol": rtol, "exact_dense": bool(exact_dense), "bias_mode": bias_mode,
+            "modules": stats, "skipped": {m: "scale 0: no change" for m in zero},
+            "max_rel_error": max(s["rel_error"] for s in stats.values()),
+            "notes": list(plan.notes)}
+    _write(out, tensors, config, meta, storage_options, t0)
+    return meta
+
+
+# --- the base model ---------------------------------------------------------------------------
+
+@dataclass
+class _Base:
+    model: nn.Module  # meta-device parameters when built from a spec
+    spec: ModelSpec | None  # None: a live module was given
+    storage_options: Mapping | None
+    tied: dict[str, list[str]]  # module → the other modules sharing its weight
+
+
+def _open_base(run: Run, base, storage_options, trust_factory: bool) -> _Base:
+    if isinstance(base, nn.Module):
+        return _Base(base, None, storage_options, _tied(base))
+    if base is None:
+        raw = (run.info.get("config") or {}).get("model")
+        if not raw:
+            raise ValueError(f"run {run.uri} does not record its model; pass "
+                             "base_model_dir_or_spec (--model)")
+        spec = ModelSpec.from_dict(raw)
+        if spec.factory is not None and not trust_factory:
+            raise PermissionError(
+                f"run {run.uri} builds its model with factory {spec.factory!r}, which would "
+                "import and run that code; pass trust_factory=True (--trust-factory) if you "
+                "trust the run's author, or name the base model yourself")
+    elif isinstance(base, ModelSpec):
+        spec = base
+    elif isinstance(base, Mapping):
+        spec = ModelSpec.from_dict(base)
+    else:
+        spec = ModelSpec(path=str(base))
+    model = build_empty(spec, storage_options)
+    return _Base(model, spec, storage_options, _tied(model))
+
+
+def _tied(model: nn.Module) -> dict[str, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and name:
+            owners.setdefault(id(w), []).append(name)
+    return {n: [o for o in names if o != n]
+            for names in owners.values() if len(names) > 1 for n in names}
+
+
+def _check_module(base: _Base, name: str, info: Mapping) -> None:
+    """Refuse (``ValueError`` naming the module) what a LoRA adapter cannot hold exactly."""
+    try:
+        mod = base.model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"module {name!r} of the run is not in the base model") from None
+    kind = module_kind(mod)
+    if kind != info["kind"] or tuple(mod.weight.shape) != tuple(info["shape"]):
+        raise ValueError(f"module {name!r}: the run has a {info['kind']} of weight shape "
+                         f"{tuple(info['shape'])}, the base model a {type(mod).__name__} of "
+                         f"{tuple(mod.weight.shape)}; is this the run's model?")
+    if name in base.tied:
+        raise ValueError(
+            f"module {name!r} shares its weight with {base.tied[name]} (tied weights): the "
+            "dense edit changes both through the shared tensor, a LoRA on one changes only "
+            "that one, and PEFT's tied LoRA merges the change twice (huggingface/peft#2777); "
+            "exclude it (modules=...) or use --format full")
+    if info.get("has_bias") and getattr(mod, "bias", None) is None:
+        raise ValueError(f"module {name!r}: the run has a bias engram but the base module "
+                         "has no bias")
+    if kind == "conv2d":
+        drops = [f"{k}={v!r}" for k, v, ok in (
+            ("groups", mod.groups, mod.groups == 1),
+            ("dilation", tuple(mod.dilation), all(d == 1 for d in mod.dilation)),
+            ("padding_mode", mod.padding_mode, mod.padding_mode == "zeros")) if not ok]
+        if drops:
+            raise ValueError(
+                f"module {name!r} ({', '.join(drops)}) cannot be a LoRA target: PEFT builds "
+                "its lora_A as Conv2d(in, r, kernel_size, stride, padding), without "
+                "dilation, padding mode or groups, so the adapter would not compute this "
+                "layer's edit; exclude it (modules=...) or use --format full")
+
+
+def _dtypes(base: _Base, names: Sequence[str], dtype) -> dict[str, torch.dtype]:
+    """The stored factors' dtype per module: ``dtype``, else the weight's in the checkpoint."""
+    if dtype is not None:
+        dt = as_dtype(dtype)
+        if not dt.is_floating_point:
+            raise ValueError(f"adapter dtype must be a floating dtype, got {dt}")
+        return dict.fromkeys(names, dt)
+    spec = base.spec
+    if spec is None or (spec.path is None and spec.weights is None):
+        return {n: base.model.get_submodule(n).weight.dtype for n in names}
+    weights = open_weights(spec, base.storage_options)
+    headers: dict[str, dict] = {}
+    out = {}
+    for n in names:
+        key = f"{n}.weight"
+        if key not in weights:
+            raise ValueError(f"the base checkpoint {weights.location} has no tensor {key!r}")
+        file = next(iter(weights.files_for([key])))
+        if file not in headers:
+            headers[file] = _safetensors_header(file, base.storage_options)
+        name = headers[file][key]["dtype"]
+        if name not in _ST_DTYPES:
+            raise ValueError(f"{key} is stored as {name}: pass an adapter dtype explicitly")
+        out[n] = _ST_DTYPES[name]
+    return out
+
+
+def _safetensors_header(file: str, storage_options) -> dict:
+    """A safetensors file's JSON header, read without its tensors (a range read on S3)."""
+    with Storage(file, storage_options).open("", "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+# --- reading factored engrams without densifying them ------------------------------------------
+
+class _FactorReader:
+    """``(A, B, bias)`` of factored engrams, float32, read from the run's payload with the
+    sha256 check ``Run`` applies (``Run.engram`` would form ``A B``). Uses ``run.factors``
+    when the run has it."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        own = getattr(run, "factors", None)
+        self._own = own if callable(own) else None
+        root = Storage(run.uri, run.storage_options)
+        gen = (getattr(run, "marker", None) or {}).get("generation", "")
+        self._storage = root.child(gen) if gen else root
+        self._group = lru_cache(maxsize=2)(self._read_group)
+
+    def factors(self, concept: str, module: str):
+        if self._own is not None:
+            return self._own(concept, module)
+        row = self.run.record(concept, module)
+        if row["form"] != "factored":
+            return None
+        path = self._storage.uri_of(row["payload"])
+        t = self._group(row["payload"], row["row_group"]).slice(row["row"], 1)
+        if t.num_rows != 1 or t.column("concept")[0].as_py() != concept:
+            raise ValueError(f"{path}: row group {row['row_group']} row {row['row']} is not "
+                             f"concept {concept!r}")
+        cells = [_cell(t, k) for k in ("factor_a", "factor_b", "bias")]
+        digest = hashlib.sha256()
+        for c in cells:
+            if c is not None:
+                digest.update(memoryview(c).cast("B"))
+        if digest.hexdigest() != row["sha256"]:
+            raise ValueError(f"payload {path} (concept {concept!r}, module {module!r}) fails "
+                             "its sha256 check: the file was modified after the run was "
+                             "committed")
+        r = row["rank"]
+        a, b = _floats(cells[0], (-1, r)), _floats(cells[1], (r, -1))
+        return a, b, None if cells[2] is None else _floats(cells[2], (-1,))
+
+    def _read_group(self, rel: str, index: int):
+        path = self._storage.uri_of(rel)
+        with self._storage.open(rel, "rb") as f:
+            pf = pq.ParquetFile(f)
+            version = (pf.schema_arrow.metadata or {}).get(b"payload_format_version", b"?")
+            if version != str(PAYLOAD_FORMAT_VERSION).encode():
+                raise ValueError(f"{path}: unknown payload format version {version.decode()!r}")
+            if not 0 <= index < pf.num_row_groups:
+                raise ValueError(f"{path}: has {pf.num_row_groups} row groups, the manifest "
+                                 f"names row group {index}")
+            return pf.read_row_group(index)
+
+
+def _cell(table, column: str):
+    value = table.column(column)[0]
+    return value.as_buffer() if value.is_valid else None
+
+
+def _floats(buf, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(buf, dtype="<f4").reshape(shape).astype(np.float32))
+
+
+def read_factors(run: Run, concept: str, module: str):
+    """``(A (out × r), B (r × in_flat), bias | None)`` of a factored engram, float32 and
+    sha256-checked, without forming ``A B``; ``None`` for a dense engram."""
+    return _FactorReader(run).factors(concept, module)
+
+
+# --- the factors of one module ------------------------------------------------------------------
+
+def module_adapter(plan: EditPlan, name: str, rtol: float = DEFAULT_RTOL,
+                   exact_dense: bool = False, reader: _FactorReader | None = None
+                   ) -> ModuleAdapter:
+    """The LoRA factors of ``plan``'s change to module ``name`` (module docstring: factored,
+    full_rank or svd)."""
+    info = plan.source.module_info(name)
+    kind, shape = info["kind"], tuple(info["shape"])
+    reader = reader or _FactorReader(plan.source)
+    k = plan.alpha * plan.scales[name]
+    union = _factored_union(reader, plan.forget, name, k)
+    if union is not None:
+        left, right, bias = union
+        if left.shape[1] < min(left.shape[0], right.shape[1]):
+            left, right = _balance(left, right)
+            return ModuleAdapter(name, kind, shape, "factored", left, right, bias)
+        dense = left @ right
+    else:
+        dw, bias = plan.delta(name)
+        dw = dw.double()
+        dense = -(dw.T if kind == "conv1d" else dw.reshape(dw.shape[0], -1))
+        if not exact_dense:
+            svd = _svd_factors(dense, rtol)
+            if svd is not None:
+                return ModuleAdapter(name, kind, shape, "svd", *svd, bias, dense)
+    return ModuleAdapter(name, kind, shape, "full_rank", *_full_rank(dense), bias, dense)
+
+
+def _factored_union(reader: _FactorReader, forget: Sequence[str], name: str, k: float):
+    """``([−k A_1 … −k A_n], [B_1; …; B_n], k Σ b_c)`` when every concept's engram of ``name``
+    is factored, else None. The bias is summed in float32 in concept order and scaled like
+    ``plan.delta``'s, so it is bit for bit the amount ``--format full`` subtracts."""
+    lefts, rights, bias = [], [], None
+    for c in forget:
+        f = reader.factors(c, name)
+        if f is None:
+            return None
+        a, b, bc = f
+        lefts.append(a.double() * -k)
+        rights.append(b.double())
+        if bc is not None:
+            bias = bc.clone() if bias is None else bias.add_(bc)
+    return torch.cat(lefts, 1), torch.cat(rights, 0), None if bias is None else bias * k
+
+
+def _balance(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale each rank-1 term ``l_j r_j`` to ``(l_j s_j)(r_j / s_j)`` with ``s_j`` the power of
+    two nearest ``sqrt(‖r_j‖ / ‖l_j‖)``: the product is unchanged bit for bit and both factors
+    get similar magnitudes (float16 and bfloat16 factors stay in range)."""
+    nl, nr = left.norm(dim=0), right.norm(dim=1)
+    ok = (nl > 0) & (nr > 0)
+    ratio = torch.where(ok, nr / torch.where(ok, nl, 1.0), 1.0)
+    s = torch.exp2(torch.round(0.5 * torch.log2(ratio)))
+    return left * s, right / s[:, None]
+
+
+def _svd_factors(dense: torch.Tensor, rtol: float):
+    """``(U_r √Σ_r, √Σ_r V_rᵀ)`` at the smallest rank r with relative Frobenius error ≤ rtol,
+    or None when that rank is min(out, in) (then the exact full-rank form is no larger)."""
+    if not bool(dense.any()):
+        return dense.new_zeros(dense.shape[0], 1), dense.new_zeros(1, dense.shape[1])
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    energy = s.square()
+    tail = energy.flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j≥i} σ_j²
+    err = torch.cat([tail[1:], tail.new_zeros(1)]).div(tail[0]).sqrt()  # err[r-1]: at rank r
+    r = int(torch.nonzero(err <= rtol)[0]) + 1
+    if r >= min(dense.shape):
+        return None
+    root = s[:r].sqrt()
+    return u[:, :r] * root, root[:, None] * vh[:r]
+
+
+def _full_rank(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``I · D`` (out ≤ in) or ``D · I``: exact, rank min(out, in)."""
+    out_dim, in_dim = dense.shape
+    if out_dim <= in_dim:
+        return torch.eye(out_dim, dtype=dense.dtype), dense
+    return dense, torch.eye(in_dim, dtype=dense.dtype)
+
+
+# --- PEFT tensors, config and files -------------------------------------------------------------
+
+def _bias_mode(run: Run, targets: Sequence[str], base: _Base) -> str:
+    """"none" | "lora_bias" | "lora_only" (module docstring), from the run's bias flags."""
+    if not any(run.module_info(m)["has_bias"] for m in targets):
+        return "none"
+    biased = all(getattr(base.model.get_submodule(m), "bias", None) is not None
+                 for m in targets)
+    return "lora_bias" if biased else "lora_only"
+
+
+def _tensors(plan: EditPlan, targets, base: _Base, bias_mode: str, rtol: float,
+             exact_dense: bool, dtype):
+    """PEFT's adapter state dict and per-module statistics, one module at a time: only the
+    stored factors stay in memory, not each module's float64 work."""
+    dtypes = _dtypes(base, targets, dtype)
+    biased = [m for m in targets if plan.source.module_info(m)["has_bias"]]
+    old_bias = _base_biases(base, biased) if bias_mode == "lora_only" else {}
+    reader = _FactorReader(plan.source)
+    tensors, stats = {}, {}
+    for m in targets:
+        a = module_adapter(plan, m, rtol, exact_dense, reader)
+        stats[m] = _module_tensors(a, dtypes[m], bias_mode, old_bias.get(m), tensors)
+    return tensors, stats
+
+
+def _module_tensors(a: ModuleAdapter, dt: torch.dtype, bias_mode: str,
+                    old_bias: torch.Tensor | None, tensors: dict) -> dict:
+    """Add one module's PEFT tensors to ``tensors``; return its statistics."""
+    lora_a, lora_b = a.right.to(dt), a.left.to(dt)
+    if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
+        raise ValueError(f"module {a.name!r}: the adapter's factors overflow {dt} "
+                         "(alpha too large for this dtype); nothing was written")
+    key = _PREFIX + a.name
+    tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = (
+        (lora_a.reshape(a.rank, *a.shape[1:]), lora_b[:, :, None, None])
+        if a.kind == "conv2d" else (lora_a, lora_b))
+    stats = {"kind": a.kind, "form": a.form, "rank": a.rank,
+             "dtype": str(dt).removeprefix("torch."), "rel_error": _rel_error(a, lora_b, lora_a)}
+    if bias_mode == "lora_bias":
+        change = torch.zeros(a.left.shape[0]) if a.bias is None else -a.bias
+        stored = tensors[f"{key}.lora_B.bias"] = change.to(dt)
+        stats["bias_rel_error"] = _ratio(stored.double() - change.double(), change)
+    elif a.bias is not None:  # lora_only: the edited bias, as --format full writes it
+        stored = (old_bias.float() - a.bias.float()).to(old_bias.dtype)
+        tensors[f"{key}.base_layer.bias"] = stored
+        stats["bias_rel_error"] = _ratio(stored.double() - old_bias.double() + a.bias.double(),
+                                         a.bias)
+    return stats
+
+
+def _base_biases(base: _Base, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    if base.spec is None:
+        return {n: base.model.get_submodule(n).bias.detach().cpu() for n in names}
+    got = open_weights(base.spec, base.storage_options).read([f"{n}.bias" for n in names])
+    return {n: got[f"{n}.bias"] for n in names}
+
+
+def _ratio(diff: torch.Tensor, ref: torch.Tensor) -> float:
+    num, den = float(torch.linalg.norm(diff.double())), float(torch.linalg.norm(ref.double()))
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def _rel_error(a: ModuleAdapter, lora_b: torch.Tensor, lora_a: torch.Tensor) -> float:
+    """‖B̂ Â − (−ΔW)‖_F / ‖ΔW‖_F for the stored factors, float64."""
+    lb, la = lora_b.double(), lora_a.double()
+    if a.form == "full_rank":  # one factor is the identity, exact in any dtype
+        return _ratio((la if lb.shape[0] <= la.shape[1] else lb) - a.dense, a.dense)
+    if a.dense is not None:
+        return _ratio(lb @ la - a.dense, a.dense)
+    # stored − exact = δL R̂ + L δR = [δL, L] [R̂; δR]; δL, δR are exact in float64
+    err = _lowrank_norm(torch.cat([lb - a.left, a.left], 1), torch.cat([la, la - a.right], 0))
+    ref = _lowrank_norm(a.left, a.right)
+    return err / ref if ref > 0 else (0.0 if err == 0 else math.inf)
+
+
+def _lowrank_norm(left: torch.Tensor, right: torch.Tensor) -> float:
+    """‖left @ right‖_F from the factors: ``sqrt(Σ (LᵀL) ∘ (R Rᵀ))``."""
+    return math.sqrt(max(float(((left.T @ left) * (right @ right.T)).sum()), 0.0))
+
+
+def _adapter_config(stats: Mapping[str, dict], base: _Base, bias_mode: str) -> dict:
+    """``adapter_config.json``: every target by its full name, ``lora_alpha = r`` per module."""
+    names = list(stats)
+    _check_matching(names, base.model)
+    ranks = {m: s["rank"] for m, s in stats.items()}
+    common = max(sorted(set(ranks.values())), key=list(ranks.values()).count)
+    hf = base.spec is not None and base.spec.path is not None
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if hf else None,
+        "base_model_name_or_path": base.spec.path if hf else None, "revision": None,
+        "target_modules": names, "r": common, "lora_alpha": common,
+        "rank_pattern": ranks, "alpha_pattern": dict(ranks), "use_rslora": False,
+        "fan_in_fan_out": any(s["kind"] == "conv1d" for s in stats.values()),
+        "bias": "lora_only" if bias_mode == "lora_only" else "none",
+        "lora_dropout": 0.0, "use_dora": False, "init_lora_weights": True,
+        "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    if bias_mode == "lora_bias":  # only then: a PEFT without lora_bias must fail, not ignore it
+        config["lora_bias"] = True
+    return config
+
+
+def _check_matching(names: Sequence[str], model: nn.Module) -> None:
+    """PEFT matches a ``target_modules`` list by name or ``.``-suffix and ``rank_pattern`` keys
+    as regexes ``(.*\\.)?(key)$``, first match wins: check that each full name matches itself
+    only, so no other module gets an adapter and none gets another's rank."""
+    wanted = set(names)
+    for n, _ in model.named_modules():
+        parts = n.split(".")
+        if n not in wanted and wanted & {".".join(parts[i:]) for i in range(1, len(parts))}:
+            raise ValueError(f"module {n!r} would also match a target module by PEFT's suffix "
+                             "rule; the adapter cannot name its targets unambiguously")
+    patterns = [(k, re.compile(rf"(.*\.)?({k})$")) for k in names]
+    for n in names:
+        first = next(k for k, p in patterns if p.match(n))
+        if first != n:
+            raise ValueError(f"module {n!r}: PEFT would give it the rank of {first!r} "
+                             "(rank_pattern keys are regexes)")
+
+
+def _check_output(dest: Storage) -> None:
+    if dest.exists() and (not dest.fs.isdir(dest.root) or dest.ls()):
+        raise FileExistsError(f"output {dest.uri} exists and is not an empty directory")
+
+
+def _write(out: str, tensors, config: dict, meta: dict, storage_options, t0: float) -> None:
+    """Write locally (``out``, or a temporary directory uploaded to ``s3://`` after), metadata
+    last; a local ``out`` appears whole or not at all (written as ``out.partial``, renamed)."""
+    dest = Storage(out, storage_options)
+    _check_output(dest)
+    scratch = tempfile.mkdtemp(prefix="engram-adapter-") if dest.remote else None
+    local = os.path.join(scratch, "adapter") if scratch else out.rstrip("/")
+    tmp = local + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()},
+                  os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
+        meta["bytes"] = {n: os.path.getsize(os.path.join(tmp, n))
+                         for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
+        meta["seconds"] = round(time.perf_counter() - t0, 4)
+        with open(os.path.join(tmp, ADAPTER_META), "w") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.isdir(local):
+            os.rmdir(local)
+        os.replace(tmp, local)
+        if dest.remote:
+            with dest.errors("uploading to"):
+                for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_META):  # marker last
+                    dest.fs.put_file(os.path.join(local, name), dest.path(name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
