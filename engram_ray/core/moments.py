@@ -41,6 +41,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ModuleInfo",
     "Moments",
+    "check_mergeable",
     "Statistics",
     "check_counts",
     "fold_rows",
@@ -168,14 +169,7 @@ class Moments:
 
     def merge(self, other: Moments) -> Moments:
         """Exact sum of two partials (associative, order-independent); refuses double counting."""
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge Σ of dim {self.dim} with dim {other.dim}")
-        overlap = self.sources & other.sources
-        if overlap:
-            raise ValueError(
-                f"partial statistics overlap on {len(overlap)} source(s), e.g. "
-                f"{sorted(overlap)[:3]}: those rows would be counted twice"
-            )
+        check_mergeable(self, other)
         dev = self.total.device
         concepts = {c: t.clone() for c, t in self.concepts.items()}
         for c, t in other.concepts.items():
@@ -400,3 +394,14 @@ def check_counts(summaries: Mapping[str, tuple[int, Mapping[str, int]]], expecte
                     f"concept {c!r} has zero tokens after masking at input group {g!r}; "
                     "its engram is undefined (check the answer/prompt columns and max_length)"
                 )
+
+
+def check_mergeable(a, b) -> None:
+    """Two partial Σ (anything with ``dim`` and ``sources``) may be summed: same width, and no
+    source counted by both (that would count its rows twice)."""
+    if b.dim != a.dim:
+        raise ValueError(f"cannot merge Σ of dim {a.dim} with dim {b.dim}")
+    overlap = a.sources & b.sources
+    if overlap:
+        raise ValueError(f"partial statistics overlap on {len(overlap)} source(s), e.g. "
+                         f"{sorted(overlap)[:3]}: those rows would be counted twice")

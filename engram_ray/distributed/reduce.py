@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engram_ray.core.moments import Moments, fold_rows
+from engram_ray.core.moments import Moments, check_mergeable, fold_rows
 
 __all__ = ["SigmaBlocks", "as_tensor", "tree_depth", "tree_plan"]
 
@@ -122,13 +122,7 @@ class SigmaBlocks:
 
     def absorb(self, other: SigmaBlocks) -> None:
         """Add ``other`` into this partial (exact float64 sums; row lists concatenated)."""
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge Σ of dim {self.dim} with dim {other.dim}")
-        overlap = self.sources & other.sources
-        if overlap:
-            raise ValueError(
-                f"partial statistics overlap on {len(overlap)} source(s), e.g. "
-                f"{sorted(overlap)[:3]}: those rows would be counted twice")
+        check_mergeable(self, other)
         self.total = self._add("Σ", self.total, other.total)
         for c, b in other.blocks.items():
             self.blocks[c] = self._add(f"c:{c}", self.blocks.get(c), b)

@@ -68,7 +68,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -76,7 +75,7 @@ from engram_ray.config import ModelSpec
 from engram_ray.core.edit import EditPlan, plan_edit
 from engram_ray.core.layers import module_kind
 from engram_ray.io.storage import Storage
-from engram_ray.io.store import PAYLOAD_FORMAT_VERSION, Run, open_run
+from engram_ray.io.store import Run, open_run, read_row_group
 from engram_ray.models.loading import as_dtype, build_empty, open_weights
 
 __all__ = [
@@ -328,16 +327,7 @@ class _FactorReader:
         return a, b, None if cells[2] is None else _floats(cells[2], (-1,))
 
     def _read_group(self, rel: str, index: int):
-        path = self._storage.uri_of(rel)
-        with self._storage.open(rel, "rb") as f:
-            pf = pq.ParquetFile(f)
-            version = (pf.schema_arrow.metadata or {}).get(b"payload_format_version", b"?")
-            if version != str(PAYLOAD_FORMAT_VERSION).encode():
-                raise ValueError(f"{path}: unknown payload format version {version.decode()!r}")
-            if not 0 <= index < pf.num_row_groups:
-                raise ValueError(f"{path}: has {pf.num_row_groups} row groups, the manifest "
-                                 f"names row group {index}")
-            return pf.read_row_group(index)
+        return read_row_group(self._storage, rel, index)
 
 
 def _cell(table, column: str):

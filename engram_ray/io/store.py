@@ -100,6 +100,7 @@ __all__ = [
     "Run",
     "RunWriter",
     "open_run",
+    "read_row_group",
     "run_exists",
     "run_lease",
     "split_run_uri",
@@ -719,16 +720,21 @@ class Run:
         return weight, None if bias is None else torch.from_numpy(bias)
 
     def _read_row_group(self, rel: str, index: int) -> pa.Table:
-        path = self._storage.uri_of(rel)
-        with self._storage.open(rel, "rb") as f:
-            pf = pq.ParquetFile(f)
-            version = (pf.schema_arrow.metadata or {}).get(b"payload_format_version", b"?")
-            if version != str(PAYLOAD_FORMAT_VERSION).encode():
-                raise ValueError(f"{path}: unknown payload format version {version.decode()!r}")
-            if not 0 <= index < pf.num_row_groups:
-                raise ValueError(f"{path}: has {pf.num_row_groups} row groups, the manifest "
-                                 f"names row group {index}")
-            return pf.read_row_group(index)
+        return read_row_group(self._storage, rel, index)
+
+
+def read_row_group(storage: Storage, rel: str, index: int) -> pa.Table:
+    """Row group ``index`` of the payload file ``rel``, after checking its format version."""
+    path = storage.uri_of(rel)
+    with storage.open(rel, "rb") as f:
+        pf = pq.ParquetFile(f)
+        version = (pf.schema_arrow.metadata or {}).get(b"payload_format_version", b"?")
+        if version != str(PAYLOAD_FORMAT_VERSION).encode():
+            raise ValueError(f"{path}: unknown payload format version {version.decode()!r}")
+        if not 0 <= index < pf.num_row_groups:
+            raise ValueError(f"{path}: has {pf.num_row_groups} row groups, the manifest "
+                             f"names row group {index}")
+        return pf.read_row_group(index)
 
 
 def _check_info(storage: Storage, raw: bytes, marker: Mapping) -> dict:
