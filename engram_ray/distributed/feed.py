@@ -126,6 +126,7 @@ def feed(split, first: Callable[[Batch], Any], rest: list, *, batch_tokens: int,
             ray.get(pending.popleft())
     while pending:
         ray.get(pending.popleft())
+    counters.done_at = time.time()
     out = counters.as_dict()
     for key in ("rows", "tokens", "batches"):
         out[key] -= before[key]
