@@ -8,9 +8,12 @@ corpus; concept = author; answer tokens counted, ai-engram's convention):
 - plain forward pass, no hooks (the floor);
 - our statistics pass (Σ_total and every concept's Σ_c in one pass) → its ratio to the floor;
 - our single-process engine end to end (statistics + solve + committed run) for 1/10/50 concepts;
-- our distributed pipeline (Ray, 1 and 2 stages) end to end for 50 concepts;
 - the reference implementation ai-engram 0.11.0 (peer) doing the same job for 1/10/50
-  concepts: one extra pass and one pseudo-inverse per concept.
+  concepts: one extra pass and one pseudo-inverse per concept;
+- (``ray_rows.py``, on the larger model of ``workload.py``) the ``engram-ray extract`` CLI as a
+  subprocess: ``--local`` against the Ray pipeline (1×1, 2 stages, 2 replicas) at two data
+  sizes, start-up to the first row, and the default path against ai-engram at 50 and 200
+  concepts.
 
 Timings are wall-clock on a shared machine: read the ratios, which are taken in one run.
 """
@@ -28,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.peer import peer_available, run_peer  # noqa: E402
+from benchmarks.ray_rows import peer_rows, ray_rows, ray_table, ray_verdicts  # noqa: E402
 from engram_ray import Batch  # noqa: E402
 from engram_ray.core.capture import collect_statistics  # noqa: E402
 from engram_ray.eval.corpus import corpus_texts, make_corpus  # noqa: E402
@@ -80,6 +84,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3,
                     help="best of N for every single-process row, ours and the peer's alike")
+    ap.add_argument("--ray-repeat", type=int, default=2,
+                    help="best of N for the Ray / CLI rows (variants alternate in each repeat)")
+    ap.add_argument("--sizes", default="300,1200", help="QA rows of the two Ray data sizes")
+    ap.add_argument("--peer-concepts", default="50,200",
+                    help="concepts of the CLI-default vs ai-engram rows")
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray / CLI rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,13 +128,6 @@ def main() -> None:
                        repeat=args.repeat)
     rows.append(("our engine end to end, 50 concepts, dense engrams (select.low_rank: false)",
                  t_dense, t_dense / t_fwd))
-    dist = {}
-    try:
-        dist = distributed(tmp, model_dir, qa, authors)
-        for s, t in dist.items():
-            rows.append((f"our Ray pipeline end to end, 50 concepts, {s} stage(s)", t, t / t_fwd))
-    except Exception as e:  # the table still reports the rest
-        print(f"distributed run failed: {e!r}", file=sys.stderr)
     peer = {}
     if peer_available():
         for k in (1, 10, 50):
@@ -136,39 +139,31 @@ def main() -> None:
             rows.append((f"ai-engram 0.11.0 end to end, {k} concepts ({res['passes']} passes)",
                          res["seconds"], res["seconds"] / t_fwd))
     table = report(rows, tokens, t_fwd, ours, peer, args)
-    print(table)
+    ray_md = "" if args.no_ray else ray_section(tmp, args)
+    print(table + "\n\n" + ray_md)
     if args.out:
-        write(args.out, table, rows, ours, peer)
+        write(args.out, table, rows, ours, peer, ray_md)
 
 
-def distributed(tmp, model_dir, qa, authors) -> dict[int, float]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from engram_ray.config import ExtractConfig
-    from engram_ray.distributed.runner import ensure_ray, run_extract
-
-    data = os.path.join(tmp, "data")
-    os.makedirs(data, exist_ok=True)
-    for i in range(4):
-        part = qa[i::4]
-        pq.write_table(pa.Table.from_pylist(part), os.path.join(data, f"part-{i}.parquet"))
-    out = {}
-    for stages in (1, 2):
-        cfg = ExtractConfig.from_dict({
-            "model": {"path": model_dir},
-            "data": {"paths": [data], "concept_column": "author", "prompt_column": "prompt",
-                     "answer_column": "answer", "max_length": 128, "batch_size": 8},
-            "parallel": {"stages": stages, "replicas": 1, "num_cpus": 0.5,
-                         "encode_num_cpus": 0.25, "encode_concurrency": 1,
-                         "solver_num_cpus": 0.5},
-            "store": {"uri": os.path.join(tmp, "runs"), "run_id": f"dist-{stages}"},
-        })
-        ensure_ray(None, min_cpus=6)
-        t0 = time.perf_counter()
-        run_extract(cfg, log=open(os.devnull, "w"))
-        out[stages] = time.perf_counter() - t0
-    return out
+def ray_section(tmp: str, args) -> str:
+    """The Ray pipeline against the engine, and the CLI's default path against ai-engram
+    (``ray_rows.py``): the markdown of the section, with the issue-11 targets."""
+    sizes = tuple(int(x) for x in args.sizes.split(","))
+    concepts = tuple(int(x) for x in args.peer_concepts.split(","))
+    root = os.path.join(tmp, "ray")
+    best = ray_rows(root, sizes, args.ray_repeat)
+    peer = peer_rows(root, concepts, args.ray_repeat)
+    lines = ["| concepts | `engram-ray extract` default, wall s | ai-engram 0.11.0 s | speed-up |",
+             "|---|---|---|---|"]
+    for k, r in peer.items():
+        if "peer" in r:
+            lines.append(f"| {k} | {r['ours']:.1f} | {r['peer']:.1f} | "
+                         f"{r['peer'] / r['ours']:.1f}× |")
+    cmd = "python benchmarks/extract_throughput.py " + " ".join(sys.argv[1:])
+    return ("## The Ray pipeline (issue 11)\n\n"
+            f"Command (one run, variants alternating): `{cmd.strip()}`\n\n"
+            f"{ray_table(best, sizes)}\n\n" + "\n".join(lines) + "\n\n"
+            "Targets (issue 11):\n\n" + "\n".join(ray_verdicts(best, sizes, peer)) + "\n")
 
 
 def report(rows, tokens, t_fwd, ours, peer, args) -> str:
@@ -207,9 +202,9 @@ What the rows mean:
   dependency) driven through its editor API the cheapest way (total statistics once, then one
   pass and one pseudo-inverse per concept; `benchmarks/peer.py`); its time excludes model
   loading and it keeps engrams in memory (no store).
-- **Ray pipeline**: `engram-ray extract` on a local Ray started before timing (4 Parquet shards,
-  `encode_concurrency: 1`). On 2 cores it is dominated by process start-up (stage actors, Ray
-  Data tasks and solver tasks each import torch/transformers), not by the math.
+- **Ray pipeline** (next section): `engram-ray extract` as a subprocess with a fresh local Ray
+  (`RAY_ADDRESS=local`), so each wall clock includes Python start-up, Ray init, the stage
+  actors' start and the commit; `--local` is the same CLI in one process.
 """
 
 
@@ -228,12 +223,12 @@ def verdicts(rows, ours, peer) -> str:
     return "\n".join(out)
 
 
-def write(path: str, table: str, rows, ours, peer) -> None:
+def write(path: str, table: str, rows, ours, peer, ray_md: str = "") -> None:
     cmd = "python benchmarks/extract_throughput.py " + " ".join(sys.argv[1:])
     with open(path, "w") as f:
         f.write("# Benchmarks\n\n## Extraction throughput\n\n"
                 f"Command (one run, all rows side by side): `{cmd.strip()}`\n\n{table}\n\n"
-                f"Targets (issue 3):\n\n{verdicts(rows, ours, peer)}\n\n{NOTES}")
+                f"Targets (issue 3):\n\n{verdicts(rows, ours, peer)}\n\n{NOTES}\n{ray_md}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ class RayExecutor:
         self.fed = [{"rows": 0, "tokens": 0} for _ in range(cfg.parallel.replicas)]
         self.nodes: list[str] = []
         self.threads: list[int] = []
+        self.nice: list[int] = []
+        self.warm: list = []  # solver warm-up tasks, started once rows flow
         self.rounds = 0
         self.startup: dict[str, float] = {}
         self.reduce: dict[str, float] = {}
@@ -93,12 +95,19 @@ class RayExecutor:
         flat = [a for chain in self.actors for a in chain]
         ray.get([a.configure.remote(t) for a, t in zip(flat, self.threads)])
         self.startup["actors_ready_s"] = max(i["ready_at"] for i in infos) - t0
-        # Solver workers start now, off the path to the first row (actors, tokenizer, data).
-        self.warm = [warm_solver.options(num_cpus=p.solver_num_cpus).remote(
-            task_threads(p.solver_num_cpus)) for _ in range(self._slots())]
+        self.startup["stage_load_s"] = max(i["load_s"] for i in infos)
+        self.nice = sorted({i["nice"] for i in infos})
         say(self.log, f"{len(self.nodes)} stage actors ready on {len(set(self.nodes))} node(s) "
                       f"({p.replicas} replica(s) × {p.stages} stage(s), torch threads "
                       f"{sorted(set(self.threads))}) after {time.time() - t0:.1f}s")
+
+    def warm_solvers(self) -> None:
+        """Start the solver worker processes (imports, threads) once rows flow: off the path
+        to the first row, which the actors, the tokenizer and Ray Data share the cores for."""
+        if not self.warm:
+            p = self.cfg.parallel
+            self.warm = [warm_solver.options(num_cpus=p.solver_num_cpus).remote(
+                task_threads(p.solver_num_cpus)) for _ in range(self._slots())]
 
     def _slots(self) -> int:
         p = self.cfg.parallel
@@ -149,6 +158,7 @@ class RayExecutor:
 
     def solve(self, step: GroupSolve, layout: Layout) -> list[dict]:
         p, t0 = self.cfg.parallel, time.time()
+        self.warm_solvers()  # a stream too short for the progress loop to have started them
         opts = {"num_cpus": p.solver_num_cpus, "num_gpus": p.solver_num_gpus}
         threads, slots = task_threads(p.solver_num_cpus), self._slots()
         say(self.log, f"Σ from {sum(f['tokens'] for f in self.fed):,} tokens; solving "
@@ -187,6 +197,7 @@ class RayExecutor:
                          "tree_depth": tree_depth(len(self.active())),
                          "torch_threads": {"stage_actors": self.threads,
                                            "solver_tasks": task_threads(p.solver_num_cpus)},
+                         "stage_actor_niceness": self.nice,
                          "batch_tokens": _batch_tokens(self.cfg)},
             "data": {"rows": sum(f["rows"] for f in self.fed),
                      "tokens": sum(f["tokens"] for f in self.fed)},
@@ -275,6 +286,8 @@ def feed_slice(ex: RayExecutor, data) -> None:
                    f"({sum(f['rows'] for f in ex.fed):,} rows counted before them)")
     while ray.wait(refs, num_returns=len(refs), timeout=1.0)[1]:
         progress.maybe_print()
+        if progress.rows:
+            ex.warm_solvers()
         dog.observe(progress.rows)
         dog.check(pending_work)
     now = ray.get(refs)

@@ -29,6 +29,7 @@ from typing import Any
 
 import ray
 
+from engram_ray.distributed.cluster import normal_priority
 from engram_ray.io.data import (
     DataConfig,
     DataError,
@@ -138,7 +139,9 @@ def _read(
 @functools.lru_cache(maxsize=4)
 def _cached_tokenizer(tokenizer_dir: str | None):
     # One tokenizer per worker process and directory: Ray reuses task workers across blocks
-    # (and across runs of one session), so the load is paid once, not once per block.
+    # (and across runs of one session), so the load is paid once, not once per block. The
+    # worker runs at normal priority from then on: a starved encoder starves the stages.
+    normal_priority()
     return tokenizer_from(tokenizer_dir)
 
 

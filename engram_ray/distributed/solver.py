@@ -9,7 +9,8 @@ copied) and the weights as numpy too, so no driver ever holds every group's Σ a
 pickled as a torch tensor on the way.
 
 Each task runs torch with as many threads as the CPUs it reserves (Ray sets OMP_NUM_THREADS
-to that, rounded down, which is 1 for fractional reservations). :func:`warm_solver` lets the
+to that, rounded down, which is 1 for fractional reservations), at normal priority
+(``cluster.normal_priority``: Ray starts workers at niceness 15). :func:`warm_solver` lets the
 driver start solver worker processes (imports: torch, the solver, the store) while the stream
 still runs, so the first group does not wait for them.
 """
@@ -24,6 +25,7 @@ import ray
 import torch
 
 from engram_ray.core.moments import ModuleInfo
+from engram_ray.distributed.cluster import normal_priority
 from engram_ray.distributed.reduce import SigmaBlocks, as_tensor
 from engram_ray.extraction import GroupCheckpoint, GroupSolve
 
@@ -39,6 +41,7 @@ def task_threads(num_cpus: float) -> int:
 def solve_task(step: GroupSolve, sigma: SigmaBlocks, members: Sequence[ModuleInfo],
                weights: Mapping[str, np.ndarray], threads: int = 1) -> list[dict]:
     """One input group solved and written (on the GPU when the task has one)."""
+    normal_priority()
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else None
     tensors = {k: as_tensor(v) for k, v in weights.items()}
@@ -55,5 +58,6 @@ def checkpoint_task(step: GroupCheckpoint, group: str, sigma: SigmaBlocks) -> No
 def warm_solver(threads: int = 1) -> float:
     """Nothing but this module's imports (done when the worker loaded it) and the thread
     setting: a worker process ready for :func:`solve_task`. Returns when it was ready."""
+    normal_priority()
     torch.set_num_threads(threads)
     return time.time()

@@ -18,6 +18,7 @@ in their own concurrency group, so they answer while a stream is being computed.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -30,6 +31,7 @@ from engram_ray.core.capture import Capture
 from engram_ray.core.layers import weight_matrix
 from engram_ray.core.moments import ModuleInfo
 from engram_ray.core.select import select_modules
+from engram_ray.distributed.cluster import normal_priority
 from engram_ray.distributed.feed import FeedCounters, feed
 from engram_ray.distributed.reduce import SigmaBlocks
 from engram_ray.distributed.wire import from_wire, payload_nbytes, to_wire
@@ -56,7 +58,9 @@ class StageActor:
         from engram_ray.models.stages import load_stage
 
         self.t_created = time.time()
+        self.nice = normal_priority()  # Ray starts workers at niceness 15 (cluster.py)
         self._threads = threads
+        self._tuned: set[int] = set()  # compute threads already at normal priority
         torch.set_num_threads(threads)
         self.index, self.n_stages, self.replica = index, n_stages, replica
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,7 +80,8 @@ class StageActor:
     def node_info(self) -> dict:
         """Where this actor runs: node id, the cores it may use, when it became ready."""
         return {"node": ray.get_runtime_context().get_node_id(), "cores": cores(),
-                "ready_at": self.ready_at}
+                "ready_at": self.ready_at, "load_s": self.ready_at - self.t_created,
+                "nice": self.nice}
 
     @ray.method(concurrency_group="status")
     def configure(self, threads: int) -> int:
@@ -88,6 +93,7 @@ class StageActor:
     def counters(self) -> dict:
         return {"rows": self.rows, "tokens": self.tokens, "batches": self.batches,
                 "busy_s": self.busy_s, "reduce_s": self.reduce_s, "threads": self._threads,
+                "nice": self.nice,
                 "wire_bytes": self.wire_bytes, "reduce_bytes": self.reduce_bytes,
                 "feed": self.feed.as_dict()}
 
@@ -101,6 +107,9 @@ class StageActor:
              mask: torch.Tensor | None):
         """One micro-batch through the slice, accumulating Σ; the slice's output (or, for the
         last stage, only the number of rows, so logits never leave the actor)."""
+        if threading.get_ident() not in self._tuned:  # a concurrency group's own thread
+            self.nice = normal_priority()
+            self._tuned.add(threading.get_ident())
         if torch.get_num_threads() != self._threads:
             torch.set_num_threads(self._threads)  # from the thread that computes
         t0 = time.perf_counter()
