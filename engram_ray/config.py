@@ -291,8 +291,16 @@ class ParallelConfig:
     autoscale_max_cpus: float = 0.0
     # Fail with a diagnostic when no row has moved for this long (None: wait forever).
     stall_timeout_s: float | None = 600.0
+    # Seconds between progress lines (rows, rates, ETA) on stderr, both drivers; None: none.
+    progress_interval_s: float | None = 5.0
 
     def __post_init__(self) -> None:
+        for key in ("stall_timeout_s", "progress_interval_s"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not v > 0):
+                raise ConfigError(f"parallel.{key} must be a number of seconds > 0 or null, "
+                                  f"got {v!r}")
         for key in ("stages", "replicas", "max_in_flight"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:

@@ -32,6 +32,7 @@ from engram_ray.extraction import (
     run_extraction,
 )
 from engram_ray.io.store import Run, RunWriter, open_run
+from engram_ray.progress import Progress
 from engram_ray.runinfo import model_fingerprint
 
 __all__ = ["LocalExecutor", "extract", "extract_from_config", "solve_statistics"]
@@ -146,9 +147,30 @@ def extract_from_config(cfg: ExtractConfig, *, progress=None, log: TextIO | None
     storage = cfg.data.storage_options or cfg.store.storage_options
     model = load_model(cfg.model, storage, dtype=cfg.parallel.dtype)
     tokenizer = None if cfg.data.features_column else load_tokenizer(cfg.model, storage)
+    if progress is None:  # the CLI's progress lines (rows, rates, ETA), as the Ray path prints
+        progress = _progress_lines(plan, cfg.parallel.progress_interval_s, log)
     executor = LocalExecutor(model, lambda files: iter_batches(plan.restrict(files), tokenizer),
                              progress)
     return open_run(run_extraction(plan, executor, log), cfg.store.storage_options)
+
+
+def _progress_lines(plan: Plan, interval_s: float | None, log: TextIO | None):
+    """A ``progress(rows, tokens)`` callback printing :class:`Progress` lines over the rows of
+    every file the plan reads (counted up front from the files' metadata, as the Ray path
+    does; None when lines are off)."""
+    if interval_s is None:
+        return None
+    from engram_ray.io.data import count_rows
+
+    line = Progress(count_rows(plan.restrict(plan.sources)) if plan.sources else None,
+                    interval_s, log)
+    tokens = [0]
+
+    def progress(rows: int, batch_tokens: int) -> None:
+        tokens[0] += batch_tokens
+        line.update(rows, tokens[0])
+
+    return progress
 
 
 def solve_statistics(stats: Statistics, weights: Mapping, writer: RunWriter,

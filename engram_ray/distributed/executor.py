@@ -50,6 +50,7 @@ from engram_ray.distributed.stage_actor import StageActor
 from engram_ray.distributed.watchdog import Watchdog, pending_work
 from engram_ray.extraction import GroupCheckpoint, GroupSolve, Layout, Plan, say
 from engram_ray.io.sigma_checkpoint import slices
+from engram_ray.progress import Progress
 from engram_ray.runinfo import combine_fingerprints
 
 __all__ = ["RayExecutor", "feed_slice"]
@@ -325,25 +326,29 @@ def _counters(actors: list[list]) -> list[list[dict]]:
 
 
 class _Progress:
-    """Rows/s and tokens/s, stage by stage, every ``every`` seconds on the executor's log."""
+    """The stream's progress line (:class:`engram_ray.progress.Progress`: rows, rates, ETA)
+    with each stage's busy rate, every ``parallel.progress_interval_s``; it also keeps the
+    last stages' row count, which the stall watchdog watches."""
 
-    def __init__(self, ex: RayExecutor, expected: int, every: float = 2.0) -> None:
-        self.ex, self.expected, self.every = ex, expected, every
-        self.last = 0.0
-        self.rows = 0  # rows the last stages have seen: what the stall watchdog watches
+    def __init__(self, ex: RayExecutor, expected: int) -> None:
+        self.ex = ex
+        self.line = Progress(expected, ex.cfg.parallel.progress_interval_s, ex.log)
+        self.last_poll = 0.0
+        self.rows = 0  # rows the last stages have seen
 
     def maybe_print(self, force: bool = False) -> None:
+        # The counters are polled every 2 s at most (a round trip to every actor, answered by
+        # its status thread), whatever the line interval: the watchdog needs fresh row counts
+        # even when progress lines are rare or off.
         now = time.time()
-        if not force and now - self.last < self.every:
+        if not force and now - self.last_poll < 2.0:
             return
-        self.last = now
+        self.last_poll = now
         chains = _counters(self.ex.actors)
-        rows = self.rows = sum(c[-1]["rows"] for c in chains)
+        self.rows = sum(c[-1]["rows"] for c in chains)
         tokens = sum(c[-1]["tokens"] for c in chains)
-        el = max(now - self.ex.t0, 1e-9)
         busy = [(sum(c[s]["tokens"] for c in chains), sum(c[s]["busy_s"] for c in chains))
                 for s in range(len(chains[0]))]
         stages = " | ".join(f"stage {s}: {tok / max(sec, 1e-9):,.0f} tok/s busy"
                             for s, (tok, sec) in enumerate(busy))
-        say(self.ex.log, f"rows {rows:,}/{self.expected:,} ({rows / el:,.1f} rows/s, "
-                         f"{tokens / el:,.0f} tok/s since start) {stages}")
+        self.line.update(self.rows, tokens, stages, force=force)
