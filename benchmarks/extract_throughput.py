@@ -224,11 +224,33 @@ def verdicts(rows, ours, peer) -> str:
 
 
 def write(path: str, table: str, rows, ours, peer, ray_md: str = "") -> None:
+    """Replace this script's sections of ``path`` (extraction throughput, the Ray pipeline)
+    and keep every other section (other benchmarks write their own) where it was."""
     cmd = "python benchmarks/extract_throughput.py " + " ".join(sys.argv[1:])
+    mine = {"## Extraction throughput": (
+        f"## Extraction throughput\n\nCommand (one run, all rows side by side): `{cmd.strip()}`"
+        f"\n\n{table}\n\nTargets (issue 3):\n\n{verdicts(rows, ours, peer)}\n\n{NOTES}\n")}
+    if ray_md:
+        mine["## The Ray pipeline"] = ray_md
+    sections = _sections(open(path).read() if os.path.exists(path) else "# Benchmarks\n")
+    for head, text in mine.items():
+        hit = [i for i, s in enumerate(sections) if s.startswith(head)]
+        if hit:
+            sections[hit[0]] = text
+        else:
+            sections.insert(1 if head == "## Extraction throughput" else len(sections), text)
     with open(path, "w") as f:
-        f.write("# Benchmarks\n\n## Extraction throughput\n\n"
-                f"Command (one run, all rows side by side): `{cmd.strip()}`\n\n{table}\n\n"
-                f"Targets (issue 3):\n\n{verdicts(rows, ours, peer)}\n\n{NOTES}\n{ray_md}")
+        f.write("\n".join(s.rstrip("\n") + "\n" for s in sections))
+
+
+def _sections(text: str) -> list[str]:
+    """The file's preamble, then one string per ``## `` section."""
+    out = [""]
+    for line in text.splitlines(keepends=True):
+        if line.startswith("## "):
+            out.append("")
+        out[-1] += line
+    return out
 
 
 if __name__ == "__main__":
