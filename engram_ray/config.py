@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +50,7 @@ __all__ = [
     "ParallelConfig",
     "SelectConfig",
     "StoreConfig",
+    "absolute_uri",
     "apply_overrides",
     "load_config",
     "run_id_problem",
@@ -79,6 +82,42 @@ def run_id_problem(run_id: object) -> str | None:
     if run_id.startswith("_"):
         return f"{run_id!r} starts with '_', reserved for the store's _staging, _leases, _checkpoints"
     return None
+
+
+def absolute_uri(uri: str, key: str) -> str:
+    """``uri`` with a relative local path made absolute against this process's working
+    directory, so every Ray worker (whose working directory differs) and every printed line
+    name the same place; URLs (``s3://…``) pass unchanged.
+
+    A Ray job started with ``--working-dir`` runs its entrypoint inside Ray's temporary copy
+    of that directory: a relative store there would commit into the copy, which Ray deletes,
+    and the submitter's own directory is not known to the job. So inside such a job a relative
+    path is refused, naming the key and the fix.
+    """
+    if "://" in uri:
+        return uri
+    path = os.path.expanduser(uri)
+    if os.path.isabs(path):
+        return path
+    if _ray_job_working_dir() is not None:
+        raise ConfigError(f"{key} {uri!r} is a relative path, and this Ray job runs in Ray's "
+                          f"temporary copy of its working directory ({os.getcwd()}), which is "
+                          "deleted after the job: give an absolute path on a filesystem every "
+                          "node shares, or an s3:// URI")
+    return os.path.abspath(path)
+
+
+def _ray_job_working_dir() -> str | None:
+    """The ``working_dir`` of the Ray job this process is the entrypoint of (Ray's job
+    supervisor passes the job's runtime env in ``RAY_JOB_CONFIG_JSON_ENV_VAR``), else None."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    return env.get("working_dir") if isinstance(env, dict) else None
 
 
 def _check_options(options: Any, key: str) -> dict[str, Any] | None:
@@ -330,10 +369,18 @@ class StoreConfig:
     # than this is a crashed writer's and is broken; break_lease breaks a live-looking one.
     lease_timeout_s: float = 3600.0
     break_lease: bool = False
+    # A local store.uri on a Ray cluster of several nodes is refused (each node would hold a
+    # part of the run) unless it is one filesystem mounted on every node (NFS, EFS, Lustre…).
+    shared_fs: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.uri, str) or not self.uri:
             raise ConfigError("store.uri must be a non-empty path or URI")
+        if not isinstance(self.shared_fs, bool):
+            raise ConfigError(f"store.shared_fs must be true or false, got {self.shared_fs!r}")
+        self.uri = absolute_uri(self.uri, "store.uri")
+        if self.extend is not None:
+            self.extend = absolute_uri(self.extend, "store.extend")
         if self.run_id is not None and (problem := run_id_problem(self.run_id)) is not None:
             raise ConfigError(f"store.run_id {problem}")
         self.storage_options = _check_options(self.storage_options, "store.storage_options")

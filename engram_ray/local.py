@@ -15,7 +15,13 @@ from typing import TextIO
 
 from torch import nn
 
-from engram_ray.config import ExtractConfig, SelectConfig, SolverConfig, StoreConfig
+from engram_ray.config import (
+    ExtractConfig,
+    SelectConfig,
+    SolverConfig,
+    StoreConfig,
+    absolute_uri,
+)
 from engram_ray.core.batch import Batch
 from engram_ray.core.capture import Capture
 from engram_ray.core.layers import weight_matrix
@@ -118,6 +124,7 @@ def extract(
     select = select or SelectConfig()
     if select_fields:
         select = dataclasses.replace(select, **select_fields)
+    uri = absolute_uri(uri, "uri")  # the run's one name, whatever the working directory
     parent, _, run_id = uri.rstrip("/").rpartition("/")
     store = StoreConfig(uri=parent or ".", storage_options=storage_options, overwrite=overwrite,
                         keep_statistics=keep_statistics)

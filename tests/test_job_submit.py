@@ -245,3 +245,17 @@ def test_unschedulable_config_fails_fast(head, job_dir):
     assert status == "FAILED", f"still {status} after 90 s"
     assert "parallel.num_cpus" in job_stdout(head, job_id)
     assert not (job_dir.parent / "runs" / "too-big").exists()
+
+
+def test_relative_store_uri_in_a_job_fails_naming_it(head, job_dir):
+    """A relative ``store.uri`` under ``--working-dir`` would commit into Ray's temporary copy
+    of the working dir (and the printed URI would point nowhere): the job fails at once,
+    naming the key and the fix, and nothing is written beside the submitted directory."""
+    job_id = "extract-relative-store"
+    sub = ray_job(head, "submit", "--submission-id", job_id, "--working-dir", str(job_dir),
+                  "--", *extract_entrypoint("store.uri=runs", "store.run_id=rel"), timeout=120)
+    assert sub.returncode != 0
+    assert job_status(head, job_id) == "FAILED"
+    logs = job_stdout(head, job_id)
+    assert "store.uri 'runs' is a relative path" in logs and "s3://" in logs, logs[-2000:]
+    assert not (job_dir / "runs").exists() and not (job_dir.parent / "runs" / "rel").exists()

@@ -47,6 +47,7 @@ from engram_ray.distributed.reduce import tree_depth, tree_plan
 from engram_ray.distributed.resources import check_schedulable
 from engram_ray.distributed.solver import checkpoint_task, solve_task, task_threads, warm_solver
 from engram_ray.distributed.stage_actor import StageActor
+from engram_ray.distributed.store_location import check_store_location
 from engram_ray.distributed.watchdog import Watchdog, pending_work
 from engram_ray.extraction import GroupCheckpoint, GroupSolve, Layout, Plan, say
 from engram_ray.io.sigma_checkpoint import slices
@@ -80,8 +81,10 @@ class RayExecutor:
         p = self.cfg.parallel
         ensure_ray(p.address, cpus_needed(p))
         self.startup["ray_init_s"] = time.time() - t0
-        check_schedulable(p, [n["Resources"] for n in ray.nodes() if n.get("Alive")],
-                          max_extra_cpus=p.autoscale_max_cpus)
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        check_schedulable(p, [n["Resources"] for n in alive], max_extra_cpus=p.autoscale_max_cpus)
+        check_store_location(plan.store, len({n.get("NodeManagerAddress") for n in alive}),
+                             may_grow=p.autoscale_max_cpus > 0)
         self.cores = cluster_cores()
         self.actors = _start_actors(self.cfg, task_threads(p.num_cpus))
         self.pad_id, self.tok_dir = _pad_id(self.cfg)
