@@ -101,13 +101,15 @@ def cmd_extract(args) -> str:
 
 
 def cmd_apply(args) -> str:
-    """Write the edited model; returns ``--out``."""
+    """Write the edited model; returns ``--out``, absolute (as ``store.uri`` is)."""
     from engram_ray.apply import apply_run
+    from engram_ray.config import absolute_uri
 
     storage = _storage(args.storage_option)
     return apply_run(
         args.run, _concepts(args.forget, args.forget_file, storage), alpha=args.alpha,
-        scale=args.scale, modules=_modules(args.modules), out=args.out, model=args.model,
+        scale=args.scale, modules=_modules(args.modules), out=absolute_uri(args.out, "--out"),
+        model=args.model,
         storage_options=storage, trust_factory=args.trust_factory, format=args.format,
         adapter_rtol=args.adapter_rtol, adapter_exact_dense=args.adapter_exact_dense,
     )

@@ -104,6 +104,11 @@ def test_local_cli_prints_the_absolute_uri(workspace, monkeypatch, capsys):
     assert uri == str(workspace / "runs" / "here") and os.path.isabs(uri)
     assert f"to {uri} in" in err  # the "committed … to URI" line names the same place
     assert open_run(uri).concepts == ["ada", "bo"]
+    rc = main(["apply", "--run", "runs/here", "--forget", "ada", "--out", "edited"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.strip().splitlines()[-1] == str(workspace / "edited")
+    assert (workspace / "edited" / "edit.json").exists()
 
 
 @pytest.mark.ray
