@@ -29,7 +29,7 @@ from engram_ray.distributed.cluster import normal_priority
 from engram_ray.distributed.reduce import SigmaBlocks, as_tensor
 from engram_ray.extraction import GroupCheckpoint, GroupSolve
 
-__all__ = ["checkpoint_task", "solve_task", "task_threads", "warm_solver"]
+__all__ = ["SOLVER_RETRIES", "checkpoint_task", "solve_task", "task_threads", "warm_solver"]
 
 
 def task_threads(num_cpus: float) -> int:
@@ -37,7 +37,15 @@ def task_threads(num_cpus: float) -> int:
     return max(1, round(num_cpus))
 
 
-@ray.remote
+# A solver task whose worker process dies (OOM killer, a preempted node) is run again: its
+# writes are idempotent (each module's payload file is rewritten whole under a fixed name in
+# the staging area, and only the rows the successful attempt returns reach the manifest), so a
+# retry cannot duplicate or mix engrams. Exceptions raised by the task are not retried: they
+# are deterministic (bad Σ, a storage error already retried by the client).
+SOLVER_RETRIES = 3
+
+
+@ray.remote(max_retries=SOLVER_RETRIES, retry_exceptions=False)
 def solve_task(step: GroupSolve, sigma: SigmaBlocks, members: Sequence[ModuleInfo],
                weights: Mapping[str, np.ndarray], threads: int = 1) -> list[dict]:
     """One input group solved and written (on the GPU when the task has one)."""
@@ -48,7 +56,7 @@ def solve_task(step: GroupSolve, sigma: SigmaBlocks, members: Sequence[ModuleInf
     return step(sigma.to_moments(), members, tensors, device=device)
 
 
-@ray.remote
+@ray.remote(max_retries=SOLVER_RETRIES, retry_exceptions=False)  # rewrites its files whole too
 def checkpoint_task(step: GroupCheckpoint, group: str, sigma: SigmaBlocks) -> None:
     """One input group's Σ so far written into a checkpoint generation."""
     step(group, sigma.to_moments())
