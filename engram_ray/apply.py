@@ -29,21 +29,25 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from engram_ray.core.edit import EditPlan, apply_edit, plan_edit
+from engram_ray.core.edit import EditPlan, SharedEngrams, apply_edit, plan_edit
 from engram_ray.io.export import (
     MARKER,
     check_output,
+    new_stage,
+    publish_stage,
     staged_local,
     upload_dir,
     write_edited_files,
+    write_edited_files_many,
 )
 from engram_ray.io.storage import Storage
 from engram_ray.io.store import open_run
 from engram_ray.models.loading import ModelSpec, build_empty, load_model, model_dir, tied_aliases
 from engram_ray.runinfo import VERSION
 
-__all__ = ["BUILTIN_FACTORIES", "MARKER", "apply_run", "run_model_spec"]
+__all__ = ["BUILTIN_FACTORIES", "MARKER", "Edit", "apply_many", "apply_run", "run_model_spec"]
 
 # Factories shipped with engram-ray that only construct a module from numbers: running them
 # runs no code a run.json could choose. Any other factory needs the user's consent.
@@ -143,6 +147,92 @@ def _write(stage: str, spec: ModelSpec, plan: EditPlan, provenance: dict,
         write_edited_files(src, stage, plan, aliases)
     else:
         _write_factory_model(stage, spec, plan, storage_options)
+    _write_marker(stage, plan, provenance)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One edit of a batch (``apply_many``): forget ``concepts`` at ``alpha`` into ``out``."""
+
+    concepts: tuple[str, ...]
+    out: str
+    alpha: float = 1.0
+    scale: str = "uniform"
+    modules: tuple[str, ...] | str | None = None
+
+
+def apply_many(run_uri: str, edits: Sequence[Edit], *, storage_options=None,
+               trust_factory: bool = False) -> list[BaseException | None]:
+    """Every edit of one run written in one pass: each base tensor is read once and each
+    module's engrams once (:class:`~engram_ray.core.edit.SharedEngrams` over the union of
+    the forget sets), then every output is edited from them in lockstep
+    (``export.write_edited_files_many``). Each output is published whole, ``edit.json`` last,
+    exactly as :func:`apply_run` writes it. Returns each edit's error (None: written); one
+    failed edit never stops the others. Factory models (built in memory) go one by one."""
+    run = open_run(run_uri, storage_options)
+    spec = run_model_spec(run)
+    check_trusted(spec, run.uri, given=False, trust_factory=trust_factory)
+    if spec.path is None:
+        return [_one(run_uri, e, storage_options, trust_factory) for e in edits]
+    known = set(run.concepts)  # an unknown concept fails its own edit (plan_edit), not all
+    shared = SharedEngrams(run, [c for e in edits for c in e.concepts if c in known])
+    errors: list[BaseException | None] = [None] * len(edits)
+    plans: dict[int, EditPlan] = {}
+    for i, e in enumerate(edits):
+        try:
+            check_output(Storage(e.out, storage_options))
+            plans[i] = plan_edit(shared, e.concepts, alpha=e.alpha, scale=e.scale,
+                                 modules=_listed(e.modules))
+        except Exception as ex:  # noqa: BLE001 - this edit fails, the batch goes on
+            errors[i] = ex
+    stages = {i: new_stage(edits[i].out) if not Storage(edits[i].out).remote
+              else tempfile.mkdtemp(prefix="engram-apply-") for i in plans}
+    try:
+        src = model_dir(spec.path, storage_options)
+        aliases = tied_aliases(build_empty(spec, storage_options))
+        done = write_edited_files_many(src, [stages[i] for i in plans],
+                                       list(plans.values()), aliases)
+        for i, err in zip(list(plans), done):
+            errors[i] = err or _finish(run, spec, plans[i], edits[i], stages[i],
+                                       storage_options)
+    finally:
+        for stage in stages.values():
+            shutil.rmtree(stage, ignore_errors=True)
+    return errors
+
+
+def _one(run_uri: str, e: Edit, storage_options, trust_factory: bool) -> BaseException | None:
+    try:
+        apply_run(run_uri, list(e.concepts), alpha=e.alpha, scale=e.scale,
+                  modules=_listed(e.modules), out=e.out, storage_options=storage_options,
+                  trust_factory=trust_factory)
+    except Exception as ex:  # noqa: BLE001 - returned: the batch goes on
+        return ex
+    return None
+
+
+def _finish(run, spec: ModelSpec, plan: EditPlan, e: Edit, stage: str,
+            storage_options) -> BaseException | None:
+    """``edit.json`` into a written ``stage``, then publish it to ``e.out``; the error, if any."""
+    try:
+        _write_marker(stage, plan, _provenance(run, spec, plan, e.scale, _listed(e.modules)))
+        dest = Storage(e.out, storage_options)
+        if dest.remote:
+            check_output(dest)  # again: someone may have written there meanwhile
+            upload_dir(stage, dest, MARKER)
+        else:
+            publish_stage(stage, e.out)
+    except Exception as ex:  # noqa: BLE001 - this edit fails, the batch goes on
+        return ex
+    return None
+
+
+def _listed(modules):
+    return list(modules) if isinstance(modules, tuple) else modules
+
+
+def _write_marker(stage: str, plan: EditPlan, provenance: dict) -> None:
+    """``edit.json`` (the provenance, what the write noted, the files' sizes), last."""
     provenance["notes"] = list(plan.notes)  # what the write noted (tied weights edited once)
     provenance["files"] = {name: os.path.getsize(os.path.join(stage, name))
                            for name in sorted(os.listdir(stage))}

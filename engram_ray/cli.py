@@ -155,7 +155,7 @@ def cmd_list(args) -> str:
 
 
 def cmd_batch(args) -> str:
-    """Run every request of a requests file (one Ray task each, or here with ``--local``);
+    """Run every request of a requests file (one Ray task per run, or here with ``--local``);
     writes the summary table and returns its URI. Failed requests make the exit status 1."""
     from engram_ray.requests import read_requests, run_batch, write_summary
 

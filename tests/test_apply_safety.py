@@ -186,11 +186,15 @@ def test_completed_output_ends_with_edit_json_provenance(llama_run, tmp_path, ca
 def test_a_write_that_fails_half_way_publishes_nothing(llama_run, tmp_path, capsys, monkeypatch):
     import engram_ray.io.export as export
 
-    def dies_after_one_tensor(path, layout, tensors, metadata=None):
-        next(iter(tensors))
-        raise OSError(28, "No space left on device")
+    real_write, written = export.SafetensorsWriter.write, []
 
-    monkeypatch.setattr(export, "write_safetensors_stream", dies_after_one_tensor)
+    def dies_after_one_tensor(self, name, t):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(name)
+        real_write(self, name, t)
+
+    monkeypatch.setattr(export.SafetensorsWriter, "write", dies_after_one_tensor)
     out = tmp_path / "out"
     rc, _, err = run_cli(capsys, "apply", "--run", llama_run.uri, "--forget", "ada", "--out", out)
     assert_one_line_refusal(rc, err, "No space left", status=1)

@@ -74,22 +74,22 @@ def test_batch_equals_single_applies_records_failures_and_skips_done(tmp_path, r
 def test_a_request_failing_mid_write_leaves_nothing_complete(tmp_path, run_uri, monkeypatch):
     import engram_ray.io.export as export
 
-    real, calls = export.write_safetensors_stream, []
+    real, calls = export.SafetensorsWriter.write, []
 
-    def dies_mid_write(path, layout, tensors, metadata=None):
-        calls.append(path)
-        it = iter(tensors)
-        next(it)  # one tensor read and edited, then the process "dies"
-        raise OSError("disk full")
+    def dies_mid_write(self, name, t):
+        if calls:  # one tensor read, edited and written, then the disk fills up
+            raise OSError("disk full")
+        calls.append(name)
+        real(self, name, t)
 
-    monkeypatch.setattr(export, "write_safetensors_stream", dies_mid_write)
+    monkeypatch.setattr(export.SafetensorsWriter, "write", dies_mid_write)
     reqs = read_requests(write_requests(tmp_path / "r.jsonl", [
         {"request_id": "x", "run": run_uri, "concepts": "ada", "out": str(tmp_path / "x")}]))
     [row] = run_batch(reqs)
     assert row["status"] == "failed" and "disk full" in row["error"] and calls
     assert not os.path.exists(tmp_path / "x" / "edit.json")
     assert not os.path.exists(tmp_path / "x" / "model.safetensors")
-    monkeypatch.setattr(export, "write_safetensors_stream", real)
+    monkeypatch.setattr(export.SafetensorsWriter, "write", real)
     assert [r["status"] for r in run_batch(reqs)] == ["done"]  # the re-run completes it
 
 
@@ -99,9 +99,93 @@ def test_a_request_failing_mid_write_leaves_nothing_complete(tmp_path, run_uri, 
     ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o", "alpha": "x"}], "alpha"),
     ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o"}] * 2, "appears twice"),
     ([], "no requests"),
+    ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o", "format": "gguf"}],
+     "row 0: format must be one of"),
+    ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o", "format": "peft",
+       "adapter_rtol": "tight"}], "adapter_rtol must be a number"),
+    ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o", "adapter_rtol": 0.1}],
+     "need format 'peft'"),
 ])
 def test_bad_request_files_name_the_file_row_and_column(tmp_path, rows, match):
     path = write_requests(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=match) as e:
         read_requests(path)
     assert "bad.jsonl" in str(e.value)
+
+
+def test_full_and_peft_requests_each_equal_their_single_apply(tmp_path, run_uri):
+    """``format`` per request (issue 12): a peft request writes the adapter a single
+    ``apply --format peft`` writes; a full one the checkpoint; the peft done marker is
+    ``adapter_meta.json`` (a re-run skips it)."""
+    out = tmp_path / "out"
+    reqs = read_requests(write_requests(tmp_path / "requests.jsonl", [
+        {"request_id": "full", "run": run_uri, "concepts": ["ada"], "out": str(out / "full")},
+        {"request_id": "lora", "run": run_uri, "concepts": ["ada", "bo"], "format": "peft",
+         "adapter_rtol": 0.01, "out": str(out / "lora")},
+    ]))
+    rows = run_batch(reqs)
+    assert [r["status"] for r in rows] == ["done", "done"], rows
+    single = apply_run(run_uri, ["ada", "bo"], out=str(tmp_path / "single"), format="peft",
+                       adapter_rtol=0.01)
+    a = load_file(os.path.join(out / "lora", "adapter_model.safetensors"))
+    b = load_file(os.path.join(single, "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "lora" / "adapter_config.json").read_text()) == \
+        json.loads((tmp_path / "single" / "adapter_config.json").read_text())
+    full = apply_run(run_uri, ["ada"], out=str(tmp_path / "single-full"))
+    a = load_file(os.path.join(out / "full", "model.safetensors"))
+    b = load_file(os.path.join(full, "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["status"] for r in run_batch(reqs)] == ["skipped", "skipped"]
+
+
+def test_engrams_are_read_once_per_module_for_the_whole_batch(tmp_path, run_uri, monkeypatch):
+    """Requests on one run share their engram reads (issue 10): three requests forgetting
+    {ada}, {bo} and {ada, bo} read each (concept, module) engram once — 2 per module — where
+    request by request they would read 4 per module; every output still equals its single
+    apply."""
+    from engram_ray.io.store import Run
+
+    reads: list[tuple[str, str]] = []
+    real = Run.engram
+
+    def counted(self, concept, module, *a, **k):
+        reads.append((concept, module))
+        return real(self, concept, module, *a, **k)
+
+    specs = [["ada"], ["bo"], ["ada", "bo"]]
+    reqs = read_requests(write_requests(tmp_path / "requests.jsonl", [
+        {"request_id": f"r{i}", "run": run_uri, "concepts": c, "out": str(tmp_path / f"r{i}")}
+        for i, c in enumerate(specs)]))
+    monkeypatch.setattr(Run, "engram", counted)
+    rows = run_batch(reqs)
+    assert [r["status"] for r in rows] == ["done"] * 3, rows
+    n_modules = len({m for _, m in reads})
+    assert sorted(reads) == sorted(set(reads)), "an engram was read twice"
+    assert len(reads) == 2 * n_modules
+    monkeypatch.setattr(Run, "engram", real)
+    for i, c in enumerate(specs):
+        single = apply_run(run_uri, c, out=str(tmp_path / f"single{i}"))
+        a = load_file(os.path.join(tmp_path / f"r{i}", "model.safetensors"))
+        b = load_file(os.path.join(single, "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), c
+        edit = json.loads((tmp_path / f"r{i}" / "edit.json").read_text())
+        assert edit["concepts"] == c and edit["run"] == run_uri
+
+
+@pytest.mark.ray
+def test_cli_batch_on_ray_runs_each_run_as_one_task(ray_cluster, tmp_path, run_uri, capsys):
+    """``engram-ray batch`` (no ``--local``): the run's requests go to a Ray task together and
+    each output equals the single apply."""
+    from engram_ray.cli import main
+
+    path = write_requests(tmp_path / "requests.jsonl", [
+        {"request_id": f"r{i}", "run": run_uri, "concepts": c, "out": str(tmp_path / f"r{i}")}
+        for i, c in enumerate([["ada"], ["ada", "bo"]])])
+    assert main(["batch", path]) == 0, capsys.readouterr().err
+    table = pq.read_table(str(tmp_path / "requests.summary.parquet")).to_pylist()
+    assert [r["status"] for r in table] == ["done", "done"]
+    single = apply_run(run_uri, ["ada", "bo"], out=str(tmp_path / "single"))
+    a = load_file(os.path.join(tmp_path / "r1", "model.safetensors"))
+    b = load_file(os.path.join(single, "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

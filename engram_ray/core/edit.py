@@ -39,6 +39,7 @@ __all__ = [
     "EditPlan",
     "EngramSource",
     "SCALES",
+    "SharedEngrams",
     "apply_edit",
     "check_finite",
     "compose",
@@ -69,6 +70,45 @@ def union_engram(
         if eb is not None:
             b = eb.clone() if b is None else b.add_(eb)
     return w, b
+
+
+class SharedEngrams:
+    """An :class:`EngramSource` that reads each module's engrams once for a batch of edits.
+
+    Edits of one run made together (``apply.apply_many``) walk the modules in the same order,
+    in lockstep; the first to need module m reads the engrams of every concept the batch
+    forgets at m (``concepts``, the union of the edits' forget sets) and the others reuse
+    them. Only the last ``keep`` modules stay in memory (a weight and its bias may be a few
+    tensors apart in a checkpoint), so memory is a few modules' engrams, not a model's worth.
+    ``reads`` counts engrams read from the source.
+    """
+
+    def __init__(self, source: EngramSource, concepts: Sequence[str], keep: int = 4) -> None:
+        self.source, self.keep = source, keep
+        self.concepts, self.modules = source.concepts, source.modules
+        self._need = list(dict.fromkeys(concepts))
+        self._held: dict[str, dict[str, tuple]] = {}  # module → concept → (weight, bias)
+        self.reads = 0
+
+    def module_info(self, module: str) -> dict:
+        return self.source.module_info(module)
+
+    def _module(self, module: str) -> dict[str, tuple]:
+        if module in self._held:
+            self._held[module] = self._held.pop(module)  # most recently used last
+        else:
+            self._held[module] = {c: (self.source.engram(c, module), self.source.bias(c, module))
+                                  for c in self._need}
+            self.reads += len(self._need)
+            while len(self._held) > self.keep:
+                del self._held[next(iter(self._held))]
+        return self._held[module]
+
+    def engram(self, concept: str, module: str) -> torch.Tensor:
+        return self._module(module)[concept][0]
+
+    def bias(self, concept: str, module: str) -> torch.Tensor | None:
+        return self._module(module)[concept][1]
 
 
 def _as_matrix(w: torch.Tensor, b: torch.Tensor | None, kind: str) -> torch.Tensor:

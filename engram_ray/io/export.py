@@ -26,7 +26,7 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -37,12 +37,16 @@ from engram_ray.io.storage import Storage
 
 __all__ = [
     "MARKER",
+    "SafetensorsWriter",
     "check_output",
     "edit_tensor_stream",
+    "new_stage",
+    "publish_stage",
     "staged_local",
     "upload_dir",
     "write_edited_checkpoint",
     "write_edited_files",
+    "write_edited_files_many",
     "write_safetensors_stream",
 ]
 
@@ -55,38 +59,54 @@ _DTYPE_NAMES = {
 }
 
 
+class SafetensorsWriter:
+    """A safetensors file written one tensor at a time: ``layout`` (name → dtype, shape), in
+    file order, fixes the header up front; each tensor must then arrive in that order with
+    that dtype and shape."""
+
+    def __init__(self, path: str, layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None) -> None:
+        header: dict = {}
+        offset = 0
+        for name, (dtype, shape) in layout.items():
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            offset += n
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
+        self.layout, self._names = layout, iter(layout)
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)))
+        self._f.write(blob)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        expect = next(self._names)
+        dtype, shape = self.layout[expect]
+        if name != expect or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"tensor {name!r} does not match the planned layout entry {expect!r}")
+        self._f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def write_safetensors_stream(
     path: str,
     layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
     tensors: Iterable[tuple[str, torch.Tensor]],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write a safetensors file from ``(name, tensor)`` pairs arriving one at a time.
-
-    ``layout`` (name → dtype, shape), in file order, fixes the header up front; each tensor
-    must then arrive in that order with that dtype and shape.
-    """
-    header: dict = {}
-    offset = 0
-    for name, (dtype, shape) in layout.items():
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + n]}
-        offset += n
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
-    names = iter(layout)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+    """Write a safetensors file from ``(name, tensor)`` pairs arriving one at a time
+    (:class:`SafetensorsWriter`)."""
+    w = SafetensorsWriter(path, layout, metadata)
+    try:
         for name, t in tensors:
-            expect = next(names)
-            dtype, shape = layout[expect]
-            if name != expect or t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"tensor {name!r} does not match the planned layout entry {expect!r}")
-            f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            w.write(name, t)
+    finally:
+        w.close()
 
 
 def edit_tensor_stream(
@@ -137,28 +157,75 @@ def write_edited_files(src_dir: str, dest_dir: str, plan: EditPlan,
                        aliases: Mapping[str, str] | None = None) -> list[str]:
     """Write ``src_dir``'s HF checkpoint, edited, into the existing directory ``dest_dir``
     (small files copied, safetensors streamed tensor by tensor); returns the safetensors files."""
-    files = sorted(f for f in os.listdir(src_dir) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files in {src_dir}")
+    errors = write_edited_files_many(src_dir, [dest_dir], [plan], aliases)
+    if errors[0] is not None:
+        raise errors[0]
+    return _safetensors_files(src_dir)
+
+
+def write_edited_files_many(src_dir: str, dest_dirs: Sequence[str], plans: Sequence[EditPlan],
+                            aliases: Mapping[str, str] | None = None
+                            ) -> list[BaseException | None]:
+    """Write ``src_dir``'s checkpoint once per (``dest_dirs[i]``, ``plans[i]``), in lockstep:
+    each base tensor is read once and each output gets its own edit of it, so a batch of edits
+    of one model reads the checkpoint once, and (when the plans share a caching engram source,
+    ``requests.SharedEngrams``) each module's engrams once. An output whose edit fails (a
+    non-finite weight, a shape mismatch) is dropped with its error; the others go on. Returns
+    the error of each output (None: written)."""
+    files = _safetensors_files(src_dir)
+    errors: list[BaseException | None] = [None] * len(plans)
     for name in os.listdir(src_dir):
         src = os.path.join(src_dir, name)
         if os.path.isfile(src) and not name.endswith((".safetensors", ".bin", ".pt")):
-            shutil.copy2(src, os.path.join(dest_dir, name))
+            for d in dest_dirs:
+                shutil.copy2(src, os.path.join(d, name))
     all_keys = {}
     for fname in files:
         with safe_open(os.path.join(src_dir, fname), framework="pt") as f:
             all_keys[fname] = list(f.keys())
-    edited_anywhere = EditPlanFilter(plan, {k for ks in all_keys.values() for k in ks}, aliases)
+    every = {k for ks in all_keys.values() for k in ks}
+    filters = [EditPlanFilter(plan, every, aliases) for plan in plans]
     for fname in files:
         with safe_open(os.path.join(src_dir, fname), framework="pt") as f:
-            meta = f.metadata() or {}
-            layout = {}
-            for k in all_keys[fname]:
-                sl = f.get_slice(k)
-                layout[k] = (_torch_dtype(sl.get_dtype()), tuple(sl.get_shape()))
-            sub = edited_anywhere.for_keys(all_keys[fname])
-            stream = edit_tensor_stream(sub, all_keys[fname], f.get_tensor, aliases)
-            write_safetensors_stream(os.path.join(dest_dir, fname), layout, stream, meta)
+            _lockstep(f, all_keys[fname], fname, dest_dirs, filters, aliases, errors)
+    return errors
+
+
+def _lockstep(f, keys: list[str], fname: str, dest_dirs: Sequence[str], filters, aliases,
+              errors: list) -> None:
+    """One safetensors file: every key read once, edited and written into each live output."""
+    layout = {}
+    for k in keys:
+        sl = f.get_slice(k)
+        layout[k] = (_torch_dtype(sl.get_dtype()), tuple(sl.get_shape()))
+    current: dict[str, torch.Tensor] = {}
+    live: dict[int, tuple] = {}
+    for i, d in enumerate(dest_dirs):
+        if errors[i] is None:
+            stream = edit_tensor_stream(filters[i].for_keys(keys), keys, current.__getitem__,
+                                        aliases)
+            live[i] = (SafetensorsWriter(os.path.join(d, fname), layout, f.metadata() or {}),
+                       iter(stream))
+    try:
+        for k in keys:
+            current.clear()
+            current[k] = f.get_tensor(k)  # the one read of this tensor, shared by every output
+            for i, (writer, stream) in list(live.items()):
+                try:
+                    writer.write(*next(stream))
+                except Exception as e:  # noqa: BLE001 - this output fails, the others go on
+                    errors[i] = e
+                    writer.close()
+                    del live[i]
+    finally:
+        for writer, _ in live.values():
+            writer.close()
+
+
+def _safetensors_files(src_dir: str) -> list[str]:
+    files = sorted(f for f in os.listdir(src_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {src_dir}")
     return files
 
 
@@ -190,21 +257,33 @@ def check_output(dest: Storage) -> None:
 def staged_local(out: str) -> Iterator[str]:
     """A fresh ``<out>.partial-<nonce>`` directory to write into, renamed to ``out`` when the
     block ends without error (atomic: ``out`` is absent or complete) and removed either way."""
+    stage = new_stage(out)
+    try:
+        yield stage
+        publish_stage(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def new_stage(out: str) -> str:
+    """A fresh, empty ``<out>.partial-<nonce>`` directory beside the local output ``out``."""
     out = os.path.abspath(os.path.expanduser(out))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     stage = f"{out}.partial-{uuid.uuid4().hex[:12]}"
     os.mkdir(stage)
+    return stage
+
+
+def publish_stage(stage: str, out: str) -> None:
+    """Rename the finished ``stage`` to ``out`` (atomic; never over a non-empty directory)."""
+    out = os.path.abspath(os.path.expanduser(out))
     try:
-        yield stage
-        try:
-            os.replace(stage, out)  # replaces an empty directory, never a non-empty one
-        except OSError as e:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                raise FileExistsError(f"output {out} was created by someone else while this "
-                                      "edit was written; nothing was published") from None
-            raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        os.replace(stage, out)  # replaces an empty directory, never a non-empty one
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(f"output {out} was created by someone else while this "
+                                  "edit was written; nothing was published") from None
+        raise
 
 
 def upload_dir(local: str, dest: Storage, marker: str = MARKER) -> list[str]:
