@@ -418,9 +418,12 @@ def test_entrypoint_arguments_and_inline_configs_are_valid():
             check_capacity(key, spec, cfg.parallel)
             checked.add(ns.config)
         elif script == "jobs/apply.py" and args[:1] == ["--batch"]:
-            argvs = load_apply_job().batch_argvs(yaml.safe_load(mounted_file(spec, args[1])))
-            assert all(parser.parse_args(a).forget for a in argvs), key
-            checked.add(args[1])
+            ns = parser.parse_args(["batch", *args[1:]])
+            reqs = read_requests_text(mounted_file(spec, ns.requests), ns.requests)
+            assert reqs and all(r.concepts and r.out for r in reqs), key
+            assert ns.summary and ns.summary.startswith("s3://"), \
+                f"{key}: the summary must not go to the read-only ConfigMap mount"
+            checked.add(ns.requests)
         else:
             parser.parse_args([pathlib.Path(script).stem, *args])
     for cm in CONFIGMAPS.values():  # no inline config that no job reads
@@ -436,8 +439,28 @@ def test_inline_config_errors_are_caught():
     raw["parallel"]["num_gpu"] = 1
     with pytest.raises(ConfigError, match="parallel.num_gpu"):
         ExtractConfig.from_dict(raw)
-    with pytest.raises(ValueError, match="unknown edit key"):
-        load_apply_job().edit_argv({"run": "r"}, {"forgett": ["a"], "out": "o"})
+    text = CONFIGMAPS["engram-ray-apply"]["data"]["requests.jsonl"]
+    with pytest.raises(ValueError, match="requests.jsonl, row 0: column 'concepts' is missing"):
+        read_requests_text(text.replace('"concepts"', '"forget"', 1), "requests.jsonl")
+
+
+def read_requests_text(text: str, name: str):
+    """``engram-ray batch``'s own reader on an inline requests file (written to a temporary
+    file of the same name, so errors name it)."""
+    import tempfile
+
+    from engram_ray.requests import read_requests
+
+    with tempfile.TemporaryDirectory() as d:
+        path = pathlib.Path(d) / pathlib.Path(name).name
+        path.write_text(text)
+        return read_requests(str(path))
+
+
+def test_apply_job_is_the_cli():
+    """``jobs/apply.py`` adds nothing of its own: ``--batch`` is ``engram-ray batch``."""
+    job = load_apply_job()
+    assert job.run(["--batch", "/nonexistent/requests.jsonl", "--local"]) == 2
 
 
 def quantity(q) -> float:
