@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engram_ray.core.edit import EditPlan, SharedEngrams, apply_edit, plan_edit
+from engram_ray.core.edit import EditPlan, SharedEngrams, apply_edit, plan_edit, plan_edits
 from engram_ray.io.export import (
     MARKER,
     check_output,
@@ -152,39 +152,81 @@ def _write(stage: str, spec: ModelSpec, plan: EditPlan, provenance: dict,
 
 @dataclass(frozen=True)
 class Edit:
-    """One edit of a batch (``apply_many``): forget ``concepts`` at ``alpha`` into ``out``."""
+    """One edit of a batch (``apply_many``): forget ``concepts`` at ``alpha`` into ``out``,
+    as an edited checkpoint (``format="full"``) or a PEFT adapter (``"peft"``, with
+    ``adapter_rtol`` and ``adapter_exact_dense`` as in :func:`apply_run`)."""
 
     concepts: tuple[str, ...]
     out: str
     alpha: float = 1.0
     scale: str = "uniform"
     modules: tuple[str, ...] | str | None = None
+    format: str = "full"
+    adapter_rtol: float | None = None
+    adapter_exact_dense: bool = False
 
 
 def apply_many(run_uri: str, edits: Sequence[Edit], *, storage_options=None,
                trust_factory: bool = False) -> list[BaseException | None]:
-    """Every edit of one run written in one pass: each base tensor is read once and each
-    module's engrams once (:class:`~engram_ray.core.edit.SharedEngrams` over the union of
-    the forget sets), then every output is edited from them in lockstep
-    (``export.write_edited_files_many``). Each output is published whole, ``edit.json`` last,
-    exactly as :func:`apply_run` writes it. Returns each edit's error (None: written); one
-    failed edit never stops the others. Factory models (built in memory) go one by one."""
+    """Every edit of one run, each output exactly what :func:`apply_run` writes for it, with
+    the reads shared: every module's engrams are read through one
+    :class:`~engram_ray.core.edit.SharedEngrams` over the union of the forget sets, and the
+    work goes module by module for all edits at once — the per-layer scales of every edit in
+    one pass (``core.edit.plan_edits``), the full checkpoints in one lockstep pass over the base
+    checkpoint (each base tensor read once, ``export.write_edited_files_many``), the adapters
+    in one pass over the modules (``adapter.write_peft_adapters``). So the reads of a batch do
+    not grow with its number of edits. Returns each edit's error (None: written); one failed
+    edit never stops the others. Full edits of factory models (built in memory) go one by
+    one."""
     run = open_run(run_uri, storage_options)
     spec = run_model_spec(run)
     check_trusted(spec, run.uri, given=False, trust_factory=trust_factory)
-    if spec.path is None:
-        return [_one(run_uri, e, storage_options, trust_factory) for e in edits]
-    known = set(run.concepts)  # an unknown concept fails its own edit (plan_edit), not all
-    shared = SharedEngrams(run, [c for e in edits for c in e.concepts if c in known])
     errors: list[BaseException | None] = [None] * len(edits)
-    plans: dict[int, EditPlan] = {}
-    for i, e in enumerate(edits):
+    todo = list(range(len(edits)))
+    if spec.path is None:  # a factory model: full edits are built in memory, one by one
+        todo = [i for i in todo if edits[i].format != "full"]
+        for i in set(range(len(edits))) - set(todo):
+            errors[i] = _one(run_uri, edits[i], storage_options, trust_factory)
+    known = set(run.concepts)  # an unknown concept fails its own edit (plan_edits), not all
+    shared = SharedEngrams(run, [c for i in todo for c in edits[i].concepts if c in known])
+    plans = _plans(shared, edits, todo, errors, storage_options)
+    full = {i: p for i, p in plans.items() if edits[i].format == "full"}
+    peft = {i: p for i, p in plans.items() if edits[i].format == "peft"}
+    if full:
+        _write_full(run, spec, edits, full, errors, storage_options)
+    if peft:
+        _write_adapters(run, spec, edits, peft, errors, storage_options)
+    return errors
+
+
+def _plans(shared: SharedEngrams, edits: Sequence[Edit], todo: Sequence[int], errors: list,
+           storage_options) -> dict[int, EditPlan]:
+    """The plans of the edits ``todo`` (module-major, ``plan_edits``); an edit whose output is
+    taken or whose format is unknown fails here, before any work."""
+    ok = []
+    for i in todo:
         try:
-            check_output(Storage(e.out, storage_options))
-            plans[i] = plan_edit(shared, e.concepts, alpha=e.alpha, scale=e.scale,
-                                 modules=_listed(e.modules))
+            if edits[i].format not in ("full", "peft"):
+                raise ValueError(f"format must be 'full' or 'peft', got {edits[i].format!r}")
+            check_output(Storage(edits[i].out, storage_options))
+            ok.append(i)
         except Exception as ex:  # noqa: BLE001 - this edit fails, the batch goes on
             errors[i] = ex
+    planned = plan_edits(shared, [(edits[i].concepts, edits[i].alpha, edits[i].scale,
+                                   _listed(edits[i].modules)) for i in ok])
+    plans = {}
+    for i, plan in zip(ok, planned):
+        if isinstance(plan, BaseException):
+            errors[i] = plan
+        else:
+            plans[i] = plan
+    return plans
+
+
+def _write_full(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int, EditPlan],
+                errors: list, storage_options) -> None:
+    """The full checkpoints of ``plans``, in lockstep over the base checkpoint (one read of
+    each tensor), each published whole with ``edit.json`` last."""
     stages = {i: new_stage(edits[i].out) if not Storage(edits[i].out).remote
               else tempfile.mkdtemp(prefix="engram-apply-") for i in plans}
     try:
@@ -198,14 +240,31 @@ def apply_many(run_uri: str, edits: Sequence[Edit], *, storage_options=None,
     finally:
         for stage in stages.values():
             shutil.rmtree(stage, ignore_errors=True)
-    return errors
+
+
+def _write_adapters(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int, EditPlan],
+                    errors: list, storage_options) -> None:
+    """The adapters of ``plans``, in one pass over the modules (``write_peft_adapters``)."""
+    from engram_ray.io.adapter import AdapterJob, write_peft_adapters
+
+    jobs = [AdapterJob(p, edits[i].out, edits[i].scale, edits[i].adapter_rtol,
+                       edits[i].adapter_exact_dense) for i, p in plans.items()]
+    try:
+        results = write_peft_adapters(run, jobs, base_model_dir_or_spec=spec,
+                                      storage_options=storage_options,
+                                      trust_factory=True)  # consent was checked by the caller
+    except Exception as ex:  # noqa: BLE001 - the base model failed: every adapter of it
+        results = [ex] * len(jobs)
+    for i, result in zip(plans, results):
+        errors[i] = result if isinstance(result, BaseException) else None
 
 
 def _one(run_uri: str, e: Edit, storage_options, trust_factory: bool) -> BaseException | None:
     try:
         apply_run(run_uri, list(e.concepts), alpha=e.alpha, scale=e.scale,
                   modules=_listed(e.modules), out=e.out, storage_options=storage_options,
-                  trust_factory=trust_factory)
+                  trust_factory=trust_factory, format=e.format, adapter_rtol=e.adapter_rtol,
+                  adapter_exact_dense=e.adapter_exact_dense)
     except Exception as ex:  # noqa: BLE001 - returned: the batch goes on
         return ex
     return None

@@ -301,11 +301,14 @@ def _add_list(sub) -> None:
 def _add_batch(sub) -> None:
     b = sub.add_parser("batch", help="run a file of edit requests (one edited model each)")
     b.add_argument("requests", help="Parquet or JSON lines: request_id, run, concepts, out, "
-                                    "[alpha, scale, modules]")
+                                    "[alpha, scale, modules, format (full|peft), "
+                                    "adapter_rtol, adapter_exact_dense]")
     b.add_argument("--summary", default=None,
                    help="summary table (default: REQUESTS with .summary.parquet)")
-    b.add_argument("--local", action="store_true", help="run the requests here, one by one")
-    b.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per request task")
+    b.add_argument("--local", action="store_true",
+                   help="run the requests here instead of one Ray task per run")
+    b.add_argument("--num-cpus", type=float, default=1.0,
+                   help="CPUs per Ray task (one task writes every request of one run)")
     b.add_argument("--trust-factory", action="store_true",
                    help="allow factory models named in the runs (they run code)")
     b.add_argument("--storage-option", action="append", metavar="KEY=VALUE")

@@ -16,14 +16,24 @@ Cloud unlearning comes in batches (one edit per tenant, takedown request or juri
 
 Each request is one ``apply``: an edited checkpoint written tensor by tensor with ``edit.json``
 last, or a PEFT adapter with ``adapter_meta.json`` last (the output's completion marker and
-provenance). Requests that edit the same run are done together, one Ray task per run
-(``--local``: here): the full-checkpoint ones in one pass over the base checkpoint, reading
-each module's engrams once for all of them (``apply.apply_many``), so a batch of N edits of a
-run costs one read of the model and of the engrams plus N writes. Requests are independent:
-one that fails is recorded and the others go on. A re-run skips the requests whose output is
-complete, so a batch killed half way resumes. The summary table (Parquet) has one row per
-request: status (``done`` | ``skipped`` | ``failed``), output, seconds and the error's
-one-line message.
+provenance); its output equals the single ``engram-ray apply`` of the same request.
+
+Requests that edit the same run are done together (``apply.apply_many``), because that is what
+lets them share their reads: each module's engrams are read once for the union of their forget
+sets and every output is made from them, module by module — the full checkpoints in one pass
+over the base checkpoint (each tensor read once, N outputs written in lockstep), the adapters
+in one pass over the modules, the per-layer scales (``weight_norm``, …) of all of them in one
+more. A batch of N edits of a run therefore reads the run a fixed number of times (at most 3
+passes), not N times. On Ray (the default) each run's requests are one Ray task (``--local``:
+this process): the issue asked for one task per request, but tasks do not share memory, so a
+task per request would re-read the engrams per request; runs are spread over the cluster, the
+requests of one run are not (its outputs are written by one task, one after another in
+lockstep). Requests are independent: one that fails is recorded and the others go on. Every
+row is validated before the first request runs (a bad value fails the batch at once, naming
+the row, the request_id and the column). A re-run skips the requests whose output is complete,
+so a batch killed half way resumes. The summary table (Parquet) has one row per request:
+status (``done`` | ``skipped`` | ``failed``), output, seconds (a shared pass split evenly) and
+the error's one-line message.
 """
 
 from __future__ import annotations
@@ -40,8 +50,7 @@ import pyarrow.parquet as pq
 
 from engram_ray.io.storage import Storage
 
-__all__ = ["EditRequest", "read_requests", "run_batch", "run_group", "run_request",
-           "write_summary"]
+__all__ = ["EditRequest", "read_requests", "run_batch", "run_group", "write_summary"]
 
 REQUIRED = ("request_id", "run", "concepts", "out")
 OPTIONAL = {"alpha": 1.0, "scale": "uniform", "modules": None, "format": "full",
@@ -93,87 +102,93 @@ def read_requests(uri: str, storage_options: Mapping | None = None,
 
 
 def _request(uri: str, i: int, row: Any) -> EditRequest:
+    """One row, validated: every error names the file, the row, the request_id (once known)
+    and the column, so a typo in a batch of thousands is found without a debugger."""
     where = f"requests file {uri}, row {i}"
     if not isinstance(row, Mapping):
         raise ValueError(f"{where}: expected an object with columns {list(REQUIRED)}")
     missing = [c for c in REQUIRED if row.get(c) in (None, "", [])]
     if missing:
         raise ValueError(f"{where}: column {missing[0]!r} is missing or empty")
+    where = f"{where} (request_id {str(row['request_id'])!r})"
     unknown = sorted(set(row) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
         raise ValueError(f"{where}: unknown column {unknown[0]!r} (known: "
                          f"{list(REQUIRED) + list(OPTIONAL)})")
     values = {**OPTIONAL, **{k: v for k, v in row.items() if v is not None}}
-    concepts = values["concepts"]
-    concepts = (concepts,) if isinstance(concepts, str) else tuple(str(c) for c in concepts)
-    try:
-        alpha = float(values["alpha"])
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: alpha must be a number, got {values['alpha']!r}") from None
-    if not math.isfinite(alpha):
-        raise ValueError(f"{where}: alpha must be finite, got {alpha}")
-    modules = values["modules"]
-    if modules is not None and not isinstance(modules, str):
-        modules = tuple(str(m) for m in modules)
-    return EditRequest(str(values["request_id"]), str(values["run"]), concepts,
-                       str(values["out"]), alpha, str(values["scale"]), modules,
+    for col in ("request_id", "run", "out"):
+        if not isinstance(values[col], (str, int)) or isinstance(values[col], bool):
+            raise ValueError(f"{where}: column {col!r} must be a string, got {values[col]!r}")
+    alpha = values["alpha"]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+            or not math.isfinite(alpha):
+        raise ValueError(f"{where}: column 'alpha' must be a number (finite), got {alpha!r}")
+    return EditRequest(str(values["request_id"]), str(values["run"]),
+                       _names(where, "concepts", values["concepts"]), str(values["out"]),
+                       float(alpha), _scale(where, values["scale"]),
+                       None if values["modules"] is None
+                       else _names(where, "modules", values["modules"], regex=True),
                        *_adapter_columns(where, values))
+
+
+def _names(where: str, column: str, value: Any, regex: bool = False) -> tuple[str, ...] | str:
+    """A string (one concept; for ``modules`` a regex, as ``apply --modules`` takes) or a
+    list of non-empty strings."""
+    if isinstance(value, str):
+        return value if regex else (value,)
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise ValueError(f"{where}: column {column!r} must be a string or a list of non-empty "
+                     f"strings, got {value!r}")
+
+
+def _scale(where: str, value: Any) -> str:
+    """A named scale or a product of them (``weight_norm*effective_rank``), as ``apply
+    --scale`` takes: checked here, so a typo fails the batch before any work."""
+    from engram_ray.core.edit import SCALES
+
+    if not isinstance(value, str) or not all(p in SCALES for p in value.split("*")):
+        raise ValueError(f"{where}: column 'scale' must be one of {sorted(SCALES)} or a "
+                         f"product like 'weight_norm*effective_rank', got {value!r}")
+    return value
 
 
 def _adapter_columns(where: str, values: Mapping) -> tuple[str, float | None, bool]:
     """(format, adapter_rtol, adapter_exact_dense) of a row, validated."""
     fmt = values["format"]
     if fmt not in COMPLETE:
-        raise ValueError(f"{where}: format must be one of {sorted(COMPLETE)}, got {fmt!r}")
+        raise ValueError(f"{where}: column 'format' must be one of {sorted(COMPLETE)}, "
+                         f"got {fmt!r}")
     rtol = values["adapter_rtol"]
     if rtol is not None:
-        try:
-            rtol = float(rtol)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: adapter_rtol must be a number, got {rtol!r}") from None
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)):
+            raise ValueError(f"{where}: column 'adapter_rtol' must be a number, got {rtol!r}")
         if not 0 <= rtol < 1:
-            raise ValueError(f"{where}: adapter_rtol must be in [0, 1), got {rtol}")
+            raise ValueError(f"{where}: column 'adapter_rtol' must be in [0, 1), got {rtol}")
+        rtol = float(rtol)
     exact = values["adapter_exact_dense"]
     if not isinstance(exact, bool):
-        raise ValueError(f"{where}: adapter_exact_dense must be true or false, got {exact!r}")
+        raise ValueError(f"{where}: column 'adapter_exact_dense' must be true or false, got "
+                         f"{exact!r}")
     if fmt == "full" and (rtol is not None or exact):
-        raise ValueError(f"{where}: adapter_rtol and adapter_exact_dense need format 'peft'")
+        raise ValueError(f"{where}: columns 'adapter_rtol' and 'adapter_exact_dense' need "
+                         "format 'peft'")
     return fmt, rtol, exact
-
-
-def run_request(request: EditRequest, storage_options: Mapping | None = None,
-                trust_factory: bool = False) -> dict:
-    """Run one request alone (or skip it when its output is complete): one summary row; an
-    error is recorded, never raised, so one bad request never stops the others."""
-    from engram_ray.apply import apply_run
-
-    t0 = time.time()
-    try:
-        if _complete(request, storage_options):
-            return _row(request, "skipped", 0.0)
-        apply_run(request.run, list(request.concepts), alpha=request.alpha,
-                  scale=request.scale, modules=_modules(request.modules), out=request.out,
-                  storage_options=storage_options, trust_factory=trust_factory,
-                  format=request.format, adapter_rtol=request.adapter_rtol,
-                  adapter_exact_dense=request.adapter_exact_dense)
-        return _row(request, "done", time.time() - t0)
-    except Exception as e:  # noqa: BLE001 - recorded in the summary, the batch goes on
-        return _row(request, "failed", time.time() - t0, e)
 
 
 def run_group(requests: Sequence[EditRequest], storage_options: Mapping | None = None,
               trust_factory: bool = False) -> list[dict]:
-    """The requests of one run (module docstring): full checkpoints together through
-    ``apply.apply_many`` (one read of the model and of each module's engrams), adapters one
-    by one; summary rows in request order. Seconds of the shared pass are split evenly."""
+    """The summary rows of the requests of one run, in request order: the complete ones
+    skipped, the others written together by ``apply.apply_many`` (module docstring: one
+    read of the model and of each module's engrams for all of them, full checkpoints and
+    adapters alike). Errors are recorded, never raised; the seconds of the shared pass are
+    split evenly among its requests."""
     from engram_ray.apply import Edit, apply_many
 
     rows: dict[int, dict] = {}
-    full = []
+    todo = []
     for i, r in enumerate(requests):
-        if r.format != "full":
-            rows[i] = run_request(r, storage_options, trust_factory)
-            continue
         try:
             if _complete(r, storage_options):
                 rows[i] = _row(r, "skipped", 0.0)
@@ -181,18 +196,18 @@ def run_group(requests: Sequence[EditRequest], storage_options: Mapping | None =
         except Exception as e:  # noqa: BLE001 - recorded, the batch goes on
             rows[i] = _row(r, "failed", 0.0, e)
             continue
-        full.append(i)
-    if full:
+        todo.append(i)
+    if todo:
         t0 = time.time()
         try:
-            errors = apply_many(requests[full[0]].run, [
-                Edit(requests[i].concepts, requests[i].out, requests[i].alpha, requests[i].scale,
-                     requests[i].modules) for i in full],
+            errors = apply_many(requests[todo[0]].run, [
+                Edit(r.concepts, r.out, r.alpha, r.scale, r.modules, r.format, r.adapter_rtol,
+                     r.adapter_exact_dense) for r in (requests[i] for i in todo)],
                 storage_options=storage_options, trust_factory=trust_factory)
         except Exception as e:  # noqa: BLE001 - the run itself failed: every request of it
-            errors = [e] * len(full)
-        each = (time.time() - t0) / len(full)
-        for i, err in zip(full, errors):
+            errors = [e] * len(todo)
+        each = (time.time() - t0) / len(todo)
+        for i, err in zip(todo, errors):
             rows[i] = _row(requests[i], "failed" if err else "done", each, err)
     return [rows[i] for i in range(len(requests))]
 
@@ -209,10 +224,6 @@ def _row(request: EditRequest, status: str, seconds: float, error: BaseException
         msg = f"{type(error).__name__}: {text}"
     return {"request_id": request.request_id, "out": request.out, "status": status,
             "seconds": seconds, "error": msg}
-
-
-def _modules(modules):
-    return list(modules) if isinstance(modules, tuple) else modules
 
 
 def run_batch(requests: Sequence[EditRequest], *, storage_options: Mapping | None = None,

@@ -279,6 +279,33 @@ def test_s3_output_is_uploaded_whole(llama_run, tiny_llama_dir, s3_bucket, tmp_p
         write_peft_adapter(llama_run, ["a"], out=out, storage_options=s3_bucket.storage_options)
 
 
+def test_failed_s3_upload_leaves_nothing_so_a_rerun_succeeds(llama_run, s3_bucket,
+                                                            monkeypatch):
+    """An upload that dies after the first object removes what it uploaded (as ``--format
+    full`` does): a prefix left holding part of an adapter would refuse every re-run of the
+    request ("not empty") though it was never complete."""
+    import s3fs
+
+    calls, real = [], s3fs.S3FileSystem._put_file
+
+    async def fails_second(self, lpath, rpath, *a, **kw):
+        calls.append(rpath)
+        if len(calls) == 2:
+            raise OSError("connection reset by peer")
+        return await real(self, lpath, rpath, *a, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", fails_second)
+    out, opts = f"{s3_bucket.uri}/adapters/b", {**s3_bucket.storage_options,
+                                                 "skip_instance_cache": True}
+    with pytest.raises(OSError, match="connection reset"):
+        write_peft_adapter(llama_run, ["a"], out=out, storage_options=opts)
+    listed = s3_bucket.client.list_objects_v2(Bucket=s3_bucket.name, Prefix="adapters/b")
+    assert len(calls) == 2 and listed.get("KeyCount", 0) == 0
+    monkeypatch.undo()
+    meta = write_peft_adapter(llama_run, ["a"], out=out, storage_options=opts)
+    assert meta["forget"] == ["a"]
+
+
 def test_factory_model_named_by_the_run_needs_trust(tmp_path):
     """The run's own factory is imported only with trust_factory (or when named by the caller);
     then the adapter fits the factory's model: an MLP, every Linear with an absorbed bias."""

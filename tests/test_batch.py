@@ -100,9 +100,21 @@ def test_a_request_failing_mid_write_leaves_nothing_complete(tmp_path, run_uri, 
     ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o"}] * 2, "appears twice"),
     ([], "no requests"),
     ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o", "format": "gguf"}],
-     "row 0: format must be one of"),
+     "row 0 \\(request_id 'a'\\): column 'format' must be one of"),
+    ([{"request_id": "a", "run": "r", "concepts": 5, "out": "o"}],
+     "request_id 'a'.*column 'concepts' must be"),
+    ([{"request_id": "a", "run": "r", "concepts": ["c", None], "out": "o"}],
+     "request_id 'a'.*column 'concepts' must be"),
+    ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o", "modules": 3}],
+     "request_id 'a'.*column 'modules' must be"),
+    ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o", "scale": "weight_nrom"}],
+     "request_id 'a'.*column 'scale'.*'weight_nrom'"),
+    ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o", "alpha": True}],
+     "request_id 'a'.*column 'alpha' must be a number"),
     ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o", "format": "peft",
-       "adapter_rtol": "tight"}], "adapter_rtol must be a number"),
+       "adapter_exact_dense": "yes"}], "request_id 'a'.*column 'adapter_exact_dense'"),
+    ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o", "format": "peft",
+       "adapter_rtol": "tight"}], "column .adapter_rtol. must be a number"),
     ([{"request_id": "a", "run": "r", "concepts": ["c"], "out": "o", "adapter_rtol": 0.1}],
      "need format 'peft'"),
 ])
@@ -115,28 +127,50 @@ def test_bad_request_files_name_the_file_row_and_column(tmp_path, rows, match):
 
 def test_full_and_peft_requests_each_equal_their_single_apply(tmp_path, run_uri):
     """``format`` per request (issue 12): a peft request writes the adapter a single
-    ``apply --format peft`` writes; a full one the checkpoint; the peft done marker is
-    ``adapter_meta.json`` (a re-run skips it)."""
+    ``apply --format peft`` writes (with its ``adapter_rtol`` / ``adapter_exact_dense``);
+    a full one the checkpoint; the peft done marker is ``adapter_meta.json`` (a re-run skips
+    it)."""
     out = tmp_path / "out"
     reqs = read_requests(write_requests(tmp_path / "requests.jsonl", [
         {"request_id": "full", "run": run_uri, "concepts": ["ada"], "out": str(out / "full")},
         {"request_id": "lora", "run": run_uri, "concepts": ["ada", "bo"], "format": "peft",
          "adapter_rtol": 0.01, "out": str(out / "lora")},
+        {"request_id": "exact", "run": run_uri, "concepts": ["ada", "bo", "Smith, John "],
+         "format": "peft", "adapter_exact_dense": True, "alpha": 0.7, "out": str(out / "exact")},
     ]))
     rows = run_batch(reqs)
-    assert [r["status"] for r in rows] == ["done", "done"], rows
-    single = apply_run(run_uri, ["ada", "bo"], out=str(tmp_path / "single"), format="peft",
-                       adapter_rtol=0.01)
-    a = load_file(os.path.join(out / "lora", "adapter_model.safetensors"))
-    b = load_file(os.path.join(single, "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((out / "lora" / "adapter_config.json").read_text()) == \
-        json.loads((tmp_path / "single" / "adapter_config.json").read_text())
+    assert [r["status"] for r in rows] == ["done"] * 3, rows
+    for name, concepts, kw in [
+            ("lora", ["ada", "bo"], {"adapter_rtol": 0.01}),
+            ("exact", ["ada", "bo", "Smith, John "], {"adapter_exact_dense": True, "alpha": 0.7})]:
+        single = apply_run(run_uri, concepts, out=str(tmp_path / name), format="peft", **kw)
+        assert_same_tensors(out / name / "adapter_model.safetensors",
+                            os.path.join(single, "adapter_model.safetensors"))
+        assert json.loads((out / name / "adapter_config.json").read_text()) == \
+            json.loads((tmp_path / name / "adapter_config.json").read_text())
+        meta = json.loads((out / name / "adapter_meta.json").read_text())
+        assert meta["forget"] == concepts and meta["exact_dense"] == (name == "exact")
     full = apply_run(run_uri, ["ada"], out=str(tmp_path / "single-full"))
-    a = load_file(os.path.join(out / "full", "model.safetensors"))
-    b = load_file(os.path.join(full, "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["status"] for r in run_batch(reqs)] == ["skipped", "skipped"]
+    assert_same_tensors(out / "full" / "model.safetensors",
+                        os.path.join(full, "model.safetensors"))
+    assert not (out / "lora" / "edit.json").exists()  # each format its own marker
+    assert [r["status"] for r in run_batch(reqs)] == ["skipped"] * 3
+
+
+def test_cli_refuses_a_bad_request_before_any_work(tmp_path, run_uri, capsys):
+    """A bad column value in one row (here ``format``) fails the whole batch at once, naming
+    the request and the column, exit status 2: no output and no summary is written, not even
+    for the good rows (a typo is fixed and the file re-run, not half-run)."""
+    from engram_ray.cli import main
+
+    path = write_requests(tmp_path / "requests.jsonl", [
+        {"request_id": "good", "run": run_uri, "concepts": ["ada"], "out": str(tmp_path / "g")},
+        {"request_id": "typo", "run": run_uri, "concepts": ["ada"], "format": "lora",
+         "out": str(tmp_path / "t")}])
+    assert main(["batch", path, "--local"]) == 2
+    err = capsys.readouterr().err
+    assert "request_id 'typo'" in err and "column 'format'" in err and "lora" in err
+    assert sorted(os.listdir(tmp_path)) == ["requests.jsonl"]
 
 
 def test_engrams_are_read_once_per_module_for_the_whole_batch(tmp_path, run_uri, monkeypatch):
@@ -189,3 +223,83 @@ def test_cli_batch_on_ray_runs_each_run_as_one_task(ray_cluster, tmp_path, run_u
     a = load_file(os.path.join(tmp_path / "r1", "model.safetensors"))
     b = load_file(os.path.join(single, "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _count_row_group_reads(monkeypatch) -> list[int]:
+    """Every payload row group read from the store, by any path (``Run.engram``, the adapter's
+    factor reader): ``pq.ParquetFile.read_row_group`` is where the bytes are fetched."""
+    real, reads = pq.ParquetFile.read_row_group, []
+
+    def counted(self, i, *a, **k):
+        reads.append(i)
+        return real(self, i, *a, **k)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    return reads
+
+
+def _row_groups(run_uri, concepts) -> int:
+    """How many payload row groups hold these concepts' engrams (one pass reads each once)."""
+    from engram_ray.io.store import open_run
+
+    run = open_run(run_uri)
+    return len({(run.record(c, m)["payload"], run.record(c, m)["row_group"])
+                for c in concepts for m in run.modules})
+
+
+@pytest.mark.parametrize("scale", ["uniform", "weight_norm"])
+def test_store_reads_do_not_grow_with_the_number_of_requests(tmp_path, run_uri, monkeypatch,
+                                                             scale):
+    """Issue 10: "engrams are read once per module and shared by the requests that need them".
+    Counted where the bytes leave the store: six requests (three full, three peft) read each
+    payload row group once per pass — the full checkpoints' pass and the adapters' pass, plus
+    one pass for per-layer scales (``weight_norm``) that every request shares — so at most 2
+    (3) times, where request by request it would be 6 (12) times. Every output equals its
+    single apply."""
+    specs = [["ada"], ["bo"], ["ada", "bo"]]
+    rows = [{"request_id": f"{fmt}{i}", "run": run_uri, "concepts": c, "scale": scale,
+             "format": fmt, "out": str(tmp_path / f"{fmt}{i}")}
+            for fmt in ("full", "peft") for i, c in enumerate(specs)]
+    reqs = read_requests(write_requests(tmp_path / "requests.jsonl", rows))
+    groups = _row_groups(run_uri, ["ada", "bo"])
+    reads = _count_row_group_reads(monkeypatch)
+    assert [r["status"] for r in run_batch(reqs)] == ["done"] * 6
+    passes = 2 if scale == "uniform" else 3
+    assert 0 < len(reads) <= passes * groups, (len(reads), groups)
+    monkeypatch.undo()
+    for i, c in enumerate(specs):
+        single = apply_run(run_uri, c, scale=scale, out=str(tmp_path / f"single{i}"))
+        assert_same_tensors(tmp_path / f"full{i}" / "model.safetensors",
+                            os.path.join(single, "model.safetensors"))
+        lora = apply_run(run_uri, c, scale=scale, out=str(tmp_path / f"lora{i}"),
+                         format="peft")
+        assert_same_tensors(tmp_path / f"peft{i}" / "adapter_model.safetensors",
+                            os.path.join(lora, "adapter_model.safetensors"))
+
+
+def assert_same_tensors(a, b):
+    a, b = load_file(str(a)), load_file(str(b))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plan_edits_equals_plan_edit_number_for_number(run_uri):
+    """Batch planning (module-major, every edit's per-layer statistic from one read of each
+    module) gives exactly ``plan_edit``'s scales for every scale spelling; an edit that
+    cannot be planned gets its error in its place and the others are planned."""
+    from engram_ray.core.edit import SharedEngrams, plan_edit, plan_edits
+    from engram_ray.io.store import open_run
+
+    run = open_run(run_uri)
+    scales = ["uniform", "weight_norm", "effective_rank", "weight_norm*effective_rank",
+              "uniform*weight_norm", "effective_rank*weight_norm*effective_rank"]
+    edits = [(c, a, s, m) for s in scales for c, a, m in [
+        (["ada"], 1.0, None), (["bo", "ada"], -0.5, ["down_proj", "q_proj"])]]
+    edits.insert(3, (["nobody"], 1.0, "weight_norm", None))
+    planned = plan_edits(SharedEngrams(run, ["ada", "bo"]), edits)
+    assert isinstance(planned[3], ValueError) and "nobody" in str(planned[3])
+    for (concepts, alpha, scale, modules), plan in zip(edits, planned):
+        if concepts == ["nobody"]:
+            continue
+        want = plan_edit(run, concepts, alpha, scale, modules)
+        assert plan.scales == want.scales and list(plan.scales) == list(want.scales), scale
+        assert plan.forget == want.forget and plan.alpha == want.alpha

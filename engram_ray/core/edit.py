@@ -44,6 +44,7 @@ __all__ = [
     "check_finite",
     "compose",
     "plan_edit",
+    "plan_edits",
     "union_engram",
 ]
 
@@ -137,20 +138,25 @@ class _UnionEngrams(Mapping):
         return len(self._modules)
 
 
+def _weight_norm_of(e: torch.Tensor, info: Mapping) -> float:
+    """One module's ``r_l = ‖E_l‖_F / ‖W_l‖_F`` (before normalising over layers)."""
+    return float(torch.linalg.norm(e)) / max(info["weight_norm"], 1e-30)
+
+
+def _effective_rank_of(e: torch.Tensor, info: Mapping) -> float:
+    """One module's ``erank(E_l)`` (before normalising over layers)."""
+    s = torch.linalg.svdvals(e.double())
+    p = s / s.sum() if s.sum() > 0 else s
+    p = p[p > 0]
+    return math.exp(float(-(p * p.log()).sum())) if p.numel() else 0.0
+
+
 def _weight_norm(engrams, infos) -> dict[str, float]:
-    r = {m: float(torch.linalg.norm(e)) / max(infos[m]["weight_norm"], 1e-30)
-         for m, e in engrams.items()}
-    return _normalise(r)
+    return _normalise({m: _weight_norm_of(e, infos[m]) for m, e in engrams.items()})
 
 
 def _effective_rank(engrams, infos) -> dict[str, float]:
-    out = {}
-    for m, e in engrams.items():
-        s = torch.linalg.svdvals(e.double())
-        p = s / s.sum() if s.sum() > 0 else s
-        p = p[p > 0]
-        out[m] = math.exp(float(-(p * p.log()).sum())) if p.numel() else 0.0
-    return _normalise(out)
+    return _normalise({m: _effective_rank_of(e, infos[m]) for m, e in engrams.items()})
 
 
 def _uniform(engrams, infos) -> dict[str, float]:
@@ -168,6 +174,9 @@ SCALES: dict[str, ScaleFn] = {
     "weight_norm": _weight_norm,
     "effective_rank": _effective_rank,
 }
+# The named scales that are one number per module, normalised over the modules: what
+# :func:`plan_edits` computes module by module for many edits at once.
+_PER_MODULE = {"weight_norm": _weight_norm_of, "effective_rank": _effective_rank_of}
 
 
 def compose(*scales: str | ScaleFn) -> ScaleFn:
@@ -221,6 +230,17 @@ def plan_edit(
     modules: str | Sequence[str] | None = None,
 ) -> EditPlan:
     """Choose modules and per-layer scales for forgetting ``forget`` at strength ``alpha``."""
+    forget, picked, fn = _checked(source, forget, alpha, scale, modules)
+    infos = {m: source.module_info(m) for m in picked}
+    if fn is _uniform:
+        scales = {m: 1.0 for m in picked}
+    else:
+        scales = fn(_UnionEngrams(source, forget, picked, infos), infos)
+    return EditPlan(source=source, forget=forget, alpha=float(alpha), scales=scales)
+
+
+def _checked(source: EngramSource, forget, alpha, scale, modules):
+    """(forget deduplicated, modules picked, scale function) of an edit, or its ValueError."""
     forget = list(dict.fromkeys(forget))
     if not forget:
         raise ValueError("nothing to forget: the concept list is empty")
@@ -228,14 +248,62 @@ def plan_edit(
     if unknown:
         raise ValueError(f"concept(s) {unknown} not in the run (known: {source.concepts[:10]})")
     _check_alpha(alpha)
-    picked = match_modules(source.modules, modules)
-    fn = _scale_fn(scale)
-    infos = {m: source.module_info(m) for m in picked}
-    if fn is _uniform:
-        scales = {m: 1.0 for m in picked}
-    else:
-        scales = fn(_UnionEngrams(source, forget, picked, infos), infos)
-    return EditPlan(source=source, forget=forget, alpha=float(alpha), scales=scales)
+    return forget, match_modules(source.modules, modules), _scale_fn(scale)
+
+
+def plan_edits(source: EngramSource, edits: Sequence[tuple]
+               ) -> list[EditPlan | BaseException]:
+    """:func:`plan_edit` of every ``(forget, alpha, scale, modules)`` in ``edits``, equal to it
+    number for number, with the engrams read module-major: per-layer scales (``weight_norm``,
+    ``effective_rank`` and their products) need every module's union engram, so planning N
+    edits one by one would read the run N times; here each module is visited once for all
+    edits (with a :class:`SharedEngrams` source, one read of its engrams). An edit that
+    cannot be planned gets its error in its place. A scale given as a function goes alone."""
+    out: list = []
+    needs: dict[int, tuple] = {}  # edit → (forget, picked, infos, per-module statistics)
+    for i, (forget, alpha, scale, modules) in enumerate(edits):
+        try:
+            forget, picked, fn = _checked(source, forget, alpha, scale, modules)
+            names = _factors(scale) if fn is not _uniform else []
+            if names is None:  # a function: plan_edit's own way
+                out.append(plan_edit(source, forget, alpha, scale, modules))
+                continue
+            out.append(EditPlan(source, forget, float(alpha), dict.fromkeys(picked, 1.0)))
+            if names:
+                infos = {m: source.module_info(m) for m in picked}
+                needs[i] = (forget, picked, infos, {n: {} for n in names})
+        except Exception as e:  # noqa: BLE001 - this edit's error, the others go on
+            out.append(e)
+    for m in source.modules:  # module-major: every edit's statistic of m, then the next m
+        for forget, picked, infos, stats in needs.values():
+            if m in infos:
+                e = _UnionEngrams(source, forget, picked, infos)[m]
+                for name, per in stats.items():
+                    per[m] = _PER_MODULE[name](e, infos[m])
+    for i, (_, picked, _, stats) in needs.items():
+        scales = _combined(_factors(edits[i][2]), stats)
+        out[i].scales = {m: scales[m] for m in picked}  # plan_edit's order
+    return out
+
+
+def _factors(scale) -> list[str] | None:
+    """The named per-module statistics a scale multiplies (``uniform`` factors dropped: they
+    are 1), or None for a scale plan_edits cannot split (a function)."""
+    if callable(scale):
+        return None
+    return [n for n in (scale.split("*") if "*" in scale else [scale]) if n != "uniform"]
+
+
+def _combined(names: Sequence[str], stats: Mapping[str, dict[str, float]]) -> dict[str, float]:
+    """The scales :func:`_scale_fn` would give: one statistic normalised, or a product of
+    normalised statistics renormalised (:func:`compose`), in the same order of operations."""
+    if len(names) == 1 and len(stats) == 1:
+        return _normalise(stats[names[0]])
+    total = dict.fromkeys(next(iter(stats.values())), 1.0)
+    for name in names:
+        for m, v in _normalise(stats[name]).items():
+            total[m] *= v
+    return _normalise(total)
 
 
 def _check_alpha(alpha: float) -> None:

@@ -50,6 +50,12 @@ So ``lora_bias`` when every target has a bias; otherwise (Qwen2-like: biased q/k
 o/MLP) ``bias="lora_only"``: the file carries ``<module>.base_layer.bias``, the *edited* bias
 values, bit for bit what ``--format full`` writes, which PEFT loads into the base layers (exact,
 but ``disable_adapter()`` does not undo it). ``bias_mode`` in the metadata says which.
+
+Batches. :func:`write_peft_adapters` writes many adapters of one run in one pass over the
+modules (``engram-ray batch``): each module's factors are read once for all of them, and each
+adapter's tensors are spooled to local disk module by module and streamed into its file at the
+end, so neither the reads nor the memory grow with a whole adapter per request.
+:func:`write_peft_adapter` is the batch of one, so both write the same bytes.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ import shutil
 import struct
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -74,6 +81,7 @@ from torch import nn
 from engram_ray.config import ModelSpec
 from engram_ray.core.edit import EditPlan, plan_edit
 from engram_ray.core.layers import module_kind
+from engram_ray.io.export import SafetensorsWriter, upload_dir
 from engram_ray.io.storage import Storage
 from engram_ray.io.store import Run, open_run, read_row_group
 from engram_ray.models.loading import as_dtype, build_empty, open_weights
@@ -83,10 +91,12 @@ __all__ = [
     "ADAPTER_META",
     "ADAPTER_WEIGHTS",
     "DEFAULT_RTOL",
+    "AdapterJob",
     "ModuleAdapter",
     "module_adapter",
     "read_factors",
     "write_peft_adapter",
+    "write_peft_adapters",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -146,33 +156,166 @@ def write_peft_adapter(
     ``ValueError`` naming them, before anything is written. A factory model named by the run
     (not given here) is built only with ``trust_factory`` (building it imports its code).
     """
-    t0 = time.perf_counter()
-    _check_output(Storage(out, storage_options))
+    _check_output(Storage(out, storage_options))  # refusals that cost nothing come first
     run = run if isinstance(run, Run) else open_run(run, storage_options)
-    rtol = DEFAULT_RTOL if rtol is None else float(rtol)
-    if not 0.0 <= rtol < 1.0:
-        raise ValueError(f"rtol must be in [0, 1), got {rtol}")
+    _rtol(rtol)
     plan = plan_edit(run, forget, alpha=alpha, scale=scale, modules=modules)
+    [meta] = write_peft_adapters(run, [AdapterJob(plan, out, _scale_name(scale), rtol,
+                                                  exact_dense)],
+                                 base_model_dir_or_spec=base_model_dir_or_spec, dtype=dtype,
+                                 storage_options=storage_options, trust_factory=trust_factory)
+    if isinstance(meta, BaseException):
+        raise meta
+    return meta
+
+
+@dataclass
+class AdapterJob:
+    """One adapter of :func:`write_peft_adapters`: ``plan`` (``core.edit.plan_edit``'s, or
+    ``plan_edits``'s) written to ``out``; ``scale`` names how the plan's scales were chosen
+    (for the metadata); ``rtol`` and ``exact_dense`` as in :func:`write_peft_adapter`."""
+
+    plan: EditPlan
+    out: str
+    scale: str = "uniform"
+    rtol: float | None = None
+    exact_dense: bool = False
+
+
+def write_peft_adapters(
+    run: Run,
+    jobs: Sequence[AdapterJob],
+    *,
+    base_model_dir_or_spec: str | ModelSpec | Mapping | nn.Module | None = None,
+    dtype: torch.dtype | str | None = None,
+    storage_options: Mapping | None = None,
+    trust_factory: bool = False,
+) -> list[dict | BaseException]:
+    """Many adapters of one run, each exactly what :func:`write_peft_adapter` writes for its
+    plan; returns each job's metadata, or its error (one failed job never stops the others).
+
+    Why: a batch of N adapters made one by one reads the run's engrams N times. Here the
+    modules are walked once, in order (module-major): at each module the factors of every
+    concept any job forgets are read once (:class:`_SharedFactors`; dense engrams through the
+    plans' source, a ``core.edit.SharedEngrams`` in a batch) and every job's factors of that
+    module are computed from them and spooled to that job's scratch file (:class:`_Spool`),
+    so memory holds one module's factors per job, not whole adapters. Each adapter is then
+    written whole, ``adapter_meta.json`` last. What every job needs (the base model) failing
+    raises."""
+    t0 = time.perf_counter()
     base = _open_base(run, base_model_dir_or_spec, storage_options, trust_factory)
+    results: list = [None] * len(jobs)
+    states: dict[int, _State] = {}
+    try:
+        for i, job in enumerate(jobs):
+            try:
+                states[i] = _prepare(run, job, base, storage_options)
+            except Exception as e:  # noqa: BLE001 - this job fails, the others go on
+                results[i] = e
+        _fill(run, jobs, states, results, base, dtype)
+        for i, state in states.items():
+            if results[i] is None:
+                try:
+                    results[i] = _finish(run, jobs[i], state, base, storage_options, t0)
+                except Exception as e:  # noqa: BLE001 - this job fails, the others go on
+                    results[i] = e
+    finally:
+        for state in states.values():
+            state.spool.discard()
+    return results
+
+
+@dataclass
+class _State:
+    """A job of :func:`write_peft_adapters` under way: what it edits and what it has so far."""
+
+    targets: list[str]
+    zero: list[str]
+    bias_mode: str
+    rtol: float
+    spool: _Spool
+    stats: dict
+
+
+def _prepare(run: Run, job: AdapterJob, base: _Base, storage_options) -> _State:
+    """A job's checks, before any work: output free, rtol valid, every module carriable."""
+    _check_output(Storage(job.out, storage_options))
+    rtol, plan = _rtol(job.rtol), job.plan
     zero = [m for m in sorted(plan.scales) if plan.alpha * plan.scales[m] == 0.0]
     targets = [m for m in sorted(plan.scales) if m not in zero]
     if not targets:
         raise ValueError(f"the edit changes nothing (alpha={plan.alpha:g}, every module's "
                          "scale is 0): no adapter to write")
-    for m in targets:  # refuse before any work
+    for m in targets:
         _check_module(base, m, run.module_info(m))
-    bias_mode = _bias_mode(run, targets, base)
-    tensors, stats = _tensors(plan, targets, base, bias_mode, rtol, exact_dense, dtype)
-    config = _adapter_config(stats, base, bias_mode)
+    return _State(targets, zero, _bias_mode(run, targets, base), rtol, _Spool(), {})
+
+
+def _fill(run: Run, jobs: Sequence[AdapterJob], states: Mapping[int, _State], results: list,
+          base: _Base, dtype) -> None:
+    """Every live job's factors, module-major (see :func:`write_peft_adapters`)."""
+    live = {i: s for i, s in states.items() if results[i] is None}
+    dtypes, old_bias = _shared_inputs(run, live, results, base, dtype)
+    reader = _SharedFactors(run, [c for i in live for c in jobs[i].plan.forget])
+    for m in sorted({m for s in live.values() for m in s.targets}):
+        for i, s in live.items():
+            if results[i] is not None or m not in s.targets:
+                continue
+            try:
+                a = module_adapter(jobs[i].plan, m, s.rtol, jobs[i].exact_dense, reader)
+                tensors: dict = {}
+                s.stats[m] = _module_tensors(a, dtypes[i][m], s.bias_mode, old_bias.get(m),
+                                             tensors)
+                s.spool.add(tensors)
+            except Exception as e:  # noqa: BLE001 - this job fails, the others go on
+                results[i] = e
+
+
+def _shared_inputs(run: Run, live: Mapping[int, _State], results: list, base: _Base, dtype):
+    """Each job's factor dtypes and the base biases ``lora_only`` jobs rewrite, read once for
+    all jobs (a job whose own modules cannot be read gets that error)."""
+    names = sorted({m for s in live.values() for m in s.targets})
+    try:
+        every = _dtypes(base, names, dtype)
+        dtypes = {i: every for i in live}
+    except ValueError:  # one module's dtype is unreadable: only the jobs that edit it fail
+        dtypes = {}
+        for i, s in live.items():
+            try:
+                dtypes[i] = _dtypes(base, s.targets, dtype)
+            except ValueError as e:
+                results[i] = e
+    biased = sorted({m for i, s in live.items() if s.bias_mode == "lora_only"
+                     and results[i] is None for m in s.targets
+                     if run.module_info(m)["has_bias"]})
+    return dtypes, (_base_biases(base, biased) if biased else {})
+
+
+def _finish(run: Run, job: AdapterJob, state: _State, base: _Base, storage_options,
+            t0: float) -> dict:
+    """A job's config and metadata, then its files (metadata last); returns the metadata."""
+    plan, stats = job.plan, state.stats
+    config = _adapter_config(stats, base, state.bias_mode)
     meta = {"format": "engram-ray peft adapter", "format_version": 1, "run": run.uri,
-            "forget": plan.forget, "alpha": plan.alpha,
-            "scale": scale if isinstance(scale, str) else getattr(scale, "__name__", str(scale)),
-            "rtol": rtol, "exact_dense": bool(exact_dense), "bias_mode": bias_mode,
-            "modules": stats, "skipped": {m: "scale 0: no change" for m in zero},
+            "forget": plan.forget, "alpha": plan.alpha, "scale": job.scale,
+            "rtol": state.rtol, "exact_dense": bool(job.exact_dense),
+            "bias_mode": state.bias_mode, "modules": stats,
+            "skipped": {m: "scale 0: no change" for m in state.zero},
             "max_rel_error": max(s["rel_error"] for s in stats.values()),
             "notes": list(plan.notes)}
-    _write(out, tensors, config, meta, storage_options, t0)
+    _write(job.out, state.spool, config, meta, storage_options, t0)
     return meta
+
+
+def _rtol(rtol) -> float:
+    rtol = DEFAULT_RTOL if rtol is None else float(rtol)
+    if not 0.0 <= rtol < 1.0:
+        raise ValueError(f"rtol must be in [0, 1), got {rtol}")
+    return rtol
+
+
+def _scale_name(scale) -> str:
+    return scale if isinstance(scale, str) else getattr(scale, "__name__", str(scale))
 
 
 # --- the base model ---------------------------------------------------------------------------
@@ -345,6 +488,30 @@ def read_factors(run: Run, concept: str, module: str):
     return _FactorReader(run).factors(concept, module)
 
 
+class _SharedFactors:
+    """A :class:`_FactorReader` shared by the jobs of a batch walking the modules in the same
+    order: the first job to ask for module m reads the factors of every concept the batch
+    forgets at m, in payload order (so each row group is fetched once), and the other jobs
+    reuse them; one module is held at a time (factors: ``(out + in)·r`` numbers a concept)."""
+
+    def __init__(self, run: Run, concepts: Sequence[str]) -> None:
+        self.run, self.reader = run, _FactorReader(run)
+        self.need = list(dict.fromkeys(concepts))
+        self.module: str | None = None
+        self.held: dict = {}
+
+    def factors(self, concept: str, module: str):
+        if module != self.module:
+            self.held, self.module = {}, module  # drop the last module before reading
+            rows = {c: self.run.record(c, module) for c in self.need}
+            order = sorted(self.need, key=lambda c: (rows[c]["payload"], rows[c]["row_group"],
+                                                     rows[c]["row"]))
+            self.held = {c: self.reader.factors(c, module) for c in order}
+        if concept not in self.held:  # not one of the batch's concepts: read it alone
+            return self.reader.factors(concept, module)
+        return self.held[concept]
+
+
 # --- the factors of one module ------------------------------------------------------------------
 
 def module_adapter(plan: EditPlan, name: str, rtol: float = DEFAULT_RTOL,
@@ -435,21 +602,6 @@ def _bias_mode(run: Run, targets: Sequence[str], base: _Base) -> str:
     biased = all(getattr(base.model.get_submodule(m), "bias", None) is not None
                  for m in targets)
     return "lora_bias" if biased else "lora_only"
-
-
-def _tensors(plan: EditPlan, targets, base: _Base, bias_mode: str, rtol: float,
-             exact_dense: bool, dtype):
-    """PEFT's adapter state dict and per-module statistics, one module at a time: only the
-    stored factors stay in memory, not each module's float64 work."""
-    dtypes = _dtypes(base, targets, dtype)
-    biased = [m for m in targets if plan.source.module_info(m)["has_bias"]]
-    old_bias = _base_biases(base, biased) if bias_mode == "lora_only" else {}
-    reader = _FactorReader(plan.source)
-    tensors, stats = {}, {}
-    for m in targets:
-        a = module_adapter(plan, m, rtol, exact_dense, reader)
-        stats[m] = _module_tensors(a, dtypes[m], bias_mode, old_bias.get(m), tensors)
-    return tensors, stats
 
 
 def _module_tensors(a: ModuleAdapter, dt: torch.dtype, bias_mode: str,
@@ -553,21 +705,55 @@ def _check_output(dest: Storage) -> None:
         raise FileExistsError(f"output {dest.uri} exists and is not an empty directory")
 
 
-def _write(out: str, tensors, config: dict, meta: dict, storage_options, t0: float) -> None:
+class _Spool:
+    """One adapter's tensors kept on local disk module by module, then streamed into its
+    ``adapter_model.safetensors``: the adapter is never whole in memory (a dense module's
+    exact form is as large as its weight, and a batch builds many adapters at once)."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="engram-adapter-spool-")
+        self.parts: list[tuple[str, list[str]]] = []
+        self.layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+
+    def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.dir, f"{len(self.parts):06d}.safetensors")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+        self.parts.append((path, sorted(tensors)))
+        self.layout.update({k: (tensors[k].dtype, tuple(tensors[k].shape))
+                            for k in sorted(tensors)})
+
+    def write(self, path: str) -> None:
+        """Every spooled tensor, in the order added, into the safetensors file ``path``."""
+        from safetensors.torch import load_file
+
+        writer = SafetensorsWriter(path, self.layout, {"format": "pt"})
+        try:
+            for part, keys in self.parts:
+                tensors = load_file(part)
+                for k in keys:
+                    writer.write(k, tensors[k])
+        finally:
+            writer.close()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _write(out: str, spool: _Spool, config: dict, meta: dict, storage_options,
+           t0: float) -> None:
     """Write locally (``out``, or a temporary directory uploaded to ``s3://`` after), metadata
-    last; a local ``out`` appears whole or not at all (written as ``out.partial``, renamed)."""
+    last; a local ``out`` appears whole or not at all (written as ``out.partial-<nonce>``,
+    renamed: two writers of one ``out`` never share a staging directory)."""
     dest = Storage(out, storage_options)
     _check_output(dest)
     scratch = tempfile.mkdtemp(prefix="engram-adapter-") if dest.remote else None
     local = os.path.join(scratch, "adapter") if scratch else out.rstrip("/")
-    tmp = local + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = f"{local}.partial-{uuid.uuid4().hex[:12]}"
     os.makedirs(tmp)
     try:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in tensors.items()},
-                  os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        spool.write(os.path.join(tmp, ADAPTER_WEIGHTS))
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=2)
         meta["bytes"] = {n: os.path.getsize(os.path.join(tmp, n))
@@ -578,10 +764,8 @@ def _write(out: str, tensors, config: dict, meta: dict, storage_options, t0: flo
         if os.path.isdir(local):
             os.rmdir(local)
         os.replace(tmp, local)
-        if dest.remote:
-            with dest.errors("uploading to"):
-                for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_META):  # marker last
-                    dest.fs.put_file(os.path.join(local, name), dest.path(name))
+        if dest.remote:  # marker last; a failed upload removes what it had uploaded
+            upload_dir(local, dest, ADAPTER_META)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if scratch:

@@ -169,7 +169,7 @@ def write_edited_files_many(src_dir: str, dest_dirs: Sequence[str], plans: Seque
     """Write ``src_dir``'s checkpoint once per (``dest_dirs[i]``, ``plans[i]``), in lockstep:
     each base tensor is read once and each output gets its own edit of it, so a batch of edits
     of one model reads the checkpoint once, and (when the plans share a caching engram source,
-    ``requests.SharedEngrams``) each module's engrams once. An output whose edit fails (a
+    ``core.edit.SharedEngrams``) each module's engrams once. An output whose edit fails (a
     non-finite weight, a shape mismatch) is dropped with its error; the others go on. Returns
     the error of each output (None: written)."""
     files = _safetensors_files(src_dir)
