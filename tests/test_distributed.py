@@ -86,6 +86,7 @@ def test_distributed_matches_single_process(family, ray_cluster, qa_shards, feat
                 "max_length": 64, "batch_size": 4}
     oracle = extract_from_config(config(model, data, tmp_path / "local", 1, 1))
     assert oracle.concepts
+    nodes: set[str] = set()
     for stages in (1, 2):
         for replicas in (1, 2):
             uri = run_extract(config(model, data, tmp_path / "dist", stages, replicas))
@@ -95,7 +96,11 @@ def test_distributed_matches_single_process(family, ray_cluster, qa_shards, feat
             par = run.info["parallel"]
             assert par["replicas_with_rows"] == replicas  # both splits fed: a real reduction
             assert par["reduce_rounds"] == (1 if replicas == 2 else 0)
-            # Multi-node: the session Ray is a 3-node Cluster and actors are spread over it.
-            assert len(par["nodes"]) >= min(2, stages * replicas)
+            assert 1 <= len(par["nodes"]) <= stages * replicas
+            nodes.update(par["nodes"])
             # Stages fingerprint their own slices; the union equals the whole model's.
             assert run.info["model"]["fingerprint"] == oracle.info["model"]["fingerprint"]
+    # Multi-node: the session Ray is a 3-node Cluster and the actors are spread over it. Ray's
+    # SPREAD is best effort (a node busy with another test's tasks may be skipped), so the
+    # spread is checked over the four runs together, not run by run.
+    assert len(nodes) >= 2, nodes

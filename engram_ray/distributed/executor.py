@@ -217,16 +217,18 @@ class RayExecutor:
 
 
 def _feed_summary(feed: list[dict], t0: float) -> dict:
-    """The last slice's stream as stage 0 saw it: micro-batches, seconds from the first row to
-    the last, and seconds the stage waited for rows after the first one arrived."""
+    """The last slice's stream as stage 0 saw it: micro-batches, seconds from the first row
+    computed to the last, seconds the stage waited for rows after the first block arrived, and
+    when (from the executor's start) pulling started and the first block arrived."""
     got = [f for f in feed if f["first_row_at"] is not None]
     if not got:
         return {"batches": 0}
     return {"batches": sum(f["batches"] for f in feed),
             "stream_s": max(f["done_at"] for f in got) - min(f["first_row_at"] for f in got),
-            "wait_after_first_row_s": sum(f["wait_s"] - (f["first_row_at"] - f["started_at"])
+            "wait_after_first_row_s": sum(f["wait_s"] - (f["first_block_at"] - f["started_at"])
                                           for f in got),
-            "started_s": min(f["started_at"] for f in got) - t0}
+            "started_s": min(f["started_at"] for f in got) - t0,
+            "first_block_s": min(f["first_block_at"] for f in got) - t0}
 
 
 def _batch_tokens(cfg: ExtractConfig) -> int:
@@ -299,8 +301,8 @@ def feed_slice(ex: RayExecutor, data) -> None:
     first = [f["first_row_at"] for f in now if f["first_row_at"] is not None]
     if first and "first_row_s" not in ex.startup:
         ex.startup["first_row_s"] = min(first) - ex.t0
-    ex.feed = [{k: f[k] for k in ("batches", "wait_s", "first_row_at", "started_at", "done_at")}
-               for f in now]
+    ex.feed = [{k: f[k] for k in ("batches", "wait_s", "first_block_at", "first_row_at",
+                                  "started_at", "done_at")} for f in now]
     got = sum(f["rows"] for f in now)
     if got != expected:
         raise RuntimeError(f"fed {got} rows but the data has {expected}: rows were lost or "

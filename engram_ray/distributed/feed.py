@@ -66,17 +66,19 @@ def micro_batches(blocks: Iterable[Mapping[str, Any]], batch_tokens: int,
 
 class FeedCounters:
     """What stage 0 measured while feeding: rows, tokens, micro-batches, seconds spent waiting
-    for rows, and when (epoch seconds) it started, got its first row and finished."""
+    for rows, and when (epoch seconds) it started pulling, got its first block of rows, began
+    computing the first row (the block there and the stage loaded) and finished."""
 
     def __init__(self) -> None:
         self.rows = self.tokens = self.batches = 0
         self.wait_s = 0.0
-        self.started_at = self.first_row_at = self.done_at = None
+        self.started_at = self.first_block_at = self.first_row_at = self.done_at = None
 
     def as_dict(self) -> dict:
         return {"rows": self.rows, "tokens": self.tokens, "batches": self.batches,
                 "wait_s": self.wait_s, "started_at": self.started_at,
-                "first_row_at": self.first_row_at, "done_at": self.done_at}
+                "first_block_at": self.first_block_at, "first_row_at": self.first_row_at,
+                "done_at": self.done_at}
 
 
 def _timed(items: Iterable, counters: FeedCounters) -> Iterator:
@@ -88,19 +90,22 @@ def _timed(items: Iterable, counters: FeedCounters) -> Iterator:
         counters.wait_s += time.perf_counter() - t0
         if item is None:
             return
-        if counters.first_row_at is None:
-            counters.first_row_at = time.time()
+        if counters.first_block_at is None:
+            counters.first_block_at = time.time()
         yield item
 
 
 def feed(split, first: Callable[[Batch], Any], rest: list, *, batch_tokens: int, pad_id: int,
-         max_in_flight: int, prefetch: int, counters: FeedCounters) -> dict:
+         max_in_flight: int, prefetch: int, counters: FeedCounters,
+         ready: Callable[[], None] = lambda: None) -> dict:
     """Push every row of ``split`` through ``first`` (stage 0, in this process) and the stage
     actors ``rest``; returns ``counters.as_dict()``.
 
     ``first(batch)`` returns the next stage's payload (or the row count when it is the last
     stage); each later stage gets it as numpy (:func:`~engram_ray.distributed.wire.to_wire`).
-    A stage's error surfaces here, when its micro-batch is collected. ``counters`` keep the
+    A stage's error surfaces here, when its micro-batch is collected. Rows are pulled before
+    stage 0 is ready (it may still be loading its slice): ``ready()`` blocks until it is, and
+    is called before the first micro-batch is computed. ``counters`` keep the
     actor's totals across calls (checkpoint slices); the rows, tokens and micro-batches
     returned are this call's, which the driver checks against this slice's row count.
     """
@@ -110,6 +115,9 @@ def feed(split, first: Callable[[Batch], Any], rest: list, *, batch_tokens: int,
     blocks = split.iter_batches(batch_size=BLOCK_ROWS, batch_format="numpy",
                                 prefetch_batches=prefetch)
     for batch in micro_batches(_timed(blocks, counters), batch_tokens, pad_id):
+        if counters.first_row_at is None:
+            ready()
+            counters.first_row_at = time.time()
         mask = batch.token_mask()
         out = first(batch)
         if rest:

@@ -1,7 +1,9 @@
 """The stage actor: one contiguous slice of the model, and the Σ accumulators of its modules.
 
 Each actor loads only its slice's weights (``models.load_stage``: torch and safetensors, plus
-transformers' model classes for an HF model, never its tokenizers), hooks the selected modules
+transformers' model classes for an HF model, never its tokenizers) in a thread of its own, so
+that stage 0 already pulls its first rows (which starts Ray Data's executor) while it loads; it
+hooks the selected modules
 inside it with the same :class:`~engram_ray.core.capture.Capture` the single-process engine
 uses, and passes hidden states on to the next stage as numpy (zero-copy through the object
 store, ``wire.py``). Stage 0 of each replica pulls its rows itself (:meth:`consume`,
@@ -55,8 +57,6 @@ class StageActor:
     def __init__(self, model: ModelSpec, index: int, n_stages: int, replica: int,
                  select: SelectConfig, *, dtype: str | None = None,
                  storage_options: Mapping | None = None, threads: int = 1) -> None:
-        from engram_ray.models.stages import load_stage
-
         self.t_created = time.time()
         self.nice = normal_priority()  # Ray starts workers at niceness 15 (cluster.py)
         self._threads = threads
@@ -64,21 +64,49 @@ class StageActor:
         torch.set_num_threads(threads)
         self.index, self.n_stages, self.replica = index, n_stages, replica
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.stage = load_stage(model, index, n_stages, dtype=dtype, device=self.device,
-                                storage_options=storage_options)
-        modules = select_modules(self.stage, select.target_modules, select.layers_to_transform,
-                                 allow_empty=True)
-        self.capture = Capture(modules, select)
         self.rows = self.tokens = self.batches = 0
         self.busy_s = self.reduce_s = 0.0
         self.wire_bytes = self.reduce_bytes = 0  # received: hidden states; partial Σ
         self.feed = FeedCounters()
         self.reducing: dict[str, SigmaBlocks] = {}
-        self.ready_at = time.time()
+        # The slice loads in a thread (2-3 s of it importing transformers' model classes), so
+        # that ``consume`` can start pulling the split at once: Ray Data's executor starts
+        # only when a consumer first iterates, and its read and encode workers then start
+        # side by side with the load instead of after it. Every method that needs the slice
+        # waits for it (:meth:`_ready`); a load error is raised by the first of them.
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self.ready_at = None
+        threading.Thread(target=self._load, args=(model, select, dtype, storage_options),
+                         name="stage-load", daemon=True).start()
+
+    def _load(self, model: ModelSpec, select: SelectConfig, dtype: str | None,
+              storage_options: Mapping | None) -> None:
+        try:
+            from engram_ray.models.stages import load_stage
+
+            self.stage = load_stage(model, self.index, self.n_stages, dtype=dtype,
+                                    device=self.device, storage_options=storage_options)
+            modules = select_modules(self.stage, select.target_modules,
+                                     select.layers_to_transform, allow_empty=True)
+            self.capture = Capture(modules, select)
+            self.ready_at = time.time()
+        except BaseException as e:  # noqa: BLE001 - re-raised by the first call that needs it
+            self._load_error = e
+        finally:
+            self._loaded.set()
+
+    def _ready(self) -> None:
+        """Wait until the slice is loaded; raise its load error if it failed."""
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
 
     @ray.method(concurrency_group="status")
     def node_info(self) -> dict:
-        """Where this actor runs: node id, the cores it may use, when it became ready."""
+        """Where this actor runs: node id, the cores it may use, when it became ready (the
+        slice loaded)."""
+        self._ready()
         return {"node": ray.get_runtime_context().get_node_id(), "cores": cores(),
                 "ready_at": self.ready_at, "load_s": self.ready_at - self.t_created,
                 "nice": self.nice}
@@ -101,12 +129,14 @@ class StageActor:
         return ray.get_runtime_context().get_node_id()
 
     def selected(self) -> list[str]:
+        self._ready()
         return sorted(self.capture.modules)
 
     def _run(self, inputs: Mapping[str, torch.Tensor], concepts: Sequence[str | None],
              mask: torch.Tensor | None):
         """One micro-batch through the slice, accumulating Σ; the slice's output (or, for the
         last stage, only the number of rows, so logits never leave the actor)."""
+        self._ready()
         if threading.get_ident() not in self._tuned:  # a concurrency group's own thread
             self.nice = normal_priority()
             self._tuned.add(threading.get_ident())
@@ -139,19 +169,24 @@ class StageActor:
 
         self.feed = FeedCounters()  # one slice's feed (a checkpointed run feeds several)
         return feed(split, first, rest, batch_tokens=batch_tokens, pad_id=pad_id,
-                    max_in_flight=max_in_flight, prefetch=prefetch, counters=self.feed)
+                    max_in_flight=max_in_flight, prefetch=prefetch, counters=self.feed,
+                    ready=self._ready)
 
     def module_infos(self) -> dict[str, ModuleInfo]:
+        self._ready()
         return self.capture.module_infos()
 
     def group_dims(self) -> dict[str, int]:
+        self._ready()
         return {g: m.dim for g, m in self.capture.groups.items()}
 
     def summaries(self) -> dict[str, tuple[int, dict[str, int]]]:
+        self._ready()
         return {g: m.summary() for g, m in self.capture.groups.items()}
 
     def _partial(self, group: str, in_place: bool) -> SigmaBlocks:
         """This replica's Σ of ``group`` as numpy blocks, tagged so it can merge only once."""
+        self._ready()
         if group not in self.reducing:
             m = self.capture.groups[group]
             m.sources = frozenset({f"replica-{self.replica}"})
@@ -176,9 +211,11 @@ class StageActor:
 
     def group_weights(self, group: str) -> dict[str, np.ndarray]:
         """The (out, D) float64 matrices of the group's modules, as numpy for the solver."""
+        self._ready()
         infos = self.capture.module_infos()
         return {n: weight_matrix(self.stage.get_submodule(n), i.bias).cpu().numpy()
                 for n, i in infos.items() if i.group == group}
 
     def fingerprint(self) -> dict[str, str]:
+        self._ready()
         return fingerprint_parts(self.stage.state_dict().items())
