@@ -9,6 +9,7 @@ per-tensor digests in name order, so the result does not depend on how the model
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import platform
 import secrets
 import time
@@ -67,15 +68,13 @@ def run_metadata(
     **extra,
 ) -> dict:
     """run.json content: what was computed, how, and with which software."""
-    import transformers
-
     concepts = sorted({c for _, counts in summaries.values() for c in counts})
     return {
         "engram_ray_version": VERSION,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            "transformers": _installed("transformers"),
         },
         "solver": solver.to_dict(),
         "concepts": concepts,
@@ -84,3 +83,12 @@ def run_metadata(
                        "concept_tokens": dict(summaries[g][1])} for g in sorted(summaries)},
         **extra,
     }
+
+
+def _installed(package: str) -> str | None:
+    """``package``'s installed version from its metadata, without importing it (importing
+    transformers costs the driver ~2 s that a run of a factory model never needs)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None

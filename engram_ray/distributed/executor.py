@@ -274,7 +274,10 @@ def _launch(ex: RayExecutor, data) -> list:
                          read_num_cpus=p.encode_num_cpus)
     splits = ds.streaming_split(len(ex.actors), equal=False)
     prefetch = max(2, p.max_in_flight)
-    return [chain[0].consume.remote(splits[r], chain[1:], ex.pad_id, _batch_tokens(ex.cfg),
+    # The pad id's ref goes inside a list: a bare ref argument would hold the call until the
+    # tokenizer task ends (seconds of transformers imports), and with it the executor's start.
+    pad = ex.pad_id if isinstance(ex.pad_id, int) else [ex.pad_id]
+    return [chain[0].consume.remote(splits[r], chain[1:], pad, _batch_tokens(ex.cfg),
                                     p.max_in_flight, prefetch)
             for r, chain in enumerate(ex.actors)]
 

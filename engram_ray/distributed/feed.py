@@ -57,9 +57,12 @@ def pack(block: Mapping[str, Any], batch_tokens: int) -> list[np.ndarray]:
 
 
 def micro_batches(blocks: Iterable[Mapping[str, Any]], batch_tokens: int,
-                  pad_id: int) -> Iterator[Batch]:
-    """The blocks' rows as collated :class:`Batch` es of at most ``batch_tokens`` tokens."""
+                  pad_id: int | Callable[[], int]) -> Iterator[Batch]:
+    """The blocks' rows as collated :class:`Batch` es of at most ``batch_tokens`` tokens.
+    ``pad_id`` may be a callable giving it, called once, when the first block has arrived."""
     for block in blocks:
+        if callable(pad_id):
+            pad_id = pad_id()
         for rows in pack(block, batch_tokens):
             yield collate({k: v[rows] for k, v in block.items()}, pad_id)
 
@@ -95,7 +98,8 @@ def _timed(items: Iterable, counters: FeedCounters) -> Iterator:
         yield item
 
 
-def feed(split, first: Callable[[Batch], Any], rest: list, *, batch_tokens: int, pad_id: int,
+def feed(split, first: Callable[[Batch], Any], rest: list, *, batch_tokens: int,
+         pad_id: int | Callable[[], int],
          max_in_flight: int, prefetch: int, counters: FeedCounters,
          ready: Callable[[], None] = lambda: None) -> dict:
     """Push every row of ``split`` through ``first`` (stage 0, in this process) and the stage
@@ -103,7 +107,8 @@ def feed(split, first: Callable[[Batch], Any], rest: list, *, batch_tokens: int,
 
     ``first(batch)`` returns the next stage's payload (or the row count when it is the last
     stage); each later stage gets it as numpy (:func:`~engram_ray.distributed.wire.to_wire`).
-    A stage's error surfaces here, when its micro-batch is collected. Rows are pulled before
+    A stage's error surfaces here, when its micro-batch is collected. ``pad_id`` may be a
+    callable (resolved when the first block is there: :func:`micro_batches`). Rows are pulled before
     stage 0 is ready (it may still be loading its slice): ``ready()`` blocks until it is, and
     is called before the first micro-batch is computed. ``counters`` keep the
     actor's totals across calls (checkpoint slices); the rows, tokens and micro-batches

@@ -1,17 +1,16 @@
 """Ray Data ingestion: the same rows and the same encoding as the single-process reader.
 
-:func:`read_dataset` reads the files :func:`engram_ray.io.data.resolve_paths` finds with
-``ray.data.read_parquet`` / ``ray.data.read_json``, after checking every file's schema on the
-driver so a missing column or an unreadable file fails up front with an error naming it,
-instead of deep inside a read task. :func:`encoded_dataset` then runs
+:func:`read_dataset` reads the files :func:`engram_ray.io.data.resolve_paths` finds with the
+single-process reader (:func:`engram_ray.io.data.read_table`) inside Ray Data read tasks, one
+per file or per run of Parquet row groups (``_FilesDatasource``), after checking every file's
+schema on the driver so a missing column or an unreadable file fails up front with an error
+naming it, instead of deep inside a read task. :func:`encoded_dataset` then runs
 :func:`engram_ray.io.data.encode_rows` in ``map_batches`` with a callable class, so each worker
 loads the tokenizer once from the model's local directory.
 
-S3: Ray workers never see environment changes made after ``ray.init``, and pyarrow ignores
-``AWS_ENDPOINT_URL`` anyway, so the endpoint and credentials travel inside ``cfg``
-(``storage_options``) and become an explicit ``pyarrow.fs.S3FileSystem``
-(``Storage.arrow``, :class:`engram_ray.io.storage.Storage`), which is pickled into the read
-tasks.
+S3: Ray workers never see environment changes made after ``ray.init``, so the endpoint and
+credentials travel inside ``cfg`` (``storage_options``, pickled into the read tasks) and each
+task opens its piece through :class:`engram_ray.io.storage.Storage`, as ``--local`` does.
 
 The encoded dataset holds the columns of :func:`engram_ray.io.data.encode_rows` as plain Arrow
 lists (see :func:`engram_ray.io.data.to_arrow`); :func:`engram_ray.io.data.collate` turns any batch
@@ -22,12 +21,11 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
 
 import ray
+from ray.data.block import BlockMetadata
 
 from engram_ray.distributed.cluster import normal_priority
 from engram_ray.io.data import (
@@ -38,12 +36,13 @@ from engram_ray.io.data import (
     encode_rows,
     file_format,
     pad_token_id,
+    parquet_row_groups,
     read_schema,
+    read_table,
     resolve_paths,
     to_arrow,
     tokenizer_from,
 )
-from engram_ray.io.storage import Storage
 
 # count_rows (Parquet footers; JSON lines counted; no Ray) is re-exported for the pipeline, which
 # compares it with the rows it accumulated to check that each row was counted exactly once.
@@ -75,65 +74,83 @@ def validate_files(cfg: DataConfig) -> tuple[list[str], str]:
     return paths, formats.pop()
 
 
-def _ray_paths(paths: list[str], storage_options=None) -> list[str]:
-    """Paths as Ray expects them with an explicit filesystem: ``bucket/key`` for S3."""
-    return [Storage(p, storage_options).root for p in paths]
+# Rows per read task at most: a Parquet file is cut into pieces of whole row groups of about
+# this many rows, so a large file streams as several blocks (bounded memory per task, reads in
+# parallel) while small files stay one task each. Encoding re-batches by ENCODE_BATCH_ROWS.
+PIECE_ROWS = 65_536
 
 
-# Read-planning settings for ``read_parquet`` (set while the plan is built, then restored):
-# - use_datasource_v2: the V2 Parquet datasource (the default since Ray 2.5x) starts a pool of
-#   footer-reader actors (32 by default) for every read: seconds of process start-up per read
-#   on a small cluster, for footers validate_files has just read;
-# - decoding_size_estimation: V1 samples files with remote tasks (SPREAD over the nodes) to
-#   estimate the in-memory size; the default ratio is fine for a few text columns.
-_PARQUET_READ_CONTEXT = {"use_datasource_v2": False, "decoding_size_estimation": False}
+@dataclass(frozen=True)
+class _Piece:
+    """What one read task reads: a file, or some of a Parquet file's row groups."""
+
+    path: str
+    row_groups: tuple[int, ...] | None  # None: the whole file
+    rows: int | None  # known from a Parquet footer
+    nbytes: int | None  # uncompressed, from the footer
 
 
-@contextmanager
-def _data_context(**overrides: Any) -> Iterator[None]:
-    """Set DataContext attributes (those this Ray version has) for the ``with`` body only."""
-    ctx = ray.data.DataContext.get_current()
-    saved = {k: getattr(ctx, k) for k in overrides if hasattr(ctx, k)}
-    for k in saved:
-        setattr(ctx, k, overrides[k])
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(ctx, k, v)
+def _pieces(path: str, fmt: str, cfg: DataConfig) -> list[_Piece]:
+    """A file as read pieces: JSON whole; Parquet as runs of row groups of ≤ PIECE_ROWS rows
+    (a larger row group alone)."""
+    if fmt != "parquet":
+        return [_Piece(path, None, None, None)]
+    out: list[_Piece] = []
+    run: list[int] = []
+    rows = nbytes = 0
+    for i, (n, size) in enumerate(parquet_row_groups(path, cfg)):
+        if run and rows + n > PIECE_ROWS:
+            out.append(_Piece(path, tuple(run), rows, nbytes))
+            run, rows, nbytes = [], 0, 0
+        run.append(i)
+        rows += n
+        nbytes += size
+    if run:
+        out.append(_Piece(path, tuple(run), rows, nbytes))
+    return out or [_Piece(path, None, 0, 0)]  # no row group: an empty file, one empty block
 
 
-def read_dataset(
-    cfg: DataConfig, *, num_cpus: float | None = None, parquet_v2: bool = False
-) -> ray.data.Dataset:
-    """The raw rows of ``cfg``'s files as a Ray Dataset, holding only the needed columns.
+def _read_piece(cfg: DataConfig, piece: _Piece) -> list:
+    """A read task's body: the piece through the single-process reader (same rows, columns
+    and errors as ``--local``)."""
+    return [read_table(piece.path, cfg, piece.row_groups)]
 
-    Parquet is read with Ray Data's V1 datasource and no size sampling (see
-    ``_PARQUET_READ_CONTEXT``); ``parquet_v2=True`` keeps the caller's DataContext as is (the V2
-    datasource's footer-reader actors pay off for many thousands of files).
+
+class _FilesDatasource(ray.data.Datasource):
+    """The config's files as a Ray Data source, one read task per piece.
+
+    Why not ``ray.data.read_parquet`` / ``read_json``: those plan a read by sampling files in
+    remote tasks (2-3 s of worker start-up on the driver's critical path, for sizes a footer
+    already gives) and read through a second implementation of the formats; this source cuts
+    files from their footers alone and reads with :func:`engram_ray.io.data.read_table`, so the
+    Ray path reads exactly the rows the single-process path reads.
     """
-    return _read(cfg, num_cpus=num_cpus, parquet_v2=parquet_v2, project=True)
+
+    def __init__(self, cfg: DataConfig, pieces: list[_Piece]) -> None:
+        self.cfg, self.pieces = cfg, pieces
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        sizes = [p.nbytes for p in self.pieces]
+        return None if None in sizes else sum(sizes)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list:
+        # One task per piece whatever ``parallelism`` asks: pieces are the unit that keeps
+        # Parquet row groups whole; Ray Data splits or coalesces the blocks downstream.
+        return [ray.data.ReadTask(
+            functools.partial(_read_piece, self.cfg, p),
+            BlockMetadata(num_rows=p.rows, size_bytes=p.nbytes, exec_stats=None,
+                          input_files=(p.path,)),
+            per_task_row_limit=per_task_row_limit)
+            for p in self.pieces]
 
 
-def _read(
-    cfg: DataConfig, *, num_cpus: float | None, parquet_v2: bool, project: bool
-) -> ray.data.Dataset:
+def read_dataset(cfg: DataConfig, *, num_cpus: float | None = None) -> ray.data.Dataset:
+    """The raw rows of ``cfg``'s files as a Ray Dataset, holding only the needed columns,
+    read by :class:`_FilesDatasource` after every file's schema was checked here."""
     paths, fmt = validate_files(cfg)
-    fs = Storage(paths[0], cfg.storage_options).arrow
-    kwargs: dict[str, Any] = {"filesystem": fs, "num_cpus": num_cpus, "file_extensions": None}
-    columns = cfg.needed_columns()
-    ray_paths = _ray_paths(paths, cfg.storage_options)
-    if fmt == "parquet":
-        if parquet_v2:
-            return ray.data.read_parquet(ray_paths, columns=columns, **kwargs)
-        with _data_context(**_PARQUET_READ_CONTEXT):
-            return ray.data.read_parquet(ray_paths, columns=columns, **kwargs)
-    # lines=True would switch to the pandas reader, which ignores `filesystem`; the default
-    # Arrow reader handles JSON lines (and falls back to json.load for a top-level array).
-    ds = ray.data.read_json(ray_paths, **kwargs)
-    # The JSON reader reads every column; projecting is a separate task per block, which the
-    # encoder makes unnecessary (encode_rows only looks at the columns it needs).
-    return ds.select_columns(columns) if project else ds
+    pieces = [p for ps in _map_files(lambda path: _pieces(path, fmt, cfg), paths) for p in ps]
+    return ray.data.read_datasource(_FilesDatasource(cfg, pieces), num_cpus=num_cpus)
 
 
 @functools.lru_cache(maxsize=4)
@@ -174,7 +191,6 @@ def encoded_dataset(
     num_cpus: float = 1.0,
     concurrency: int | None = None,
     read_num_cpus: float | None = None,
-    parquet_v2: bool = False,
 ) -> ray.data.Dataset:
     """``read_dataset(cfg)`` encoded by :func:`engram_ray.io.data.encode_rows` in Ray tasks.
 
@@ -188,7 +204,7 @@ def encoded_dataset(
     """
     if tokenizer_dir is None and cfg.mode != "features":
         raise ValueError(f"tokenizer_dir is needed to encode {cfg.mode!r} rows")
-    ds = _read(cfg, num_cpus=read_num_cpus, parquet_v2=parquet_v2, project=False)
+    ds = read_dataset(cfg, num_cpus=read_num_cpus)
     return ds.map_batches(
         _encode_block,
         fn_args=(cfg, tokenizer_dir, drop_empty),

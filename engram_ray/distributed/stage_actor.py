@@ -74,6 +74,11 @@ class StageActor:
         # only when a consumer first iterates, and its read and encode workers then start
         # side by side with the load instead of after it. Every method that needs the slice
         # waits for it (:meth:`_ready`); a load error is raised by the first of them.
+        if index == 0:
+            # Stage 0 receives its split next (``consume``): unpickling it imports Ray Data
+            # (~1 s). Imports hold the GIL, so done beside the load they would only slow each
+            # other; done first, the split starts Ray Data's executor before the load begins.
+            import ray.data  # noqa: F401
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self.ready_at = None
@@ -159,16 +164,19 @@ class StageActor:
         out = self._run(from_wire(payload), concepts, tmask)
         return out if isinstance(out, int) else to_wire(out)
 
-    def consume(self, split, rest: list, pad_id: int, batch_tokens: int, max_in_flight: int,
-                prefetch: int) -> dict:
+    def consume(self, split, rest: list, pad_id: int | list, batch_tokens: int,
+                max_in_flight: int, prefetch: int) -> dict:
         """Stage 0: pull this replica's split and push every row through the replica's chain
-        (this stage, then ``rest``); returns what was fed (``feed.py``)."""
+        (this stage, then ``rest``); returns what was fed (``feed.py``). ``pad_id`` is the id
+        or ``[ref]`` to it: wrapped, Ray does not wait for the tokenizer task before calling
+        this, so pulling starts at once and the id is fetched with the first block."""
         def first(batch):
             inputs = dict(batch.inputs) if isinstance(batch.inputs, dict) else {"x": batch.inputs}
             return self._run(inputs, batch.concepts, batch.token_mask())
 
+        pad = pad_id if isinstance(pad_id, int) else (lambda: int(ray.get(pad_id[0])))
         self.feed = FeedCounters()  # one slice's feed (a checkpointed run feeds several)
-        return feed(split, first, rest, batch_tokens=batch_tokens, pad_id=pad_id,
+        return feed(split, first, rest, batch_tokens=batch_tokens, pad_id=pad,
                     max_in_flight=max_in_flight, prefetch=prefetch, counters=self.feed,
                     ready=self._ready)
 

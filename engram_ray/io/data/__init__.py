@@ -3,8 +3,9 @@
 Two parts: :mod:`~engram_ray.io.data.files` finds the data files a config names and reads them
 (formats, schema checks, row counts); :mod:`~engram_ray.io.data.encode` turns rows into tokens
 and token masks and batches them. The distributed reader
-(:mod:`engram_ray.distributed.ingest`) uses the file discovery and checks, then runs the same
-:func:`encode_rows` in Ray tasks, so both paths count exactly the same tokens. This package
+(:mod:`engram_ray.distributed.ingest`) uses the same discovery, checks and reader, then runs
+the same :func:`encode_rows` in Ray tasks, so both paths read the same rows and count exactly
+the same tokens. This package
 never imports ``ray``. :class:`~engram_ray.config.DataConfig` (the ``data:`` section of a
 config) is re-exported here for the callers that build one next to the reader.
 """
@@ -25,6 +26,7 @@ from engram_ray.io.data.files import (
     count_file_rows,
     count_rows,
     file_format,
+    parquet_row_groups,
     read_schema,
     read_table,
     resolve_paths,
@@ -42,6 +44,7 @@ __all__ = [
     "file_format",
     "iter_batches",
     "pad_token_id",
+    "parquet_row_groups",
     "read_schema",
     "read_table",
     "resolve_paths",

@@ -4,8 +4,9 @@
 into data files; :func:`read_table` reads one file's needed columns, :func:`read_schema` and
 :func:`count_file_rows` read as little as they can (a Parquet footer, the first JSON lines).
 Why here and separate from encoding: the Ray path (:mod:`engram_ray.distributed.ingest`) reads
-files with Ray Data and needs only the discovery and the schema checks, so that a missing
-column or an unreadable file fails on the driver with a :class:`DataError` naming it.
+with these same functions inside Ray Data read tasks (a Parquet file cut into pieces of row
+groups, :func:`parquet_row_groups`), and checks every file's schema on the driver first, so
+that a missing column or an unreadable file fails with a :class:`DataError` naming it.
 
 Files: Parquet, or JSON lines (``.jsonl`` / ``.json`` / ``.ndjson``; a ``.json`` file holding
 one top-level array is accepted too). Every location goes through
@@ -33,6 +34,7 @@ __all__ = [
     "count_file_rows",
     "count_rows",
     "file_format",
+    "parquet_row_groups",
     "read_schema",
     "read_table",
     "resolve_paths",
@@ -144,8 +146,9 @@ def _reading(path: str, cfg: DataConfig) -> Iterator[tuple[str, Any]]:
         raise DataError(f"cannot read {fmt} file {path}: {e}") from e
 
 
-def read_table(path: str, cfg: DataConfig) -> pa.Table:
-    """One data file as a table holding only the columns ``cfg`` needs (checked, named errors)."""
+def read_table(path: str, cfg: DataConfig, row_groups: Sequence[int] | None = None) -> pa.Table:
+    """One data file as a table holding only the columns ``cfg`` needs (checked, named errors);
+    ``row_groups``: only these row groups of a Parquet file (a piece of a large file)."""
     columns = cfg.needed_columns()
     table = None
     with _reading(path, cfg) as (fmt, f):
@@ -153,7 +156,8 @@ def read_table(path: str, cfg: DataConfig) -> pa.Table:
             pf = pq.ParquetFile(f)
             present = pf.schema_arrow.names
             if set(columns) <= set(present):
-                table = pf.read(columns=columns)
+                table = pf.read(columns=columns) if row_groups is None \
+                    else pf.read_row_groups(list(row_groups), columns=columns)
         else:
             table = _read_json_bytes(f.read())
             present = table.column_names
@@ -189,6 +193,19 @@ def read_schema(path: str, cfg: DataConfig) -> list[str]:
             present = _read_json_bytes(_json_head(f)).column_names
     _check_columns(path, present, cfg)
     return present
+
+
+def parquet_row_groups(path: str, cfg: DataConfig) -> list[tuple[int, int]]:
+    """``(rows, uncompressed bytes)`` of each row group of one Parquet file, from its footer,
+    its columns checked like :func:`read_schema`: what a reader needs to cut the file into
+    pieces without reading any data."""
+    with _reading(path, cfg) as (_, f):
+        meta = pq.ParquetFile(f).metadata
+        present = meta.schema.to_arrow_schema().names
+        groups = [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
+                  for i in range(meta.num_row_groups)]
+    _check_columns(path, present, cfg)
+    return groups
 
 
 def count_file_rows(path: str, cfg: DataConfig) -> int:
