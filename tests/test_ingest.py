@@ -130,3 +130,29 @@ def test_read_dataset_errors_up_front(ray_cluster, local_data, s3_bucket):
                        text_column="prompt")
     with pytest.raises(DataError, match="mix formats"):
         read_dataset(mixed)
+
+
+def test_large_parquet_file_is_read_in_pieces_of_row_groups(ray_cluster, tmp_path, monkeypatch):
+    """A file is cut into read tasks of whole row groups of at most PIECE_ROWS rows (bounded
+    blocks for large files), every row read exactly once; a JSON lines file is one piece."""
+    from engram_ray.distributed import ingest
+
+    monkeypatch.setattr(ingest, "PIECE_ROWS", 4)
+    rows = [{**r, "extra": i} for i, r in enumerate(ROWS * 3)]  # 39 rows
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet", row_group_size=3)
+    cfg = _cfg(str(tmp_path / "big.parquet"))
+    pieces = ingest._pieces(str(tmp_path / "big.parquet"), "parquet", cfg)
+    # Row groups of 3 rows, at most 4 rows a piece: one group each, 13 pieces.
+    assert [p.row_groups for p in pieces] == [(i,) for i in range(13)]
+    assert sum(p.rows for p in pieces) == len(rows)
+    ds = read_dataset(cfg, num_cpus=0.25).materialize()
+    assert ds.num_blocks() == 13
+    got = Counter(tuple(r[c] for c in ("concept", "prompt", "answer")) for r in ds.iter_rows())
+    assert got == Counter((r["concept"], r["prompt"], r["answer"]) for r in rows)
+    monkeypatch.setattr(ingest, "PIECE_ROWS", 7)  # two groups a piece (6 rows), then 3 alone
+    assert [len(p.row_groups) for p in ingest._pieces(str(tmp_path / "big.parquet"), "parquet",
+                                                       cfg)] == [2] * 6 + [1]
+    (tmp_path / "j").mkdir()
+    with open(tmp_path / "j" / "a.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    assert ingest._pieces(str(tmp_path / "j" / "a.jsonl"), "json", cfg)[0].row_groups is None
