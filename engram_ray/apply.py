@@ -154,7 +154,8 @@ def _write(stage: str, spec: ModelSpec, plan: EditPlan, provenance: dict,
 class Edit:
     """One edit of a batch (``apply_many``): forget ``concepts`` at ``alpha`` into ``out``,
     as an edited checkpoint (``format="full"``) or a PEFT adapter (``"peft"``, with
-    ``adapter_rtol`` and ``adapter_exact_dense`` as in :func:`apply_run`)."""
+    ``adapter_rtol`` and ``adapter_exact_dense`` as in :func:`apply_run`). ``eval``: an eval
+    set whose summary goes into the output's marker (``eval/edit_scores.py``)."""
 
     concepts: tuple[str, ...]
     out: str
@@ -164,6 +165,7 @@ class Edit:
     format: str = "full"
     adapter_rtol: float | None = None
     adapter_exact_dense: bool = False
+    eval: str | None = None
 
 
 def apply_many(run_uri: str, edits: Sequence[Edit], *, storage_options=None,
@@ -177,26 +179,49 @@ def apply_many(run_uri: str, edits: Sequence[Edit], *, storage_options=None,
     in one pass over the modules (``adapter.write_peft_adapters``). So the reads of a batch do
     not grow with its number of edits. Returns each edit's error (None: written); one failed
     edit never stops the others. Full edits of factory models (built in memory) go one by
-    one."""
+    one. An edit with an ``eval`` set is scored before anything is written and its summary
+    goes into its marker (:func:`_evaluate`); an eval that fails fails that edit only."""
     run = open_run(run_uri, storage_options)
     spec = run_model_spec(run)
     check_trusted(spec, run.uri, given=False, trust_factory=trust_factory)
     errors: list[BaseException | None] = [None] * len(edits)
     todo = list(range(len(edits)))
     if spec.path is None:  # a factory model: full edits are built in memory, one by one
-        todo = [i for i in todo if edits[i].format != "full"]
+        todo = [i for i in todo if edits[i].format != "full" or edits[i].eval]
         for i in set(range(len(edits))) - set(todo):
             errors[i] = _one(run_uri, edits[i], storage_options, trust_factory)
     known = set(run.concepts)  # an unknown concept fails its own edit (plan_edits), not all
     shared = SharedEngrams(run, [c for i in todo for c in edits[i].concepts if c in known])
     plans = _plans(shared, edits, todo, errors, storage_options)
+    evals = _evaluate(run, spec, edits, plans, errors, storage_options)
     full = {i: p for i, p in plans.items() if edits[i].format == "full"}
     peft = {i: p for i, p in plans.items() if edits[i].format == "peft"}
     if full:
-        _write_full(run, spec, edits, full, errors, storage_options)
+        _write_full(run, spec, edits, full, errors, storage_options, evals)
     if peft:
-        _write_adapters(run, spec, edits, peft, errors, storage_options)
+        _write_adapters(run, spec, edits, peft, errors, storage_options, evals)
     return errors
+
+
+def _evaluate(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int, EditPlan],
+              errors: list, storage_options) -> dict[int, dict]:
+    """The eval summary of every planned edit with an ``eval`` set, before any is written (the
+    run's model loaded once, each set's base scores computed once: ``EditEvaluator``). An edit
+    whose eval fails gets the error and leaves ``plans``: nothing of it is written."""
+    wanted = [i for i in plans if edits[i].eval]
+    if not wanted:
+        return {}
+    from engram_ray.eval.edit_scores import EditEvaluator
+
+    evaluator, out = EditEvaluator(run, spec, storage_options), {}
+    for i in wanted:
+        label = "edited checkpoint" if edits[i].format == "full" else "dense edit"
+        try:
+            out[i] = evaluator.summary(edits[i].eval, plans[i], label)
+        except Exception as ex:  # noqa: BLE001 - this edit fails, the batch goes on
+            errors[i] = ex
+            del plans[i]
+    return out
 
 
 def _plans(shared: SharedEngrams, edits: Sequence[Edit], todo: Sequence[int], errors: list,
@@ -224,9 +249,9 @@ def _plans(shared: SharedEngrams, edits: Sequence[Edit], todo: Sequence[int], er
 
 
 def _write_full(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int, EditPlan],
-                errors: list, storage_options) -> None:
+                errors: list, storage_options, evals: dict[int, dict]) -> None:
     """The full checkpoints of ``plans``, in lockstep over the base checkpoint (one read of
-    each tensor), each published whole with ``edit.json`` last."""
+    each tensor), each published whole with ``edit.json`` last (holding ``evals[i]``)."""
     stages = {i: new_stage(edits[i].out) if not Storage(edits[i].out).remote
               else tempfile.mkdtemp(prefix="engram-apply-") for i in plans}
     try:
@@ -236,19 +261,21 @@ def _write_full(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int, Ed
                                        list(plans.values()), aliases)
         for i, err in zip(list(plans), done):
             errors[i] = err or _finish(run, spec, plans[i], edits[i], stages[i],
-                                       storage_options)
+                                       storage_options, evals.get(i))
     finally:
         for stage in stages.values():
             shutil.rmtree(stage, ignore_errors=True)
 
 
 def _write_adapters(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int, EditPlan],
-                    errors: list, storage_options) -> None:
-    """The adapters of ``plans``, in one pass over the modules (``write_peft_adapters``)."""
+                    errors: list, storage_options, evals: dict[int, dict]) -> None:
+    """The adapters of ``plans``, in one pass over the modules (``write_peft_adapters``), each
+    ``adapter_meta.json`` holding ``evals[i]``."""
     from engram_ray.io.adapter import AdapterJob, write_peft_adapters
 
     jobs = [AdapterJob(p, edits[i].out, edits[i].scale, edits[i].adapter_rtol,
-                       edits[i].adapter_exact_dense) for i, p in plans.items()]
+                       edits[i].adapter_exact_dense,
+                       {"eval": evals[i]} if i in evals else None) for i, p in plans.items()]
     try:
         results = write_peft_adapters(run, jobs, base_model_dir_or_spec=spec,
                                       storage_options=storage_options,
@@ -271,10 +298,14 @@ def _one(run_uri: str, e: Edit, storage_options, trust_factory: bool) -> BaseExc
 
 
 def _finish(run, spec: ModelSpec, plan: EditPlan, e: Edit, stage: str,
-            storage_options) -> BaseException | None:
-    """``edit.json`` into a written ``stage``, then publish it to ``e.out``; the error, if any."""
+            storage_options, evaluation: dict | None = None) -> BaseException | None:
+    """``edit.json`` (with ``evaluation`` as its ``"eval"``) into a written ``stage``, then
+    publish it to ``e.out``; the error, if any."""
     try:
-        _write_marker(stage, plan, _provenance(run, spec, plan, e.scale, _listed(e.modules)))
+        provenance = _provenance(run, spec, plan, e.scale, _listed(e.modules))
+        if evaluation is not None:
+            provenance["eval"] = evaluation
+        _write_marker(stage, plan, provenance)
         dest = Storage(e.out, storage_options)
         if dest.remote:
             check_output(dest)  # again: someone may have written there meanwhile

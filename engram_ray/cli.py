@@ -302,7 +302,8 @@ def _add_batch(sub) -> None:
     b = sub.add_parser("batch", help="run a file of edit requests (one edited model each)")
     b.add_argument("requests", help="Parquet or JSON lines: request_id, run, concepts, out, "
                                     "[alpha, scale, modules, format (full|peft), "
-                                    "adapter_rtol, adapter_exact_dense]")
+                                    "adapter_rtol, adapter_exact_dense, eval (an eval set: "
+                                    "forget/retain loss of the base and edited model)]")
     b.add_argument("--summary", default=None,
                    help="summary table (default: REQUESTS with .summary.parquet)")
     b.add_argument("--local", action="store_true",

@@ -13,6 +13,8 @@ Cloud unlearning comes in batches (one edit per tenant, takedown request or juri
     format      str = "full"       "full" (an edited checkpoint) or "peft" (a LoRA adapter)
     adapter_rtol         float | null   peft: truncation tolerance for dense engrams
     adapter_exact_dense  bool = false   peft: dense engrams as full deltas, not truncated
+    eval        str | null         an eval set (local or s3://, Parquet or JSON lines) with the
+                                   run's own data columns: the edit's eval summary (below)
 
 Each request is one ``apply``: an edited checkpoint written tensor by tensor with ``edit.json``
 last, or a PEFT adapter with ``adapter_meta.json`` last (the output's completion marker and
@@ -34,6 +36,16 @@ the row, the request_id and the column). A re-run skips the requests whose outpu
 so a batch killed half way resumes. The summary table (Parquet) has one row per request:
 status (``done`` | ``skipped`` | ``failed``), output, seconds (a shared pass split evenly) and
 the error's one-line message.
+
+A request with ``eval`` is scored before its output is written (``eval/edit_scores.py``): the
+mean per-token NLL and next-token accuracy of the base and of the edited model on the set's
+counted tokens (the answer tokens of a prompt/answer run), on its ``forget`` rows (concept in
+the request's forget set) and its ``retain`` rows (the others). The summary goes into the
+output's marker under ``"eval"`` (so an output that looks complete has its eval) and into the
+summary table as :data:`EVAL_COLUMNS` (null without ``eval``; a skipped request's read back from
+its marker). For a ``peft`` request the scored model is the dense edit (``"model": "dense
+edit"``). An eval set that cannot be read or lacks a column, or a run whose model has no tokens
+to score (a factory model, a ``features_column`` run), fails that request only.
 """
 
 from __future__ import annotations
@@ -50,13 +62,20 @@ import pyarrow.parquet as pq
 
 from engram_ray.io.storage import Storage
 
-__all__ = ["EditRequest", "read_requests", "run_batch", "run_group", "write_summary"]
+__all__ = ["EVAL_COLUMNS", "EditRequest", "read_requests", "run_batch", "run_group",
+           "write_summary"]
 
 REQUIRED = ("request_id", "run", "concepts", "out")
 OPTIONAL = {"alpha": 1.0, "scale": "uniform", "modules": None, "format": "full",
-            "adapter_rtol": None, "adapter_exact_dense": False}
+            "adapter_rtol": None, "adapter_exact_dense": False, "eval": None}
 # Written last by apply: an output holding its format's marker is complete.
 COMPLETE = {"full": "edit.json", "peft": "adapter_meta.json"}
+# The summary table's eval columns (null for a request without eval) and their types.
+_EVAL_STATS = {"rows": pa.int64(), "tokens": pa.int64(), "loss_base": pa.float64(),
+               "loss_edited": pa.float64(), "acc_base": pa.float64(), "acc_edited": pa.float64()}
+EVAL_COLUMNS = {"eval_model": pa.string(),
+                **{f"{split}_{k}": t for split in ("forget", "retain")
+                   for k, t in _EVAL_STATS.items()}}
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,7 @@ class EditRequest:
     format: str = "full"
     adapter_rtol: float | None = None
     adapter_exact_dense: bool = False
+    eval: str | None = None
 
 
 def read_requests(uri: str, storage_options: Mapping | None = None,
@@ -128,7 +148,15 @@ def _request(uri: str, i: int, row: Any) -> EditRequest:
                        float(alpha), _scale(where, values["scale"]),
                        None if values["modules"] is None
                        else _names(where, "modules", values["modules"], regex=True),
-                       *_adapter_columns(where, values))
+                       *_adapter_columns(where, values), eval=_eval_set(where, values["eval"]))
+
+
+def _eval_set(where: str, value: Any) -> str | None:
+    """The ``eval`` column: absent, or a non-empty string (a URI)."""
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise ValueError(f"{where}: column 'eval' must be a non-empty string (an eval set's URI), "
+                     f"got {value!r}")
 
 
 def _names(where: str, column: str, value: Any, regex: bool = False) -> tuple[str, ...] | str:
@@ -191,7 +219,7 @@ def run_group(requests: Sequence[EditRequest], storage_options: Mapping | None =
     for i, r in enumerate(requests):
         try:
             if _complete(r, storage_options):
-                rows[i] = _row(r, "skipped", 0.0)
+                rows[i] = _row(r, "skipped", 0.0, evaluation=_marker_eval(r, storage_options))
                 continue
         except Exception as e:  # noqa: BLE001 - recorded, the batch goes on
             rows[i] = _row(r, "failed", 0.0, e)
@@ -202,28 +230,60 @@ def run_group(requests: Sequence[EditRequest], storage_options: Mapping | None =
         try:
             errors = apply_many(requests[todo[0]].run, [
                 Edit(r.concepts, r.out, r.alpha, r.scale, r.modules, r.format, r.adapter_rtol,
-                     r.adapter_exact_dense) for r in (requests[i] for i in todo)],
+                     r.adapter_exact_dense, r.eval) for r in (requests[i] for i in todo)],
                 storage_options=storage_options, trust_factory=trust_factory)
         except Exception as e:  # noqa: BLE001 - the run itself failed: every request of it
             errors = [e] * len(todo)
         each = (time.time() - t0) / len(todo)
         for i, err in zip(todo, errors):
-            rows[i] = _row(requests[i], "failed" if err else "done", each, err)
+            rows[i] = _written_row(requests[i], each, err, storage_options)
     return [rows[i] for i in range(len(requests))]
+
+
+def _written_row(request: EditRequest, seconds: float, error: BaseException | None,
+                 storage_options: Mapping | None) -> dict:
+    """The row of a request ``apply_many`` ran: failed, or done with its marker's eval (an
+    eval that cannot be read back is reported as the done request's error)."""
+    if error is not None:
+        return _row(request, "failed", seconds, error)
+    try:
+        return _row(request, "done", seconds, evaluation=_marker_eval(request, storage_options))
+    except Exception as e:  # noqa: BLE001 - written; only its eval summary is unreadable
+        return _row(request, "done", seconds, e)
 
 
 def _complete(request: EditRequest, storage_options: Mapping | None) -> bool:
     return Storage(request.out, storage_options).exists(COMPLETE[request.format])
 
 
-def _row(request: EditRequest, status: str, seconds: float, error: BaseException | None = None
-         ) -> dict:
+def _marker_eval(request: EditRequest, storage_options: Mapping | None) -> dict | None:
+    """The eval summary a complete output's marker holds (None: the request names no eval
+    set); the table reports what the output carries, whether written now or before."""
+    if request.eval is None:
+        return None
+    marker = Storage(request.out, storage_options).read_json(COMPLETE[request.format])
+    return marker.get("eval") if isinstance(marker, Mapping) else None
+
+
+def _row(request: EditRequest, status: str, seconds: float, error: BaseException | None = None,
+         evaluation: Mapping | None = None) -> dict:
     msg = None
     if error is not None:
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
         msg = f"{type(error).__name__}: {text}"
     return {"request_id": request.request_id, "out": request.out, "status": status,
-            "seconds": seconds, "error": msg}
+            "seconds": seconds, "error": msg, **_eval_columns(evaluation)}
+
+
+def _eval_columns(evaluation: Mapping | None) -> dict:
+    """An eval summary as the summary table's :data:`EVAL_COLUMNS` (all null without one)."""
+    evaluation = evaluation or {}
+    out = dict.fromkeys(EVAL_COLUMNS)
+    out["eval_model"] = evaluation.get("model")
+    for split in ("forget", "retain"):
+        for k in _EVAL_STATS:
+            out[f"{split}_{k}"] = (evaluation.get(split) or {}).get(k)
+    return out
 
 
 def run_batch(requests: Sequence[EditRequest], *, storage_options: Mapping | None = None,
@@ -251,13 +311,19 @@ def _run_item(item: tuple) -> list[dict]:
 def write_summary(rows: Sequence[dict], uri: str, requests: Sequence[EditRequest],
                   storage_options: Mapping | None = None) -> str:
     """The summary table: one row per request with its status, output, seconds and error,
-    plus the request itself (concepts, α, scale) so the table stands on its own."""
+    plus the request itself (concepts, α, scale, eval set) so the table stands on its own, and
+    the eval columns (:data:`EVAL_COLUMNS`, typed even when every value is null)."""
     by_id = {r.request_id: asdict(r) for r in requests}
     table = pa.Table.from_pylist([
         {**row, "run": by_id[row["request_id"]]["run"],
          "concepts": list(by_id[row["request_id"]]["concepts"]),
-         "alpha": by_id[row["request_id"]]["alpha"], "scale": by_id[row["request_id"]]["scale"]}
+         "alpha": by_id[row["request_id"]]["alpha"], "scale": by_id[row["request_id"]]["scale"],
+         "eval": by_id[row["request_id"]]["eval"]}
         for row in rows])
+    for name, typ in {**EVAL_COLUMNS, "eval": pa.string()}.items():
+        if name in table.column_names and pa.types.is_null(table.schema.field(name).type):
+            table = table.set_column(table.column_names.index(name), name,
+                                     table.column(name).cast(typ))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     Storage(uri, storage_options).write_bytes("", sink.getvalue().to_pybytes())

@@ -2,7 +2,8 @@
 
 ``tofu`` holds the metric math on arrays; ``lm_scores`` scores an HF causal LM on QA splits;
 ``corpus`` generates the deterministic fictitious-authors corpus used in tests; ``train_lm``
-fine-tunes tiny LMs on it; ``classify`` and ``plots`` serve the digits demo.
+fine-tunes tiny LMs on it; ``classify`` and ``plots`` serve the digits demo; ``edit_scores``
+writes a batch request's eval summary (forget/retain loss of the base and the edited model).
 """
 
 from engram_ray.eval import tofu

@@ -173,13 +173,15 @@ def write_peft_adapter(
 class AdapterJob:
     """One adapter of :func:`write_peft_adapters`: ``plan`` (``core.edit.plan_edit``'s, or
     ``plan_edits``'s) written to ``out``; ``scale`` names how the plan's scales were chosen
-    (for the metadata); ``rtol`` and ``exact_dense`` as in :func:`write_peft_adapter`."""
+    (for the metadata); ``rtol`` and ``exact_dense`` as in :func:`write_peft_adapter`;
+    ``extra``: more entries for ``adapter_meta.json`` (a batch request's ``eval`` summary)."""
 
     plan: EditPlan
     out: str
     scale: str = "uniform"
     rtol: float | None = None
     exact_dense: bool = False
+    extra: Mapping | None = None
 
 
 def write_peft_adapters(
@@ -302,7 +304,7 @@ def _finish(run: Run, job: AdapterJob, state: _State, base: _Base, storage_optio
             "bias_mode": state.bias_mode, "modules": stats,
             "skipped": {m: "scale 0: no change" for m in state.zero},
             "max_rel_error": max(s["rel_error"] for s in stats.values()),
-            "notes": list(plan.notes)}
+            "notes": list(plan.notes), **(job.extra or {})}
     _write(job.out, state.spool, config, meta, storage_options, t0)
     return meta
 
