@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -92,9 +93,17 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray / CLI rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    tmp = tempfile.mkdtemp(prefix="engram-bench-")
+    try:
+        run_all(tmp, args)
+    finally:  # the runs of one benchmark add up to tens of GB
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_all(tmp: str, args) -> None:
+    """Every row, with models, data and runs under ``tmp``; prints (and writes) the tables."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = tempfile.mkdtemp(prefix="engram-bench-")
     model_dir, qa, authors = build(tmp, args.quick)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
