@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import sys
 
-from engram_ray.cli import main
+from engram_ray import cli
+
+
+def command(argv: list[str]) -> list[str]:
+    """``--batch …``: ``engram-ray batch …``; anything else: ``engram-ray apply …``."""
+    return ["batch", *argv[1:]] if argv[:1] == ["--batch"] else ["apply", *argv]
 
 
 def run(argv: list[str]) -> int:
-    """``--batch …``: ``engram-ray batch …``; anything else: ``engram-ray apply …``."""
-    if argv[:1] == ["--batch"]:
-        return main(["batch", *argv[1:]])
-    return main(["apply", *argv])
+    """The command's exit status, in this process (for tests)."""
+    return cli.main(command(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+    cli.run(command(sys.argv[1:]))

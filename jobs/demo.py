@@ -3,7 +3,7 @@ digits demo unless ``--pipeline NAME`` picks another from the :mod:`pipelines` r
 
 import sys
 
-from engram_ray.cli import main
+from engram_ray.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["demo", *sys.argv[1:]]))
+    run(["demo", *sys.argv[1:]])

@@ -21,7 +21,7 @@ the working dir. The run URI is the last line of the job's stdout.
 
 import sys
 
-from engram_ray.cli import main
+from engram_ray.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["extract", *sys.argv[1:]]))
+    run(["extract", *sys.argv[1:]])

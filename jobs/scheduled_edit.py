@@ -8,7 +8,7 @@ Safe on a timer: a tick that finds another at work exits 0 and says so.
 
 import sys
 
-from engram_ray.cli import main
+from engram_ray.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["tick", *sys.argv[1:]]))
+    run(["tick", *sys.argv[1:]])
