@@ -435,9 +435,16 @@ def run(argv: list[str] | None = None) -> NoReturn:
     except BaseException:  # noqa: BLE001 - a bug: its traceback, as the interpreter prints it
         traceback.print_exc()
         code = 1
-    for thread in threading.enumerate():  # what the interpreter's own exit waits for
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter's exit does first: threading's own exit hooks (they wake idle
+    # ThreadPoolExecutor workers, which would otherwise wait forever), then the join of every
+    # non-daemon thread; CPython's private hook, with a plain join where it is missing.
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    else:
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -6,7 +6,8 @@ registered with ``atexit``/``__cxa_atexit`` by a native extension ran while its 
 still joinable. The test plants such a destructor deterministically — libc's ``abort``
 registered with ``__cxa_atexit`` (how C++ registers static destructors; ``exit()`` runs them
 after the interpreter is finalized) — and checks that the CLI still exits with its own
-status, with Python's ``atexit`` handlers run and its output flushed into a pipe.
+status, with Python's ``atexit`` handlers run, its output flushed into a pipe, and no hang on
+a thread pool some library left alive.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ libc.__cxa_atexit.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
 # destructors, like one finding a joinable thread (std::terminate -> abort).
 libc.__cxa_atexit(ctypes.cast(libc.abort, ctypes.c_void_p), None, None)
 atexit.register(lambda: open(os.environ["ATEXIT_MARK"], "w").write("ran"))
+# A thread pool a library keeps alive: its idle non-daemon worker must not hang the exit.
+from concurrent.futures import ThreadPoolExecutor
+_pool = ThreadPoolExecutor(1)
+_pool.submit(int).result()
 """
 
 
@@ -37,7 +42,7 @@ def _cli(tmp_path, *args, env=None, script=None):
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "ATEXIT_MARK": str(mark), **(env or {})}
     cmd = [sys.executable, *([script] if script else ["-m", "engram_ray.cli"]), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     return out, mark.exists()
 
 
