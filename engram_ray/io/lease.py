@@ -6,6 +6,13 @@ create fails if the file exists, atomically), on S3 with a conditional PUT
 MinIO and moto's server do too). The body names the holder (host, pid, time) and when it
 expires, so a second writer fails at once with a message naming who holds it.
 
+The body is in place the moment the lease exists: locally it is written to a private temporary
+file first and hard-linked to the lease's name (the link fails if the name exists), because a
+file created with ``O_EXCL`` and written afterwards is empty for a moment, and a second taker
+reading it then would take a live holder's lease for a crashed one's and break it (two
+writers of one run; seen under load). An unreadable lease is a crashed holder's half-written
+one only once it is :data:`UNREADABLE_GRACE_S` old.
+
 A holder that dies leaves its lease behind. It can be broken only after it expired
 (``timeout_s`` after it was taken; a live holder renews it) or by an explicit
 :meth:`Lease.break_` (CLI: the documented ``--break-lease``). Breaking re-reads the body and
@@ -23,7 +30,12 @@ import time
 
 from engram_ray.io.storage import Storage
 
-__all__ = ["Lease", "LeaseHeld"]
+__all__ = ["UNREADABLE_GRACE_S", "Lease", "LeaseHeld"]
+
+# An unreadable lease younger than this may still be being written (a filesystem without hard
+# links, or a lease from a version that wrote after creating): it is live until then. Far
+# longer than any write of ~150 bytes, far shorter than a lease's own timeout.
+UNREADABLE_GRACE_S = 30.0
 
 
 class LeaseHeld(RuntimeError):
@@ -49,6 +61,9 @@ class Lease:
             body = self._read()
             if body is None:
                 continue  # released between our create and our read: try again
+            if not body and self._age() < UNREADABLE_GRACE_S:
+                raise LeaseHeld(f"{self.what or self.uri} is being locked by another writer "
+                                f"(lease {self.uri} is being written); try again")
             if body.get("expires", 0) > time.time():
                 raise LeaseHeld(
                     f"{self.what or self.uri} is locked by {body.get('holder', '?')} since "
@@ -85,10 +100,7 @@ class Lease:
             if self.storage.remote:
                 self.storage.fs.pipe_file(self.storage.path(), body, mode="create")
             else:
-                os.makedirs(os.path.dirname(self.storage.root), exist_ok=True)
-                fd = os.open(self.storage.root, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(body)
+                _create_local(self.storage.root, body, token)
         except FileExistsError:
             return False
         except OSError as e:  # s3fs maps 412 Precondition Failed to an OSError subclass
@@ -106,10 +118,42 @@ class Lease:
         except ValueError:
             return {}  # unreadable: a half-written lease of a crashed holder: expired
 
+    def _age(self) -> float:
+        """Seconds since the lease object was last written (0 when unknown: treated as new)."""
+        try:
+            info = self.storage.fs.info(self.storage.path())
+        except FileNotFoundError:
+            return float("inf")
+        when = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+        if hasattr(when, "timestamp"):
+            when = when.timestamp()
+        return time.time() - float(when) if when else 0.0
+
     def _remove_if(self, token: str | None) -> None:
         body = self._read()
         if body is not None and body.get("token") == token:
             self.storage.rm()
+
+
+def _create_local(path: str, body: bytes, token: str) -> None:
+    """Create ``path`` holding ``body`` atomically, or raise ``FileExistsError``: the body goes
+    to a private file that is then hard-linked to ``path`` (``link`` never replaces a name)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{token}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(body)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        # No hard links here (some FUSE/SMB mounts): exclusive create, then write; a reader
+        # meanwhile sees an unreadable lease and waits out UNREADABLE_GRACE_S.
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+    finally:
+        os.unlink(tmp)
 
 
 def _when(t) -> str:
