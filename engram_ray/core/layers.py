@@ -19,25 +19,45 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["check_supported", "feature_dim", "module_kind", "weight_matrix"]
+__all__ = ["Conv1D", "check_supported", "feature_dim", "module_kind", "weight_matrix"]
 
 
-def _conv1d_type():
-    # A Conv1D instance implies transformers was imported: skip the (seconds-long) import for
-    # plain torch models, e.g. in every stage actor of an nn.Sequential.
+class Conv1D(nn.Module):
+    """GPT-2's linear layer without transformers: ``y = x W + b``, ``W`` stored ``[in, out]``.
+
+    Same constructor order (``nf`` outputs, ``nx`` inputs), parameter names and shapes as
+    transformers' ``Conv1D``, so GPT-2 checkpoints load into it by key; the product is the
+    same ``addmm`` for the same bits. Used by the pure-torch GPT-2 stage
+    (:mod:`engram_ray.models.native`).
+    """
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.view(*x.shape[:-1], self.nf)
+
+
+def _conv1d_types() -> tuple[type, ...]:
+    # transformers' Conv1D only when transformers is already imported: a Conv1D instance implies
+    # it, and the (seconds-long) import is skipped for plain torch models, e.g. in every stage
+    # actor of an nn.Sequential or of a native (pure-torch) decoder.
     if "transformers" not in sys.modules:
-        return None
-    from transformers.pytorch_utils import Conv1D
+        return (Conv1D,)
+    from transformers.pytorch_utils import Conv1D as HFConv1D
 
-    return Conv1D
+    return (Conv1D, HFConv1D)
 
 
 def module_kind(module: nn.Module) -> str | None:
     """"linear" | "conv1d" | "conv2d" for supported layers, else None."""
-    conv1d = _conv1d_type()
     if isinstance(module, nn.Linear):
         return "linear"
-    if conv1d is not None and isinstance(module, conv1d):
+    if isinstance(module, _conv1d_types()):
         return "conv1d"
     if isinstance(module, nn.Conv2d):
         return "conv2d"

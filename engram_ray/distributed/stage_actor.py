@@ -1,7 +1,8 @@
 """The stage actor: one contiguous slice of the model, and the Σ accumulators of its modules.
 
-Each actor loads only its slice's weights (``models.load_stage``: torch and safetensors, plus
-transformers' model classes for an HF model, never its tokenizers) in a thread of its own, so
+Each actor loads only its slice's weights (``models.load_stage``: torch and safetensors; the
+common HF decoders run as pure-torch modules, ``models/native.py``, so the actor never imports
+transformers for them, nor ever its tokenizers) in a thread of its own, so
 that stage 0 already pulls its first rows (which starts Ray Data's executor) while it loads; it
 hooks the selected modules
 inside it with the same :class:`~engram_ray.core.capture.Capture` the single-process engine
@@ -69,7 +70,8 @@ class StageActor:
         self.wire_bytes = self.reduce_bytes = 0  # received: hidden states; partial Σ
         self.feed = FeedCounters()
         self.reducing: dict[str, SigmaBlocks] = {}
-        # The slice loads in a thread (2-3 s of it importing transformers' model classes), so
+        # The slice loads in a thread (building it, reading its tensors; 2-3 s more when it must
+        # import transformers' model classes for an architecture native.py does not cover), so
         # that ``consume`` can start pulling the split at once: Ray Data's executor starts
         # only when a consumer first iterates, and its read and encode workers then start
         # side by side with the load instead of after it. Every method that needs the slice

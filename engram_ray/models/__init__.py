@@ -11,13 +11,15 @@
 - :mod:`~engram_ray.models.base`: :class:`Stage`, the row type ``Family`` and the one
   ``DecoderStage`` every decoder family runs on; :mod:`~engram_ray.models.sequential`: the
   ``nn.Sequential`` and whole-model stages;
+- :mod:`~engram_ray.models.native`: the llama/mistral/qwen2/qwen3 and GPT-2 forward in plain
+  torch, built from ``config.json``, so a stage runs them without importing transformers;
 - :mod:`~engram_ray.models.weights`: :class:`~engram_ray.models.weights.WeightFiles`,
   key-selective safetensors reads;
 - :mod:`~engram_ray.models.tiny`: tiny HF models for tests and demos.
 
 Imports run one way, base → sequential → registry → stages (loading and weights beside them),
 so no module imports one that imports it back. transformers is imported only where an HF model
-is built or run.
+is built or run whole, or for a stage of an architecture native does not cover.
 """
 
 from engram_ray.models.loading import ModelSpec, load_model, load_tokenizer

@@ -21,6 +21,9 @@ This module only dispatches through the table: it holds no per-family code.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from typing import Any
 
 import torch
@@ -35,9 +38,11 @@ from engram_ray.models.loading import (
     call_factory,
     load_model,
     load_model_config,
+    model_dir,
     open_weights,
     tied_aliases,
 )
+from engram_ray.models.native import NativeDecoderStage, native_model
 from engram_ray.models.registry import FAMILIES, TABLE, family_of
 from engram_ray.models.weights import materialize
 
@@ -126,7 +131,10 @@ def load_stage(
     The full model is built with meta-device parameters (no memory), the stage keeps its slice,
     and :func:`~engram_ray.models.weights.materialize` reads exactly the tensors that slice
     holds (a tied ``lm_head`` from the input embedding's key) straight onto ``device``; shards
-    holding none of them are never opened (nor downloaded). ``dtype`` None keeps the
+    holding none of them are never opened (nor downloaded). An HF directory whose
+    architecture :mod:`~engram_ray.models.native` covers is built in plain torch from its
+    ``config.json`` (no transformers import; ``ENGRAM_RAY_NATIVE=0`` turns this off), any other
+    through transformers. ``dtype`` None keeps the
     checkpoint's dtype (the config's, as transformers 5's ``"auto"``). Models of the
     ``"single"`` family load whole (``n_stages`` must be 1). Returns the stage in eval mode.
     """
@@ -134,8 +142,12 @@ def load_stage(
     if not 0 <= index < n_stages:
         raise ValueError(f"stage index {index} out of range for {n_stages} stage(s)")
     dtype = as_dtype(dtype)
-    skeleton = build_empty(spec, storage_options, dtype)
-    row = family_of(skeleton)
+    skeleton = _native_skeleton(spec, storage_options, dtype)
+    if skeleton is not None:
+        row = dataclasses.replace(family_of(skeleton.config), stage=NativeDecoderStage)
+    else:
+        skeleton = build_empty(spec, storage_options, dtype)
+        row = family_of(skeleton)
     if not row.splittable:
         _make_stage(skeleton, row, index, n_stages)  # raises unless n_stages == 1
         model = load_model(spec, storage_options, dtype).to(device)
@@ -158,3 +170,14 @@ def load_stage(
     )
     stage.loaded_keys = frozenset(read)
     return stage.eval()
+
+
+def _native_skeleton(spec: ModelSpec, storage_options: StorageOptions | None,
+                     dtype: torch.dtype | None) -> nn.Module | None:
+    """The pure-torch skeleton of an HF directory's model, or None (use transformers)."""
+    if spec.path is None or os.environ.get("ENGRAM_RAY_NATIVE", "1") == "0":
+        return None
+    local = model_dir(spec.path, storage_options, weights=False)
+    with open(os.path.join(local, "config.json")) as f:
+        config = json.load(f)
+    return native_model(config, dtype) if isinstance(config, dict) else None
