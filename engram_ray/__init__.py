@@ -9,21 +9,31 @@ This namespace is what a user calls; everything else stays importable from its o
 for Ray).
 """
 
-from engram_ray.config import (
-    DataConfig,
-    ExtractConfig,
-    ModelSpec,
-    ParallelConfig,
-    SelectConfig,
-    SolverConfig,
-    StoreConfig,
-    load_config,
-)
-from engram_ray.core.batch import Batch
-from engram_ray.core.edit import EditPlan, apply_edit, plan_edit
-from engram_ray.io.store import Run, open_run
-from engram_ray.local import extract
-from engram_ray.runinfo import VERSION as __version__
+import importlib
+
+# Where each public name lives. Imported on first use (PEP 562), because every Ray worker that
+# unpickles anything of this package imports the package first: a read or encode task, or Ray
+# Data's coordinator unpickling the dataset, would otherwise import torch (~2 s of CPU each) for
+# work that needs only pyarrow and a tokenizer.
+_LAZY = {
+    "DataConfig": "engram_ray.config",
+    "ExtractConfig": "engram_ray.config",
+    "ModelSpec": "engram_ray.config",
+    "ParallelConfig": "engram_ray.config",
+    "SelectConfig": "engram_ray.config",
+    "SolverConfig": "engram_ray.config",
+    "StoreConfig": "engram_ray.config",
+    "load_config": "engram_ray.config",
+    "Batch": "engram_ray.core.batch",
+    "EditPlan": "engram_ray.core.edit",
+    "apply_edit": "engram_ray.core.edit",
+    "plan_edit": "engram_ray.core.edit",
+    "Run": "engram_ray.io.store",
+    "open_run": "engram_ray.io.store",
+    "extract": "engram_ray.local",
+}
+
+__version__ = "0.1.0"
 
 __all__ = [
     "Batch",
@@ -43,3 +53,15 @@ __all__ = [
     "open_run",
     "plan_edit",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'engram_ray' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

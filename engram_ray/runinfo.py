@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from engram_ray import __version__
 from engram_ray.config import SolverConfig
 from engram_ray.core.moments import ModuleInfo
 
@@ -29,7 +30,7 @@ __all__ = [
     "run_metadata",
 ]
 
-VERSION = "0.1.0"  # engram_ray.__version__ (kept here so run metadata needs no package import)
+VERSION = __version__  # the package's, as run metadata records it
 
 
 def new_run_id() -> str:

@@ -226,3 +226,16 @@ def test_run_json_reports_threads_startup_feed_and_reduction(ray_cluster, tiny_l
     reduce = info["reduce"]
     assert info["parallel"]["reduce_rounds"] == 1 and reduce["bytes_moved"] > 0
     assert 0 <= reduce["share_of_solve"] and reduce["solve_phase_s"] > 0
+
+
+def test_ingest_workers_import_no_torch():
+    """A read or encode task, and Ray Data's coordinator unpickling the dataset, import the
+    package and the ingest module: neither pulls in torch (~2 s per process) or transformers;
+    the package's public names still resolve (on first use)."""
+    mods = _imports_after("import engram_ray.distributed.ingest\n"
+                          "from engram_ray.io.data import encode_rows, read_table\n")
+    assert not {m for m in mods if m.split(".")[0] in ("torch", "transformers")}
+    mods = _imports_after("import engram_ray\nassert engram_ray.extract and engram_ray.Batch\n"
+                          "from engram_ray.runinfo import VERSION\n"
+                          "assert VERSION == engram_ray.__version__\n")
+    assert "torch" in mods  # resolved lazily, on use

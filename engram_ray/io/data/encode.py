@@ -5,7 +5,8 @@ one, so both must turn a data row into exactly the same tokens and the same toke
 :func:`encode_rows` is that one per-row encoding; the single-process path calls it from
 :func:`iter_batches`, Ray Data calls it inside ``map_batches``
 (:mod:`engram_ray.distributed.ingest`). This module is pure pyarrow + tokenizer: it never
-imports ``ray``.
+imports ``ray``, and torch only in :func:`collate` (a read or encode worker that imports this
+module for :func:`encode_rows` is spared torch's ~2 s import).
 
 Input rows carry a concept label (``concept_column``; null or ``""`` → ``None``, a
 reference-only row) and exactly one of:
@@ -32,15 +33,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from engram_ray.config import DataConfig
-from engram_ray.core.batch import Batch
 from engram_ray.io.data.files import DataError, read_table, resolve_paths
+
+if TYPE_CHECKING:
+    from engram_ray.core.batch import Batch
 
 __all__ = [
     "ENCODED_COLUMNS",
@@ -240,6 +242,10 @@ def collate(encoded, pad_id: int = 0) -> Batch:
     "attention_mask"}`` (``long``, ``(B, T)``) and ``mask`` (``bool``, ``(B, T)``); feature rows
     give ``inputs`` = ``float32`` ``(B, D)`` and ``mask=None``.
     """
+    import torch  # here, not at import: the read and encode workers never build a Batch
+
+    from engram_ray.core.batch import Batch
+
     cols = _as_columns(encoded)
     concepts = [None if c is None or c == "" else str(c) for c in cols["concept"]]
     if "features" in cols:
