@@ -35,13 +35,14 @@ VARIANTS = {
 }
 
 
-def cli_run(config: str, extra: list[str], run_id: str) -> dict:
-    """One ``engram-ray extract`` in a subprocess: wall seconds and the run's ``run.json``."""
+def cli_run(config: str, extra: list[str], run_id: str, cwd: str | None = None) -> dict:
+    """One ``engram-ray extract`` in a subprocess: wall seconds and the run's ``run.json``.
+    ``cwd``: where it runs; ``python -m`` imports the package from there first."""
     env = {**os.environ, "RAY_ADDRESS": "local", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "engram_ray.cli", "extract", config, *extra,
            "--set", f"store.run_id={run_id}"]
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip().splitlines()[-1:]}")
