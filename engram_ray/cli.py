@@ -193,6 +193,24 @@ def cmd_tick(args) -> str:
     return result.run or ""
 
 
+def cmd_gc(args) -> str:
+    """Delete (``--delete``; default: only list) the committed runs of a store that newer
+    committed runs extend, beyond the newest ``--keep`` of each lineage (``retention.py``);
+    returns the decision as one JSON line."""
+    from engram_ray.retention import gc
+
+    result = gc(args.store, args.keep, delete=args.delete, queues=args.queue or (),
+                storage_options=_storage(args.storage_option))
+    verb = "would delete" if result.dry_run else "deleted"
+    for uri in result.delete:
+        print(f"{verb} {uri}", file=sys.stderr)
+    for uri, why in result.skipped.items():
+        print(f"skipped {uri}: {why}", file=sys.stderr)
+    if result.dry_run and result.delete:
+        print("[engram-ray] dry run: nothing deleted (--delete deletes)", file=sys.stderr)
+    return result.to_json()
+
+
 class BatchFailed(RuntimeError):
     """Some requests of a batch failed (each is recorded in the summary)."""
 
@@ -327,6 +345,21 @@ def _add_tick(sub) -> None:
     t.set_defaults(fn=cmd_tick)
 
 
+def _add_gc(sub) -> None:
+    g = sub.add_parser("gc", help="delete superseded runs of a store (dry run unless "
+                                  "--delete)")
+    g.add_argument("store", help="a store URI (the store.uri of extractions)")
+    g.add_argument("--keep", type=int, required=True, metavar="N",
+                   help="keep the newest N runs of each lineage (N ≥ 1); older runs that a "
+                        "newer committed run extends are deleted")
+    g.add_argument("--delete", action="store_true",
+                   help="delete (default: a dry run that only lists what would go)")
+    g.add_argument("--queue", action="append", metavar="QUEUE",
+                   help="never delete the run this queue's next tick extends (repeatable)")
+    g.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    g.set_defaults(fn=cmd_gc)
+
+
 def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="class-wise unlearning on scikit-learn's digits, end to end")
     d.add_argument("--pipeline", default="digits", metavar="NAME",
@@ -358,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"engram-ray {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_extract, _add_apply, _add_show, _add_list, _add_batch, _add_tick,
-                _add_demo, _add_eval):
+                _add_gc, _add_demo, _add_eval):
         add(sub)
     return p
 
