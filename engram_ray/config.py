@@ -9,7 +9,7 @@
                low_rank}
     solver:   {rtol, condition_cap, rank_fraction, ridge}
     parallel: {stages, replicas, address, num_cpus, num_gpus, max_in_flight, placement,
-               encode_num_cpus, encode_concurrency, solver_num_cpus, solver_num_gpus, dtype}
+               encode_num_cpus, encode_concurrency, solver_num_cpus, solver_num_gpus, dtype, device}
     store:    {uri, run_id, storage_options, overwrite, keep_statistics, extend,
                checkpoint_shards, lease_timeout_s, break_lease}
 
@@ -325,6 +325,10 @@ class ParallelConfig:
     solver_num_cpus: float = 1.0
     solver_num_gpus: float = 0.0
     dtype: str | None = None  # e.g. "bfloat16" for the stage weights; Σ stays fp32→fp64
+    # Where the model (or each stage's slice) and its Σ live: auto (CUDA when num_gpus > 0 and
+    # a GPU is visible; on Ray, when Ray gave the actor one), cpu, cuda or cuda:N
+    # (engram_ray/devices.py). On a GPU with slow float64, see select.gram_dtype.
+    device: str = "auto"
     # CPUs an autoscaler may still add (e.g. KubeRay maxReplicas × worker CPUs): counted by the
     # schedulability check made before any actor starts (distributed/resources.py).
     autoscale_max_cpus: float = 0.0
@@ -350,6 +354,10 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{key} must be ≥ 0")
         if self.placement not in ("spread", "pack"):
             raise ConfigError(f"parallel.placement must be 'spread' or 'pack', got {self.placement!r}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?",
+                                                                  self.device):
+            raise ConfigError(f"parallel.device must be auto, cpu, cuda or cuda:N, "
+                              f"got {self.device!r}")
 
 
 @dataclass(kw_only=True)

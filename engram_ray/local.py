@@ -27,7 +27,7 @@ from engram_ray.core.capture import Capture
 from engram_ray.core.layers import weight_matrix
 from engram_ray.core.moments import Statistics
 from engram_ray.core.select import select_modules
-from engram_ray.core.solve import solve_group
+from engram_ray.devices import batch_to, module_device, resolve_device
 from engram_ray.extraction import (
     GroupCheckpoint,
     GroupSolve,
@@ -37,9 +37,10 @@ from engram_ray.extraction import (
     prepare,
     run_extraction,
 )
-from engram_ray.io.store import Run, RunWriter, open_run
+from engram_ray.io.store import Run, RunWriter
 from engram_ray.progress import Progress
 from engram_ray.runinfo import model_fingerprint
+from engram_ray.runs import open_run
 
 __all__ = ["LocalExecutor", "extract", "extract_from_config", "solve_statistics"]
 
@@ -60,8 +61,9 @@ class LocalExecutor:
         self.capture = Capture(modules, plan.select)
 
     def accumulate(self, plan: Plan, files: list[str]) -> None:
+        device = module_device(self.model)  # batches follow the model (CPU or a GPU)
         for batch in self.batches_for(files):
-            self.capture.accumulate(self.model, batch)
+            self.capture.accumulate(self.model, batch_to(batch, device))
             self.rows += batch.batch_size
             if self.progress is not None:
                 mask = batch.token_mask()
@@ -114,6 +116,9 @@ def extract(
 ) -> Run:
     """Accumulate Σ over ``batches``, solve every engram, commit a run at ``uri``, open it.
 
+    Σ is accumulated and solved on ``model``'s device (a model on CUDA: batches are moved
+    there, Σ stays there, float64, until the solve); only the engrams come back to the host.
+
     ``select`` picks the modules (``select_fields`` are a shorthand for SelectConfig's own,
     e.g. ``target_modules=["q_proj"]``, ``low_rank=False``). ``keep_statistics`` also stores
     Σ in the run (:meth:`Run.statistics`), tagged with ``sources`` (e.g. the shard paths
@@ -135,14 +140,15 @@ def extract(
     once = iter([batches])
     executor = LocalExecutor(model, lambda files: next(once), progress)
     run_extraction(plan, executor, log=io.StringIO())  # the Python API reports by returning
-    return open_run(plan.uri, storage_options)
+    return open_run(plan.uri, storage_options, model=model)  # bound to the module given
 
 
 def extract_from_config(cfg: ExtractConfig, *, progress=None, log: TextIO | None = None) -> Run:
     """The single-process path for an :class:`~engram_ray.config.ExtractConfig` (no Ray).
 
     Same plan, readers, tokenization, selection and solver as the Ray executor: this is the
-    oracle its tests compare against, and the fallback for one-machine jobs.
+    oracle its tests compare against, and the fallback for one-machine jobs. The model goes
+    to ``parallel.device`` (``auto``: a GPU when ``parallel.num_gpus > 0`` and one is visible).
     """
     from engram_ray.io.data import iter_batches
     from engram_ray.models.loading import load_model, load_tokenizer
@@ -152,7 +158,8 @@ def extract_from_config(cfg: ExtractConfig, *, progress=None, log: TextIO | None
                          "engine (--local) does not checkpoint: unset it or drop --local")
     plan = prepare(cfg, log)
     storage = cfg.data.storage_options or cfg.store.storage_options
-    model = load_model(cfg.model, storage, dtype=cfg.parallel.dtype)
+    device = resolve_device(cfg.parallel.device, cfg.parallel.num_gpus)
+    model = load_model(cfg.model, storage, dtype=cfg.parallel.dtype).to(device)
     tokenizer = None if cfg.data.features_column else load_tokenizer(cfg.model, storage)
     if progress is None:  # the CLI's progress lines (rows, rates, ETA), as the Ray path prints
         progress = _progress_lines(plan, cfg.parallel.progress_interval_s, log)
@@ -186,7 +193,8 @@ def solve_statistics(stats: Statistics, weights: Mapping, writer: RunWriter,
     input group largest D first; returns the manifest rows for ``writer.commit``."""
     rows: list[dict] = []
     for group in sorted(stats.groups, key=lambda g: (-stats.groups[g].dim, g)):
-        records = solve_group(stats.groups[group], stats.members(group), weights,
-                              solver or SolverConfig())
-        rows += writer.write_records(stats.modules, records)
+        moments, members = stats.groups[group], stats.members(group)
+        step = GroupSolve(writer.staging_uri, writer.storage_options, solver or SolverConfig(),
+                          keep_statistics=False, base=None, sources=tuple(moments.sources))
+        rows += step(moments, members, {i.name: weights[i.name] for i in members})
     return rows

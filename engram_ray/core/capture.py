@@ -68,6 +68,7 @@ class Capture:
         self._ctx: tuple[torch.Tensor | None, torch.Tensor, list[str]] | None = None
         self._seen: dict[tuple, tuple[weakref.ref, str]] = {}
         self._layouts: dict[tuple, tuple] = {}
+        self._sums: list[tuple[str, torch.Tensor]] = []  # CUDA: finiteness checked per batch
         self._handles = [
             m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()
         ]
@@ -95,12 +96,25 @@ class Capture:
         self._ctx = (mask, index, names)
         self._seen = {}
         self._layouts = {}
+        self._sums = []
         try:
             yield
+            self._check_sums()
         finally:
             self._ctx = None
             self._seen = {}
             self._layouts = {}
+            self._sums = []
+
+    def _check_sums(self) -> None:
+        """The batch's deferred finiteness checks (CUDA): one wait for the GPU per batch; a
+        failure names the first module, in hook order, whose input was not finite."""
+        if not self._sums:
+            return
+        ok = torch.isfinite(torch.stack([s for _, s in self._sums])).tolist()
+        for (name, _), fine in zip(self._sums, ok):
+            if not fine:
+                raise ValueError(f"non-finite activations entering module {name!r}")
 
     def accumulate(self, model: nn.Module, batch: Batch):
         """One forward of ``model`` on ``batch`` under ``torch.no_grad``; returns its output."""
@@ -149,12 +163,16 @@ class Capture:
         mask, index, names = self._ctx
         feats = _features(module, self.kinds[name], x.detach())  # (B, T', D)
         b, t, d = feats.shape
-        keep, concept, parts = self._layout(name, b, t, feats.device)
+        keep, concept, parts, unlabelled = self._layout(name, b, t, feats.device)
         rows = feats.reshape(b * t, d)
         rows = rows if keep is None else rows[keep]  # (n, D)
         # One float64 reduction instead of an elementwise test: a NaN or ±inf anywhere makes the
-        # sum non-finite, and float32 values cannot overflow a float64 sum.
-        if not math.isfinite(rows.sum(dtype=torch.float64)):
+        # sum non-finite, and float32 values cannot overflow a float64 sum. On CUDA reading the
+        # sum would wait for the GPU at every module: the sums are checked once per batch.
+        total = rows.sum(dtype=torch.float64)
+        if total.is_cuda:
+            self._sums.append((name, total))
+        elif not math.isfinite(total):
             raise ValueError(f"non-finite activations entering module {name!r}")
         if self.absorb_bias and module.bias is not None:
             rows = torch.cat([rows.float(), rows.new_ones(rows.shape[0], 1, dtype=torch.float32)], 1)
@@ -162,13 +180,14 @@ class Capture:
         if mom is None:
             mom = self.groups[group] = Moments.zeros(
                 rows.shape[1], device=rows.device, max_rows=None if self.low_rank else 0)
-        mom.add(rows, concept, names, self.gram_dtype, parts=parts)
+        mom.add(rows, concept, names, self.gram_dtype, parts=parts, unlabelled=unlabelled)
         for c in names:  # a labelled concept whose tokens were all masked shows up with 0
             mom.counts.setdefault(c, 0)
 
     def _layout(self, name: str, b: int, t: int, device):
-        """(kept flat positions or None, concept per kept token, its partition) for a (b, t)
-        input: computed once per batch and shape, shared by every hooked module."""
+        """(kept flat positions or None, concept per kept token, its partition, the positions
+        of unlabelled kept tokens) for a (b, t) input: computed once per batch and shape,
+        shared by every hooked module."""
         key = (b, t, str(device))
         hit = self._layouts.get(key)
         if hit is not None:
@@ -184,7 +203,8 @@ class Capture:
                 )
             keep = mask.to(device).reshape(-1).nonzero().squeeze(1)
             concept = concept[keep]
-        hit = self._layouts[key] = (keep, concept, partition(concept))
+        unlabelled = (concept < 0).nonzero().squeeze(1)
+        hit = self._layouts[key] = (keep, concept, partition(concept), unlabelled)
         return hit
 
     def module_infos(self) -> dict[str, ModuleInfo]:

@@ -123,14 +123,16 @@ class Moments:
         gram_dtype: torch.dtype = torch.float64,
         *,
         parts: Sequence[tuple[int, torch.Tensor]] | None = None,
+        unlabelled: torch.Tensor | None = None,
     ) -> None:
         """Add token features ``x`` (n, D) whose concept is ``names[concept_index[t]]`` (−1 = none).
 
         ``parts`` (optional) is :func:`partition` of ``concept_index``, computed once per batch
-        by a caller that feeds many groups. Each token's outer product is formed once: the Gram
-        blocks of large concepts are summed into Σ_total, and every other token (reference
-        rows, small concepts kept as rows) goes into Σ_total in one Gram, so one pass for every
-        concept costs one Gram of all tokens.
+        by a caller that feeds many groups, and ``unlabelled`` the positions of index −1 (on
+        CUDA each ``nonzero`` waits for the GPU, so a caller computes them once). Each token's
+        outer product is formed once: the Gram blocks of large concepts are summed into
+        Σ_total, and every other token (reference rows, small concepts kept as rows) goes into
+        Σ_total in one Gram, so one pass for every concept costs one Gram of all tokens.
 
         ``gram_dtype=float64`` (default): the products of float32 activations are exact in
         float64 and their sums lose nothing measurable, so Σ does not depend on how rows were
@@ -142,8 +144,12 @@ class Moments:
         if x.shape[-1] != self.dim:
             raise ValueError(f"feature width {x.shape[-1]} does not match Σ dim {self.dim}")
         x = x.float()  # (n, D); exact for bf16/fp16 inputs
-        gram_rows = []  # indices of tokens whose Gram went into a concept block (and Σ_total)
-        for k, idx in partition(concept_index) if parts is None else parts:
+        if parts is None:
+            parts = partition(concept_index)
+        # Tokens whose Gram did not go into a concept block: unlabelled ones and those of
+        # concepts kept as rows. Gathered by index (sizes known on the host: no GPU sync).
+        rest = []
+        for k, idx in parts:
             name = names[k]
             rows = x[idx]  # (n_k, D)
             n = self.counts.get(name, 0) + rows.shape[0]
@@ -151,20 +157,22 @@ class Moments:
             if name not in self.concepts and n <= self.max_rows:
                 old = self.rows.get(name)
                 self.rows[name] = rows if old is None else torch.cat([old, rows])
+                rest.append(idx)
                 continue
             gram = _gram(rows, gram_dtype)
             self.total += gram
-            gram_rows.append(idx)
             if name in self.rows:  # crossed max_rows: fold the kept rows (already in Σ_total)
                 gram = gram + _gram(self.rows.pop(name), gram_dtype)
             self.concepts[name] = self.concepts[name] + gram if name in self.concepts else gram
-        if not gram_rows:
+        if len(rest) == len(parts):  # no concept block took a token: one Gram of all
             self.total += _gram(x, gram_dtype)
         else:
-            rest = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-            rest[torch.cat(gram_rows)] = False
-            if rest.any():
-                self.total += _gram(x[rest], gram_dtype)
+            labelled = sum(int(idx.shape[0]) for _, idx in parts)
+            if labelled < x.shape[0]:  # unlabelled tokens (concept index −1)
+                rest.append((concept_index < 0).nonzero().squeeze(1) if unlabelled is None
+                            else unlabelled)
+            if rest:  # in ascending order: the same rows, in the same order, as a bool mask
+                self.total += _gram(x[torch.cat(rest).sort().values], gram_dtype)
         self.n_total += x.shape[0]
 
     def merge(self, other: Moments) -> Moments:
@@ -283,9 +291,19 @@ def partition(concept_index: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 
 
 def _gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``xᵀx`` formed in ``dtype`` and returned as float64."""
+    """``xᵀx`` formed in ``dtype`` and returned as float64.
+
+    On CUDA with TF32 off (:func:`engram_ray.devices.no_tf32`): a float32 Gram is then IEEE
+    float32 whatever precision the process chose for its other matmuls (TF32 would cost ~1e-3
+    relative); float64 is never TF32, the guard costs a flag flip.
+    """
     x = x.to(dtype)
-    return (x.T @ x).double()
+    if not x.is_cuda:
+        return (x.T @ x).double()
+    from engram_ray.devices import no_tf32
+
+    with no_tf32():
+        return (x.T @ x).double()
 
 
 def _read_metadata(blob: bytes, _safe_open) -> dict[str, str]:

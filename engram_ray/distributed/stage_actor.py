@@ -34,6 +34,7 @@ from engram_ray.core.capture import Capture
 from engram_ray.core.layers import weight_matrix
 from engram_ray.core.moments import ModuleInfo
 from engram_ray.core.select import select_modules
+from engram_ray.devices import resolve_device
 from engram_ray.distributed.cluster import normal_priority
 from engram_ray.distributed.feed import FeedCounters, feed
 from engram_ray.distributed.reduce import SigmaBlocks
@@ -51,20 +52,30 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def _gpus() -> int:
+    """GPUs Ray gave this worker (0 outside a Ray worker)."""
+    try:
+        return len(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - not in a worker: no GPUs given
+        return 0
+
+
 @ray.remote(concurrency_groups={"status": 1})
 class StageActor:
     """Stage ``index`` of ``n_stages`` in replica ``replica``."""
 
     def __init__(self, model: ModelSpec, index: int, n_stages: int, replica: int,
                  select: SelectConfig, *, dtype: str | None = None,
-                 storage_options: Mapping | None = None, threads: int = 1) -> None:
+                 storage_options: Mapping | None = None, threads: int = 1,
+                 device: str = "auto") -> None:
         self.t_created = time.time()
         self.nice = normal_priority()  # Ray starts workers at niceness 15 (cluster.py)
         self._threads = threads
         self._tuned: set[int] = set()  # compute threads already at normal priority
         torch.set_num_threads(threads)
         self.index, self.n_stages, self.replica = index, n_stages, replica
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # parallel.device "auto": CUDA when Ray gave this actor a GPU (engram_ray/devices.py).
+        self.device = resolve_device(device, _gpus())
         self.rows = self.tokens = self.batches = 0
         self.busy_s = self.reduce_s = 0.0
         self.wire_bytes = self.reduce_bytes = 0  # received: hidden states; partial Σ

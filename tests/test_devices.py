@@ -1,0 +1,183 @@
+"""Device placement and full-precision Gram sums (engram_ray/devices.py, core/moments.py).
+
+CPU tests run everywhere; the ``cuda`` tests need a GPU and are skipped without one. The
+CUDA-against-CPU oracle: the same tiny Llama extracted on both devices, every engram within
+1e-5 relative (float32 activations differ in the last bits between the two; Σ is float64).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engram_ray.config import ConfigError, ParallelConfig
+from engram_ray.core.batch import Batch
+from engram_ray.core.moments import Moments, _gram, partition
+from engram_ray.devices import batch_to, module_device, no_tf32, resolve_device
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_resolve_device_names():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")  # no GPUs asked for: the CPU
+    assert resolve_device("auto", 0.0) == torch.device("cpu")
+    for bad in ("gpu", "cuda:x", "", None, "CPU"):
+        with pytest.raises(ValueError, match="parallel.device must be auto, cpu, cuda"):
+            resolve_device(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answers")
+def test_resolve_device_without_gpu():
+    assert resolve_device("auto", 1.0) == torch.device("cpu")
+    with pytest.raises(ValueError, match="parallel.device is 'cuda' but torch sees no CUDA"):
+        resolve_device("cuda")
+
+
+def test_config_device_key():
+    assert ParallelConfig().device == "auto"
+    assert ParallelConfig(device="cuda:1").device == "cuda:1"
+    with pytest.raises(ConfigError, match="parallel.device must be auto, cpu, cuda or cuda:N"):
+        ParallelConfig(device="gpu0")
+
+
+def test_no_tf32_restores_the_process_setting():
+    matmul = torch.backends.cuda.matmul
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # what training code often sets
+        with no_tf32():
+            if hasattr(matmul, "fp32_precision"):
+                assert matmul.fp32_precision == "ieee"
+            else:
+                assert not matmul.allow_tf32
+        # the legacy getters stay readable (torch ≥ 2.9 raises on a mixed-API state)
+        assert torch.get_float32_matmul_precision() == "high"
+        assert matmul.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_batch_to_and_module_device():
+    b = Batch(inputs={"input_ids": torch.ones(2, 3, dtype=torch.long)}, concepts=["a", None])
+    assert batch_to(b, "cpu") is b
+    assert module_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    assert module_device(torch.nn.Module()) == torch.device("cpu")
+
+
+def _add_oracle(m: Moments, x, index, names, dtype):
+    """Moments.add as written before the index gather (a boolean mask of the rest)."""
+    x = x.float()
+    gram_rows = []
+    for k, idx in partition(index):
+        name = names[k]
+        rows = x[idx]
+        n = m.counts.get(name, 0) + rows.shape[0]
+        m.counts[name] = n
+        if name not in m.concepts and n <= m.max_rows:
+            old = m.rows.get(name)
+            m.rows[name] = rows if old is None else torch.cat([old, rows])
+            continue
+        g = _gram(rows, dtype)
+        m.total += g
+        gram_rows.append(idx)
+        if name in m.rows:
+            g = g + _gram(m.rows.pop(name), dtype)
+        m.concepts[name] = m.concepts[name] + g if name in m.concepts else g
+    if not gram_rows:
+        m.total += _gram(x, dtype)
+    else:
+        rest = torch.ones(x.shape[0], dtype=torch.bool)
+        rest[torch.cat(gram_rows)] = False
+        if rest.any():
+            m.total += _gram(x[rest], dtype)
+    m.n_total += x.shape[0]
+
+
+@pytest.mark.parametrize("gram_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda])])
+def test_add_gathers_the_rest_exactly(gram_dtype, device):
+    """The index gather of the tokens outside concept blocks gives bit for bit the sums of
+    the boolean mask it replaced, over batches that fold rows into blocks, keep rows, and
+    have unlabelled tokens or none; and Σ_total equals xᵀx over all tokens (float64)."""
+    g = torch.Generator().manual_seed(0)
+    names = ["a", "b", "c"]
+    ours = Moments.zeros(8, device=device, max_rows=6)
+    ref = Moments.zeros(8, max_rows=6)
+    seen = []
+    for n, labels in [(7, [0, 0, 1, -1, 2, -1, 0]), (5, [1, 1, 1, 1, 2]),
+                      (6, [-1, -1, -1, -1, -1, -1]), (9, [0, 2, 2, 2, 2, 2, 1, -1, 0]),
+                      (4, [2, 2, 0, 1]), (3, [2, 2, 2])]:
+        x = torch.randn(n, 8, generator=g)
+        index = torch.tensor(labels)
+        given = (index < 0).nonzero().squeeze(1)
+        ours.add(x.to(device), index.to(device), names, gram_dtype,
+                 parts=[(k, i.to(device)) for k, i in partition(index)],
+                 unlabelled=given.to(device) if n % 2 else None)
+        _add_oracle(ref, x, index, names, gram_dtype)
+        seen.append(x)
+    tol = {} if device == "cpu" else {"rtol": 1e-12, "atol": 1e-10}
+    same = torch.equal if device == "cpu" else (lambda a, b: torch.allclose(a, b, **tol))
+    assert same(ours.total.cpu(), ref.total)
+    assert ours.counts == ref.counts and ours.n_total == ref.n_total
+    assert sorted(ours.concepts) == sorted(ref.concepts) and sorted(ours.rows) == sorted(ref.rows)
+    for c in ref.concepts:
+        assert same(ours.concepts[c].cpu(), ref.concepts[c])
+    for c in ref.rows:
+        assert torch.equal(ours.rows[c].cpu(), ref.rows[c])
+    if gram_dtype == torch.float64:
+        x = torch.cat(seen).double()
+        torch.testing.assert_close(ours.total.cpu(), x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@cuda
+def test_float32_gram_is_ieee_on_cuda_even_with_tf32_on():
+    before = torch.get_float32_matmul_precision()
+    x = torch.randn(4096, 512, device="cuda")
+    exact = (x.double().T @ x.double())
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 for the process's own matmuls
+        got = _gram(x, torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    rel = ((got - exact).norm() / exact.norm()).item()
+    assert rel < 1e-5, rel  # TF32 (10-bit mantissa) is ~1e-3 here
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_capture_flags_non_finite_input():
+    from engram_ray.core.capture import Capture
+
+    lin = torch.nn.Linear(4, 3).cuda()
+    with Capture({"lin": lin}) as cap, pytest.raises(ValueError, match="entering module 'lin'"):
+        x = torch.randn(2, 4, device="cuda")
+        x[1, 2] = float("nan")
+        cap.accumulate(lin, Batch(inputs=x, concepts=["a", "b"]))
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_engrams_equal_cpu_engrams(tmp_path):
+    from engram_ray.local import extract
+    from engram_ray.models.tiny import tiny_llama
+
+    model = tiny_llama(vocab_size=64, hidden=32, layers=2).float()
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(6):
+        ids = torch.randint(3, 64, (4, 12), generator=g)
+        mask = torch.zeros(4, 12, dtype=torch.bool)
+        mask[:, 5:] = True
+        batches.append(Batch(inputs={"input_ids": ids}, concepts=["a", "b", None, "c"][: 4],
+                             mask=mask))
+    cpu_run = extract(model, batches, uri=str(tmp_path / "cpu"))
+    gpu_run = extract(model.cuda(), batches, uri=str(tmp_path / "gpu"))
+    assert module_device(model).type == "cuda"
+    worst = 0.0
+    for c in cpu_run.concepts:
+        for m in cpu_run.modules:
+            a, b = cpu_run.engram(c, m), gpu_run.engram(c, m)
+            worst = max(worst, ((a - b).norm() / a.norm().clamp_min(1e-30)).item())
+    assert worst <= 1e-5, worst
