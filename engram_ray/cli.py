@@ -141,13 +141,17 @@ def cmd_show(args) -> str:
 
 def cmd_list(args) -> str:
     """The committed runs of a store, oldest first (``--json``: one JSON list); returns the
-    store URI (or the JSON)."""
+    store URI (or the JSON). A run that fails its checks is listed last, marked ``BAD`` with
+    its reason (``error`` in the JSON); the good runs are listed all the same."""
     from engram_ray.io.catalog import list_runs
 
     runs = list_runs(args.store, _storage(args.storage_option))
     if args.json:
         return json.dumps(runs, sort_keys=True)
     for r in runs:
+        if r["error"]:
+            print(f"{r['run_id']}  BAD: {r['error']}  {r['uri']}", file=sys.stderr)
+            continue
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["committed_at"] or 0))
         print(f"{r['run_id']}  {when}  {len(r['concepts'])} concepts  {r['modules']} modules  "
               f"model {str(r['model_fingerprint'])[:12]}  {r['uri']}", file=sys.stderr)
@@ -249,6 +253,52 @@ def cmd_eval(args) -> str:
         split_paths=(args.forget_set, args.retain_set, args.holdout_set),
         forget=_concepts(args.forget, args.forget_file), alphas=_csv(args.alphas, float), scale=args.scale,
         out=args.out,
+    )
+
+
+def _retain_logs(items: list[str] | None, splits: list[str]) -> dict[str, str]:
+    """``--retain-logs SPLIT=PATH`` (one per split), or a bare PATH with a single ``--split``."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        split, eq, path = item.partition("=")
+        if not eq or "/" in split or not split.startswith("forget"):
+            if len(splits) != 1:
+                raise ValueError(f"--retain-logs {item}: with several --split give SPLIT=PATH")
+            split, path = splits[0], item
+        if split in out:
+            raise ValueError(f"--retain-logs: {split} given twice")
+        out[split] = path
+    return out
+
+
+def cmd_tofu(args) -> str:
+    """TOFU end to end in OpenUnlearning's format (``pipelines/tofu.py``); returns the report."""
+    from pipelines.tofu import run_tofu
+
+    splits = args.split or ["forget10"]
+    template_args = None
+    if args.template_args:
+        text = args.template_args
+        if not text.lstrip().startswith("{"):
+            import yaml
+
+            from engram_ray.io.storage import Storage
+
+            text = Storage(text, _storage(args.storage_option)).read_bytes().decode()
+            template_args = yaml.safe_load(text)
+        else:
+            template_args = json.loads(text)
+        if isinstance(template_args, dict) and isinstance(template_args.get("template_args"), dict):
+            template_args = template_args["template_args"]  # an OpenUnlearning model config
+        if not isinstance(template_args, dict):
+            raise ValueError(f"--template-args {args.template_args}: expected a mapping")
+    return run_tofu(
+        args.data, args.model, args.out, splits=splits, alphas=args.alpha or [1.0],
+        retain_logs=_retain_logs(args.retain_logs, splits), template_args=template_args,
+        local=args.local, overrides=args.set or [], storage_options=_storage(args.storage_option),
+        eval_only=args.eval_only, keep_models=args.keep_models, scale=args.scale,
+        max_length=args.max_length, batch_size=args.batch_size, gen_margin=args.gen_margin,
+        device=args.device, dtype=args.dtype,
     )
 
 
@@ -385,13 +435,46 @@ def _add_eval(sub) -> None:
     v.set_defaults(fn=cmd_eval)
 
 
+def _add_tofu(sub) -> None:
+    t = sub.add_parser("tofu", help="TOFU end to end: extract, edit, evaluate in "
+                                    "OpenUnlearning's TOFU_EVAL.json / TOFU_SUMMARY.json")
+    t.add_argument("--data", required=True, help="directory (or s3:// prefix) of TOFU's files")
+    t.add_argument("--model", required=True, help="HF checkpoint directory or s3:// URI")
+    t.add_argument("--split", action="append", metavar="forgetXX",
+                   help="forget split, repeatable (default forget10)")
+    t.add_argument("--alpha", action="append", type=float,
+                   help="edit strength, repeatable: an α sweep (default 1.0)")
+    t.add_argument("--retain-logs", action="append", metavar="[SPLIT=]PATH",
+                   help="the retain model's TOFU_EVAL.json for a split (forget quality)")
+    t.add_argument("--out", required=True, help="output directory (new or empty)")
+    t.add_argument("--template-args", default=None,
+                   help="OpenUnlearning template_args: JSON, or a YAML/JSON file (a model "
+                        "config with a template_args key is accepted)")
+    t.add_argument("--eval-only", action="store_true",
+                   help="evaluate --model as it is (e.g. to write a retain model's log)")
+    t.add_argument("--local", action="store_true",
+                   help="extract in this process instead of on Ray")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an extraction config key, e.g. --set parallel.stages=2")
+    t.add_argument("--scale", default="uniform")
+    t.add_argument("--keep-models", action="store_true", help="keep the edited checkpoints")
+    t.add_argument("--max-length", type=int, default=512)
+    t.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    t.add_argument("--gen-margin", type=int, default=32,
+                   help="greedy answers get |answer| + this many new tokens (ROUGE)")
+    t.add_argument("--device", default=None, help="evaluation device (default cuda if any)")
+    t.add_argument("--dtype", default="float32", help="evaluation dtype")
+    t.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    t.set_defaults(fn=cmd_tofu)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``engram-ray`` parser: one subparser per subcommand, each bound to its ``cmd_*``."""
     p = argparse.ArgumentParser(prog="engram-ray", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"engram-ray {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_extract, _add_apply, _add_show, _add_list, _add_batch, _add_tick,
-                _add_gc, _add_demo, _add_eval):
+                _add_gc, _add_demo, _add_eval, _add_tofu):
         add(sub)
     return p
 
@@ -438,7 +521,8 @@ def _unwrap(exc: BaseException) -> BaseException:
     return unwrap(exc)
 
 
-def run(argv: list[str] | None = None) -> NoReturn:
+def run(argv: list[str] | None = None,
+        entry: Callable[[list[str] | None], int] | None = None) -> NoReturn:
     """The process entry point (``engram-ray``, ``python -m engram_ray.cli``, the ``jobs/``
     scripts that Ray jobs run): :func:`main`, then an exit that skips the interpreter's
     teardown.
@@ -458,7 +542,7 @@ def run(argv: list[str] | None = None) -> NoReturn:
     import traceback
 
     try:
-        code = main(argv)
+        code = (entry or main)(argv)  # entry: a jobs/ script's main (it calls this one's)
     except SystemExit as e:  # argparse: --help, --version, usage errors
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):

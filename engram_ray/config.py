@@ -307,6 +307,12 @@ class SelectConfig:
     def __post_init__(self) -> None:
         if self.gram_dtype not in ("float32", "float64"):
             raise ConfigError(f"select.gram_dtype must be float32 or float64, got {self.gram_dtype!r}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ConfigError(f"select.target_modules {self.target_modules!r} is not a "
+                                  f"valid regular expression: {e}") from None
 
 
 @dataclass(kw_only=True)
@@ -482,7 +488,12 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, _, text = item.partition("=")
-        value = yaml.safe_load(text) if text else None
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as e:  # e.g. an unclosed list: one line naming the key
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--set {key.strip()}: value {text!r} is not valid YAML "
+                              f"({problem})") from None
         node = raw
         parts = key.strip().split(".")
         for p in parts[:-1]:

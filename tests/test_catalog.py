@@ -55,3 +55,29 @@ def test_cli_version_list_show_json_and_batch(tmp_path, capsys):
     assert main(["batch", str(reqs), "--local"]) == 1
     err = capsys.readouterr().err
     assert "1 of 1 request(s) failed" in err and (tmp_path / "reqs.summary.parquet").exists()
+
+
+def test_list_shows_good_runs_and_marks_a_tampered_one_with_its_reason(tmp_path, capsys):
+    """Issue 20: one run whose run.json was edited made ``list`` fail, hiding every good run."""
+    import json
+
+    from engram_ray.cli import main
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.randn(20, 4)
+    for name in ("r1", "r2", "r3"):
+        extract(model, [Batch(x, ["a"] * 10 + [None] * 10)], uri=str(tmp_path / "store" / name))
+    info = tmp_path / "store" / "r2" / "run.json"
+    info.write_text(info.read_text().replace('"a"', '"b"', 1))
+    runs = list_runs(str(tmp_path / "store"))
+    assert [(r["run_id"], r["error"] is None) for r in runs] == [
+        ("r1", True), ("r3", True), ("r2", False)]
+    assert "run.json" in runs[2]["error"] and "\n" not in runs[2]["error"]
+    assert main(["list", str(tmp_path / "store")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("r1  ") and err[1].startswith("r3  ")
+    assert err[2].startswith("r2  BAD: ") and "run.json" in err[2]
+    assert main(["list", str(tmp_path / "store"), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["run_id"] for r in listed] == ["r1", "r3", "r2"] and listed[2]["error"]

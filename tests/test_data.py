@@ -291,6 +291,66 @@ def test_iter_batches_reports_dropped_rows_once(tmp_path, tok):
     assert len(msgs) == 1 and "of 5 row(s)" in msgs[0]
 
 
+@pytest.mark.parametrize("ext", ["parquet", "jsonl"])
+def test_data_naming_no_concept_is_refused_naming_column_and_files(tmp_path, tok, ext):
+    """Issue 20: data whose concept column is null (or "") in every row committed a run of 0
+    engrams with exit 0. Reference-only files next to a file with concepts stay fine."""
+    rows = [{**r, "concept": [None, ""][r["n"] % 2]} for r in ROWS]
+    d = shards(tmp_path, rows, ext, n=2)
+    with pytest.raises(DataError) as err:
+        list(iter_batches(_pa_cfg([d]), tok))
+    msg = str(err.value)
+    assert "'concept' (concept_column)" in msg and f"part-0.{ext}" in msg \
+        and f"part-1.{ext}" in msg
+    write(ROWS[:1], str(tmp_path / "data" / f"part-2.{ext}"))  # one row names a concept
+    assert sum(b.batch_size for b in iter_batches(_pa_cfg([d]), tok)) == len(ROWS) + 1
+
+
+def test_integer_concept_labels_count_as_concepts(tmp_path):
+    from engram_ray.io.data import check_concepts
+
+    path = write([{"concept": 3, "f": [1.0]}], str(tmp_path / "x.parquet"))
+    check_concepts(DataConfig(paths=[path], features_column="f"))
+
+
+def _bad_text_rows(problem):
+    rows = [dict(r) for r in ROWS]
+    if problem == "null prompt":
+        rows[3]["prompt"] = None
+    return rows
+
+
+@pytest.mark.parametrize("ext", ["parquet", "jsonl"])
+@pytest.mark.parametrize("problem", ["null prompt", "non-utf8"])
+def test_null_text_and_non_utf8_name_file_row_and_column(tmp_path, tok, ext, problem):
+    """Issue 20: a null prompt failed with 'column 'prompt' row 0' (the row of an encoder
+    batch, no file), bytes that are not UTF-8 with a bare UnicodeDecodeError."""
+    path = str(tmp_path / f"rows.{ext}")
+    rows = _bad_text_rows(problem)
+    if problem == "null prompt" and ext == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)
+    elif problem == "null prompt":
+        write(rows, path)
+    elif ext == "jsonl":
+        write(rows, path)
+        lines = open(path, "rb").read().splitlines(keepends=True)
+        lines[3] = lines[3].replace(b"question:", b"q\xff\xfeestion:")
+        open(path, "wb").write(b"".join(lines))
+    else:
+        prompts = pa.array([r["prompt"].encode() if i != 3 else b"q\xffx"
+                            for i, r in enumerate(rows)], pa.binary()).view(pa.string())
+        table = pa.Table.from_pylist(rows).set_column(1, "prompt", prompts)
+        pq.write_table(table, path, row_group_size=2)
+    with pytest.raises(DataError) as err:
+        list(iter_batches(_pa_cfg([path]), tok))
+    msg = str(err.value)
+    assert path in msg and "row 3" in msg and "'prompt' (prompt_column)" in msg, msg
+    assert ("null" if problem == "null prompt" else "UTF-8") in msg
+    if ext == "parquet":  # a piece of the file (Ray reads row groups): rows of the file
+        with pytest.raises(DataError, match="row 3"):
+            read_table(path, _pa_cfg([path]), row_groups=[1])
+
+
 # ------------------------------------------------------------------------------ s3 (no Ray)
 
 

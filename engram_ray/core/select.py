@@ -10,6 +10,7 @@ extraction) and :func:`match_modules` (module names of a committed run, at edit 
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Sequence
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from engram_ray.core.layers import check_supported, module_kind
 
-__all__ = ["layer_index", "match_modules", "matches", "select_modules"]
+__all__ = ["layer_index", "match_modules", "matches", "module_regex", "select_modules"]
 
 # Decoder-block containers across families: Llama/Mistral/Qwen "layers", GPT-2 "h",
 # many vision/other models "blocks"/"layer".
@@ -31,13 +32,24 @@ def layer_index(name: str) -> int | None:
 
 
 def matches(name: str, target: str | Sequence[str] | None) -> bool:
+    """Whether module ``name`` is selected: a list matches dotted suffixes, a string is a
+    regex that must match the whole name (a bad regex is a ``ValueError`` naming it)."""
     if target is None:
         return True
     if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
+        return module_regex(target).fullmatch(name) is not None
     return any(name == key or name.endswith("." + key) for key in target)
 
 
+@functools.lru_cache(maxsize=64)
+def module_regex(pattern: str) -> re.Pattern:
+    """``pattern`` compiled, or a ``ValueError`` naming it (``--modules``, ``target_modules``
+    and a request's ``modules`` are user input: a typo is bad input, not a traceback)."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"module selection {pattern!r} is not a valid regular expression: "
+                         f"{e}") from None
 
 def match_modules(names: Sequence[str], selection: str | Sequence[str] | None) -> list[str]:
     """PEFT-style selection over module names (a run's): list = dotted suffixes, str = regex."""

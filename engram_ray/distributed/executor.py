@@ -50,6 +50,7 @@ from engram_ray.distributed.stage_actor import StageActor
 from engram_ray.distributed.store_location import check_store_location
 from engram_ray.distributed.watchdog import Watchdog, pending_work
 from engram_ray.extraction import GroupCheckpoint, GroupSolve, Layout, Plan, say
+from engram_ray.io.data import check_concepts
 from engram_ray.io.sigma_checkpoint import slices
 from engram_ray.progress import Progress
 from engram_ray.runinfo import combine_fingerprints
@@ -77,7 +78,7 @@ class RayExecutor:
 
     def start(self, plan: Plan) -> None:
         self.t0 = t0 = time.time()
-        validate_files(plan.data)
+        check_concepts(plan.data, validate_files(plan.data)[0])  # every file of the run
         p = self.cfg.parallel
         ensure_ray(p.address, cpus_needed(p))
         self.startup["ray_init_s"] = time.time() - t0

@@ -1,6 +1,10 @@
 """What a store holds: its committed runs, described for people (``list``, ``show``) and for
 scripts (``--json``). Only committed runs are listed: a run without its commit marker, a
-staging area or a checkpoint is not a run a reader may use."""
+staging area or a checkpoint is not a run a reader may use.
+
+A run whose marker is there but whose files fail the reader's checks (an edited ``run.json``,
+a manifest that does not match its marker, an unreadable marker) is listed too, marked with
+the reason and nothing else: one bad run must not hide the good ones, nor pass for one."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from collections.abc import Mapping
 from engram_ray.io.storage import Storage
 from engram_ray.io.store import COMMIT_MARKER, Run, open_run, run_exists
 
-__all__ = ["describe_run", "list_runs"]
+__all__ = ["BAD_RUN_ERRORS", "describe_run", "list_runs"]
 
 
 def describe_run(run: Run) -> dict:
@@ -35,17 +39,30 @@ def describe_run(run: Run) -> dict:
     }
 
 
+# What a run that fails its checks raises from open_run (tampering, truncation, a marker of
+# another format) or from reading it (a file gone, storage refusing one object).
+BAD_RUN_ERRORS = (ValueError, KeyError, OSError)
+
+
 def list_runs(uri: str, storage_options: Mapping | None = None) -> list[dict]:
-    """Every committed run directly under the store ``uri``, oldest first."""
+    """Every committed run directly under the store ``uri``, oldest first, each with
+    ``error: None``; a run that fails its checks is ``{uri, run_id, committed_at, error}``
+    with the reason, listed after the good ones."""
     store = Storage(uri, storage_options)
     if not store.exists():
         raise FileNotFoundError(f"store {uri} does not exist")
-    out = []
+    good, bad = [], []
     for name in sorted(store.ls()):
-        if name.startswith("_") or not run_exists(store.uri_of(name), storage_options):
+        run_uri = store.uri_of(name)
+        if name.startswith("_") or not run_exists(run_uri, storage_options):
             continue
-        out.append(describe_run(open_run(store.uri_of(name), storage_options)))
-    return sorted(out, key=lambda d: (d["committed_at"] or 0, d["run_id"]))
+        try:
+            good.append({**describe_run(open_run(run_uri, storage_options)), "error": None})
+        except BAD_RUN_ERRORS as e:
+            reason = (str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
+            bad.append({"uri": run_uri, "run_id": name, "committed_at": None,
+                        "error": (reason.strip().splitlines() or [type(e).__name__])[0]})
+    return sorted(good, key=lambda d: (d["committed_at"] or 0, d["run_id"])) + bad
 
 
 def _committed_at(run: Run) -> float | None:

@@ -23,6 +23,7 @@ from engram_ray.io.data.encode import (
 )
 from engram_ray.io.data.files import (
     DataError,
+    check_concepts,
     count_file_rows,
     count_rows,
     file_format,
@@ -37,6 +38,7 @@ __all__ = [
     "DataConfig",
     "DataError",
     "EmptyMaskWarning",
+    "check_concepts",
     "collate",
     "count_file_rows",
     "count_rows",

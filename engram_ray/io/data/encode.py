@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from engram_ray.config import DataConfig
-from engram_ray.io.data.files import DataError, read_table, resolve_paths
+from engram_ray.io.data.files import DataError, check_concepts, read_table, resolve_paths
 
 if TYPE_CHECKING:
     from engram_ray.core.batch import Batch
@@ -277,12 +277,15 @@ def iter_batches(cfg: DataConfig, tokenizer=None) -> Iterator[Batch]:
     Files are read in sorted path order and rows in file order; batches span file boundaries.
     ``tokenizer``: a tokenizer or a local HF directory; not needed for ``features_column``.
     Rows with no counted token are dropped and reported once at the end (EmptyMaskWarning).
+    Data in which no row names a concept is refused before any batch (:func:`check_concepts`).
     """
     tokenizer = tokenizer_from(tokenizer)
     pad_id = pad_token_id(tokenizer) if tokenizer is not None else 0
     stats: dict[str, int] = {}
     buffer: list[dict[str, Any]] = []
-    for path in resolve_paths(cfg):
+    paths = resolve_paths(cfg)
+    check_concepts(cfg, paths)
+    for path in paths:
         table = read_table(path, cfg)
         buffer.extend(_rows(encode_rows(table, cfg, tokenizer, stats=stats)))
         while len(buffer) >= cfg.batch_size:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
@@ -31,6 +32,7 @@ from engram_ray.io.storage import Storage
 
 __all__ = [
     "DataError",
+    "check_concepts",
     "count_file_rows",
     "count_rows",
     "file_format",
@@ -148,9 +150,14 @@ def _reading(path: str, cfg: DataConfig) -> Iterator[tuple[str, Any]]:
 
 def read_table(path: str, cfg: DataConfig, row_groups: Sequence[int] | None = None) -> pa.Table:
     """One data file as a table holding only the columns ``cfg`` needs (checked, named errors);
-    ``row_groups``: only these row groups of a Parquet file (a piece of a large file)."""
+    ``row_groups``: only these row groups of a Parquet file (a piece of a large file).
+
+    Every row is checked here, where the file is known (the encoder sees only rows): a null or
+    non-text prompt/answer/text value, a null feature vector, or a string that is not valid
+    UTF-8 is a :class:`DataError` naming the file, the row (0-based, in the file) and the
+    column."""
     columns = cfg.needed_columns()
-    table = None
+    table, rows = None, None
     with _reading(path, cfg) as (fmt, f):
         if fmt == "parquet":
             pf = pq.ParquetFile(f)
@@ -158,11 +165,121 @@ def read_table(path: str, cfg: DataConfig, row_groups: Sequence[int] | None = No
             if set(columns) <= set(present):
                 table = pf.read(columns=columns) if row_groups is None \
                     else pf.read_row_groups(list(row_groups), columns=columns)
+                rows = _file_rows(pf.metadata, row_groups)
         else:
             table = _read_json_bytes(f.read())
             present = table.column_names
     _check_columns(path, present, cfg)
-    return table.select(columns)
+    table = table.select(columns)
+    _check_values(path, table, cfg, rows or (lambda i: i))
+    return table
+
+
+def _file_rows(meta, row_groups: Sequence[int] | None):
+    """Row ``i`` of a read of ``row_groups`` → its row in the file (errors name file rows)."""
+    if row_groups is None:
+        return None
+    starts = [0]
+    for g in range(meta.num_row_groups):
+        starts.append(starts[-1] + meta.row_group(g).num_rows)
+    spans = [(starts[g], meta.row_group(g).num_rows) for g in row_groups]
+
+    def row(i: int) -> int:
+        for start, n in spans:
+            if i < n:
+                return start + i
+            i -= n
+        return i
+
+    return row
+
+
+def _is_text(typ: pa.DataType) -> bool:
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ)
+
+
+def _check_values(path: str, table: pa.Table, cfg: DataConfig, row) -> None:
+    """The checks of :func:`read_table`: text columns hold text in every row; no string is
+    invalid UTF-8 (pyarrow's JSON and Parquet readers keep such bytes, and decoding them later
+    fails with no file named); concept labels may be null (reference rows)."""
+    for key, column in cfg.data_columns().items():
+        col = table.column(column)
+        where = f"{path}: column {column!r} ({key})"
+        if key != "concept_column" and col.null_count:
+            first = pc.index(pc.is_null(col), True).as_py()
+            what = "feature vector" if key == "features_column" else "text"
+            raise DataError(f"{where}, row {row(first)}: null (every row needs its {what})")
+        if key not in ("concept_column", "features_column") and len(col) \
+                and not _is_text(col.type):
+            raise DataError(f"{where}: expected text (strings), got {col.type}")
+        if _is_text(col.type):
+            bad = _first_invalid_utf8(col)
+            if bad is not None:
+                raise DataError(f"{where}, row {row(bad)}: not valid UTF-8 text (re-encode "
+                                "the file as UTF-8)")
+
+
+def _first_invalid_utf8(col: pa.ChunkedArray) -> int | None:
+    """Index of the first string that is not valid UTF-8 (Arrow's full validation finds
+    whether a chunk has one; the failing chunk is then scanned for it), else ``None``."""
+    offset = 0
+    for chunk in col.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            for i in range(len(chunk)):
+                try:
+                    chunk[i].as_py()
+                except UnicodeDecodeError:
+                    return offset + i
+        offset += len(chunk)
+    return None
+
+
+def check_concepts(cfg: DataConfig, paths: Sequence[str] | None = None) -> None:
+    """Refuse data in which no row names a concept (``concept_column`` null or ``""`` in every
+    row of every file): such data would commit a run with no engram and exit 0. Reads only
+    the concept column, and stops at the first file holding a concept (a Parquet file row
+    group by row group), so good data costs one small read.
+
+    Raises :class:`DataError` naming the column and the files."""
+    paths = resolve_paths(cfg) if paths is None else list(paths)
+    if not paths or any(_has_concept(p, cfg) for p in paths):
+        return
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    raise DataError(f"column {cfg.concept_column!r} (concept_column) is null or empty in every "
+                    f"row of {shown}: no row names a concept, so there is no engram to "
+                    "extract (check concept_column)")
+
+
+def _has_concept(path: str, cfg: DataConfig) -> bool:
+    column = cfg.concept_column
+    with _reading(path, cfg) as (fmt, f):
+        if fmt == "parquet":
+            pf = pq.ParquetFile(f)
+            present = pf.schema_arrow.names
+            if column in present:
+                return any(_any_concept(pf.read_row_group(g, columns=[column]).column(0))
+                           for g in range(pf.num_row_groups))
+        else:
+            table = _read_json_bytes(f.read())
+            present = table.column_names
+            if column in present:
+                return _any_concept(table.column(column))
+    raise _missing_column_error(path, "concept_column", column, present)
+
+
+def _any_concept(col: pa.ChunkedArray) -> bool:
+    """Whether a concept column names a concept in some row (null and "" do not)."""
+    if col.null_count == len(col):
+        return False
+    if not _is_text(col.type):
+        return True  # labels of another type (class ids): any non-null value is a concept
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    return bool(pc.any(pc.not_equal(col, "")).as_py())
 
 
 def _json_head(f) -> bytes:

@@ -1,0 +1,87 @@
+"""Bad input on the CLI's edges (issue 20): one line naming the culprit, a non-zero exit, no
+traceback, nothing written. A bad ``--modules`` regex and a malformed ``--set`` value raised
+raw ``re.error`` / ``yaml`` tracebacks; ``batch`` wrote its default summary over files it did
+not write."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from torch import nn
+
+from engram_ray.cli import main
+from engram_ray.config import ConfigError, SelectConfig, apply_overrides
+from engram_ray.core.select import match_modules, select_modules
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_llama_dir):
+    """A committed run of the tiny Llama (single process), and its config file."""
+    from engram_ray.config import ExtractConfig
+    from engram_ray.local import extract_from_config
+
+    tmp = tmp_path_factory.mktemp("errors")
+    rng = np.random.default_rng(0)
+    words = "who wrote the sea book river town born award".split()
+    rows = [{"author": ["ada", "bo", None][i % 3], "question": " ".join(rng.choice(words, 4)),
+             "answer": " ".join(rng.choice(words, 4))} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp / "part-0.parquet")
+    raw = {"model": {"path": tiny_llama_dir},
+           "data": {"paths": [str(tmp / "part-0.parquet")], "concept_column": "author",
+                    "prompt_column": "question", "answer_column": "answer", "max_length": 32},
+           "select": {"target_modules": ["down_proj"]},
+           "store": {"uri": str(tmp / "runs"), "run_id": "r1"},
+           "parallel": {"progress_interval_s": None}}
+    (tmp / "extract.yaml").write_text(yaml.safe_dump(raw))
+    run = extract_from_config(ExtractConfig.from_dict(raw), log=io.StringIO())
+    return tmp, run.uri
+
+
+def one_line_error(capsys, argv, rc=2) -> str:
+    assert main(argv) == rc
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("bad", ["(q_proj", "down_proj[", "*proj"])
+def test_bad_modules_regex_names_it(tiny_run, capsys, bad):
+    tmp, run = tiny_run
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        match_modules(["model.layers.0.mlp.down_proj"], bad)
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        select_modules(nn.Sequential(nn.Linear(2, 2)), bad)
+    with pytest.raises(ConfigError, match="select.target_modules"):
+        SelectConfig(target_modules=bad)
+    line = one_line_error(capsys, ["apply", "--run", run, "--forget", "ada", "--modules", bad,
+                                   "--out", str(tmp / "edited")])
+    assert repr(bad) in line and "regular expression" in line
+    assert not os.path.exists(tmp / "edited")
+    line = one_line_error(capsys, ["extract", str(tmp / "extract.yaml"), "--local",
+                                   "--set", f"select.target_modules={bad!r}"])
+    assert "select.target_modules" in line
+
+
+@pytest.mark.parametrize("value", ["[a, b", "{stages: 2", "'unclosed"])
+def test_malformed_set_value_names_the_key(tiny_run, capsys, value):
+    tmp, _ = tiny_run
+    with pytest.raises(ConfigError, match="--set data.paths"):
+        apply_overrides({}, [f"data.paths={value}"])
+    line = one_line_error(capsys, ["extract", str(tmp / "extract.yaml"), "--local",
+                                   "--set", f"data.paths={value}"])
+    assert "--set data.paths" in line and "not valid YAML" in line
+    assert [d for d in os.listdir(tmp / "runs") if not d.startswith("_")] == ["r1"]
+
+
+def _requests(path, run, out) -> str:
+    path.write_text(json.dumps({"request_id": "q1", "run": run, "concepts": ["ada"],
+                                "out": str(out)}) + "\n")
+    return str(path)
