@@ -57,13 +57,16 @@ __all__ = [
 @dataclass(frozen=True)
 class QATemplate:
     """How a QA pair becomes tokens: ``prompt`` / ``answer`` format strings, or (``chat=True``)
-    the tokenizer's chat template for the prompt (with an optional system prompt)."""
+    the tokenizer's chat template for the prompt (with an optional system prompt, and the
+    ``date_string`` that Llama-3 chat templates print, as OpenUnlearning's ``template_args``
+    pass it; ``None``: the template's own default)."""
 
     prompt: str = "Question: {question}\nAnswer:"
     answer: str = " {answer}"
     chat: bool = False
     system_prompt: str | None = None
     append_eos: bool = False
+    date_string: str | None = None
 
 
 DEFAULT_TEMPLATE = QATemplate()
@@ -74,7 +77,8 @@ def _prompt_ids(tokenizer, question: str, template: QATemplate) -> list[int]:
         return list(tokenizer(template.prompt.format(question=question)).input_ids)
     msgs = [{"role": "system", "content": template.system_prompt}] if template.system_prompt else []
     msgs.append({"role": "user", "content": question})
-    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    extra = {"date_string": template.date_string} if template.date_string is not None else {}
+    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, **extra)
     if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)

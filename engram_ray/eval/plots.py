@@ -6,6 +6,9 @@
 - :func:`alpha_curves`: forget and retain accuracy against α, with the retrained model's levels
   as dashed references.
 - :func:`norm_heatmap`: ``‖W⁺_c‖ / ‖W‖`` per concept and layer — where each concept's trace lives.
+- :func:`tofu_tradeoff`: TOFU forget quality (log scale) against model utility, one panel per
+  forget split, one point per α, the unedited and the retain model as reference points (the
+  AI Engram paper's Table 6 read as a plot).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["ablation_heatmap", "alpha_curves", "metric_curves", "norm_heatmap"]
+__all__ = ["ablation_heatmap", "alpha_curves", "metric_curves", "norm_heatmap", "tofu_tradeoff"]
 
 
 def _annotate(ax, m: np.ndarray, fmt: str = "{:.2f}", threshold: float = 0.5) -> None:
@@ -115,6 +118,48 @@ def metric_curves(results: Sequence[Mapping[str, float]], keys: Sequence[str], p
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def tofu_tradeoff(rows: Sequence[Mapping], retain: Mapping[str, Mapping], path: str) -> str:
+    """Forget quality (y, log scale; 1 = indistinguishable from the retain model) against model
+    utility (x) per split. ``rows``: ``{"split", "alpha" (None = unedited), "forget_quality"
+    (optional), "model_utility"}``; ``retain[split]``: the retain model's ``model_utility``.
+    Without forget quality (no retain log) the y axis shows the forget-set answer probability
+    ``forget_Q_A_Prob`` (lower = more forgotten) instead, and says so."""
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    fig, axes = plt.subplots(1, max(1, len(splits)), figsize=(5.2 * max(1, len(splits)), 4.4),
+                             squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        mine = [r for r in rows if r["split"] == split]
+        fq = all(r.get("forget_quality") is not None for r in mine)
+        key = "forget_quality" if fq else "forget_Q_A_Prob"
+        edits = sorted((r for r in mine if r["alpha"] is not None), key=lambda r: r["alpha"])
+        if edits:
+            ax.plot([r["model_utility"] for r in edits], [max(r[key], 1e-300) for r in edits],
+                    "o-", color="tab:blue", label="engram edit")
+            for r in edits:
+                ax.annotate(f"α={r['alpha']:g}", (r["model_utility"], max(r[key], 1e-300)),
+                            textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for r in mine:
+            if r["alpha"] is None:
+                ax.plot([r["model_utility"]], [max(r[key], 1e-300)], "s", color="tab:red",
+                        markersize=8, label="unedited")
+        ref = retain.get(split)
+        if fq and ref and ref.get("model_utility") is not None:
+            ax.plot([ref["model_utility"]], [1.0], "*", color="tab:green", markersize=13,
+                    label="retain model")
+        if fq:
+            ax.set_yscale("log")
+        ax.set_xlabel("model utility (harmonic mean; higher keeps more)")
+        ax.set_ylabel("forget quality (KS p-value vs retain model)" if fq
+                      else "forget-set answer probability (no retain log)")
+        ax.set_title(f"TOFU {split}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
