@@ -113,3 +113,39 @@ def test_an_unwritable_result_file_fails_the_job_naming_it(job_config, capsys, m
                    "--result-file", str(blocker / "r.json")])
     assert rc == 1
     assert f"--result-file {blocker / 'r.json'} failed" in capsys.readouterr().err
+
+
+def test_scheduled_tick_then_gc(tmp_path, tiny_llama_dir, capsys):
+    """``jobs/scheduled_edit.py QUEUE --gc-keep 1`` (the RayCronJob's entrypoint): the tick
+    extends the queue's run with a new shard, then gc deletes the run it superseded (not the
+    one the queue now names); a tick with nothing new deletes nothing."""
+    from test_schedule import shard
+
+    from engram_ray.config import ExtractConfig
+    from engram_ray.io.catalog import list_runs
+    from engram_ray.io.storage import Storage
+    from engram_ray.local import extract_from_config
+
+    q = Storage(str(tmp_path / "queue"))
+    q.makedirs("shards")
+    q.write_bytes("shards/part-0.parquet", shard(0))
+    raw = {"model": {"path": tiny_llama_dir},
+           "data": {"paths": [q.uri_of("shards")], "prompt_column": "question",
+                    "answer_column": "answer", "max_length": 32, "batch_size": 4},
+           "store": {"uri": str(tmp_path / "runs"), "keep_statistics": True}}
+    (tmp_path / "extract.yaml").write_text(yaml.safe_dump(raw))
+    first = extract_from_config(ExtractConfig.from_dict(raw)).uri
+    q.write_bytes("queue.yaml", yaml.safe_dump({"config": str(tmp_path / "extract.yaml"),
+                                                "run": first}).encode())
+    q.write_bytes("shards/part-1.parquet", shard(1))
+    job = load_job("scheduled_edit")
+    capsys.readouterr()
+    assert job.main([q.uri, "--local", "--gc-keep", "1"]) == 0
+    found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert found["queue"] == q.uri and found["run"] != first
+    assert found["gc"]["deleted"] == [first] and found["gc"]["kept"] == [found["run"]]
+    assert [r["uri"] for r in list_runs(str(tmp_path / "runs"))] == [found["run"]]
+    assert json.loads(q.read_bytes("state.json"))["run"] == found["run"]
+    assert job.main([q.uri, "--local", "--gc-keep", "1"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["run"] == found["run"] and again["gc"]["deleted"] == []
