@@ -20,8 +20,10 @@ default silently. Every section is a keyword-only dataclass validated in ``__pos
 must be one safe path component (:func:`run_id_problem`): never ``.``/``..``/a path, and never a
 name starting with ``_`` (reserved for the store's own ``_staging``, ``_leases``,
 ``_checkpoints``). ``storage_options`` hold credentials: ``to_dict`` (what ``run.json`` records)
-and every error message go through :func:`engram_ray.io.storage.redact`, and the options never
-appear in a section's ``repr``.
+and every error message go through :func:`engram_ray.redaction.redact`, and the options never
+appear in a section's ``repr``. Locations and options are checked with :mod:`engram_ray.uris`
+(a scheme whose fsspec implementation is missing is refused naming the package to install):
+this module imports nothing from ``engram_ray.io``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from typing import Any
 
 import yaml
 
-from engram_ray.io import storage as fsx
+from engram_ray import uris
+from engram_ray.redaction import redact
 
 __all__ = [
     "FLOAT32_EPS",
@@ -87,16 +90,22 @@ def run_id_problem(run_id: object) -> str | None:
 def absolute_uri(uri: str, key: str) -> str:
     """``uri`` with a relative local path made absolute against this process's working
     directory, so every Ray worker (whose working directory differs) and every printed line
-    name the same place; URLs (``s3://…``) pass unchanged.
+    name the same place; URLs (``s3://…``) pass unchanged, after their scheme is checked (a
+    ``gs://`` URL without gcsfs is refused here, naming the key and the package), and a
+    ``file://`` URL becomes its local path.
 
     A Ray job started with ``--working-dir`` runs its entrypoint inside Ray's temporary copy
     of that directory: a relative store there would commit into the copy, which Ray deletes,
     and the submitter's own directory is not known to the job. So inside such a job a relative
     path is refused, naming the key and the fix.
     """
-    if "://" in uri:
-        return uri
-    path = os.path.expanduser(uri)
+    try:
+        if uris.is_remote(uri):
+            uris.check_scheme(uri)
+            return uri
+    except uris.UnsupportedScheme as e:
+        raise ConfigError(f"{key}: {e}") from None
+    path = os.path.expanduser(uris.normalize(uri))
     if os.path.isabs(path):
         return path
     if _ray_job_working_dir() is not None:
@@ -120,15 +129,18 @@ def _ray_job_working_dir() -> str | None:
     return env.get("working_dir") if isinstance(env, dict) else None
 
 
-def _check_options(options: Any, key: str) -> dict[str, Any] | None:
-    """Validated storage options (a copy); errors name ``key`` and never echo a value."""
+def _check_options(options: Any, key: str, locations: Sequence[str] = ()) -> dict[str, Any] | None:
+    """Validated storage options (a copy) for the schemes of ``locations`` (S3's when none is
+    remote); errors name ``key`` and never echo a value."""
     if options is None:
         return None
     if not isinstance(options, Mapping):
         raise ConfigError(f"{key}: expected a mapping of option names to values, got a "
                           f"{type(options).__name__}")
     try:
-        fsx.resolve_storage_options(options)
+        schemes = {uris.check_scheme(u) for u in locations} - {"file"}
+        for scheme in sorted(schemes) or ["s3"]:
+            uris.resolve_storage_options(options, scheme)
     except ValueError as e:
         raise ConfigError(f"{key}: {e}") from None
     return dict(options)
@@ -222,7 +234,8 @@ class DataConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}: expected a positive int, got {value!r}")
-        self.storage_options = _check_options(self.storage_options, "data.storage_options")
+        self.storage_options = _check_options(self.storage_options, "data.storage_options",
+                                              self.paths)
         if not self.concept_column:
             raise ValueError("concept_column: must be a non-empty column name")
 
@@ -242,7 +255,7 @@ class DataConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields, credentials redacted (what run.json records)."""
         out = asdict(self)
-        out["storage_options"] = fsx.redact(self.storage_options)
+        out["storage_options"] = redact(self.storage_options)
         return out
 
     @property
@@ -379,9 +392,11 @@ class StoreConfig:
     # Ray pipeline: feed the shards N at a time and checkpoint the Σ so far after each slice
     # under <uri>/_checkpoints/<run_id>; rerunning with the same run_id resumes (resume.py).
     checkpoint_shards: int | None = None
-    # One writer per run: the writer holds <uri>/_leases/<run_id> while it works. A lease older
-    # than this is a crashed writer's and is broken; break_lease breaks a live-looking one.
-    lease_timeout_s: float = 3600.0
+    # One writer per run: the writer holds <uri>/_leases/<run_id> while it works, renewed every
+    # quarter of this by its heartbeat. A lease not renewed for this long is a crashed writer's
+    # and is broken (one whose holder ran on this host and is gone is broken at once:
+    # io/lease.py); break_lease breaks a live-looking one.
+    lease_timeout_s: float = 60.0
     break_lease: bool = False
     # A local store.uri on a Ray cluster of several nodes is refused (each node would hold a
     # part of the run) unless it is one filesystem mounted on every node (NFS, EFS, Lustre…).
@@ -397,7 +412,8 @@ class StoreConfig:
             self.extend = absolute_uri(self.extend, "store.extend")
         if self.run_id is not None and (problem := run_id_problem(self.run_id)) is not None:
             raise ConfigError(f"store.run_id {problem}")
-        self.storage_options = _check_options(self.storage_options, "store.storage_options")
+        self.storage_options = _check_options(self.storage_options, "store.storage_options",
+                                              [self.uri])
         t = self.lease_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise ConfigError(f"store.lease_timeout_s must be a positive number of seconds, "
@@ -411,12 +427,12 @@ class StoreConfig:
             raise ConfigError("store.checkpoint_shards and store.extend cannot be combined yet")
 
     def run_uri(self, run_id: str) -> str:
-        return fsx.join(self.uri, run_id)
+        return uris.join(self.uri, run_id)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields, credentials redacted (what run.json records)."""
         out = asdict(self)
-        out["storage_options"] = fsx.redact(self.storage_options)
+        out["storage_options"] = redact(self.storage_options)
         return out
 
 
@@ -482,18 +498,23 @@ def _build(name: str, typ, values: Mapping[str, Any]):
         raise ConfigError(f"config section {name!r}: {e}") from e
 
 
+def _key_value(flag: str, item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of a command-line flag, the value parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"{flag} expects key=value, got {item!r}")
+    key, _, text = item.partition("=")
+    try:
+        return key.strip(), yaml.safe_load(text) if text else None
+    except yaml.YAMLError as e:  # e.g. an unclosed list: one line naming the key
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{flag} {key.strip()}: value {text!r} is not valid YAML "
+                          f"({problem})") from None
+
+
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     """Apply ``key.sub=value`` overrides (values parsed as YAML: numbers, lists, null)."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, _, text = item.partition("=")
-        try:
-            value = yaml.safe_load(text) if text else None
-        except yaml.YAMLError as e:  # e.g. an unclosed list: one line naming the key
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"--set {key.strip()}: value {text!r} is not valid YAML "
-                              f"({problem})") from None
+        key, value = _key_value("--set", item)
         node = raw
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -507,8 +528,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
 def load_config(path: str, overrides: Sequence[str] = ()) -> ExtractConfig:
     """Read a YAML config file (local or ``s3://``), apply overrides, validate."""
     try:
-        with fsx.filesystem(path).open(path, "r") as f:
-            raw = yaml.safe_load(f) or {}
+        raw = yaml.safe_load(uris.read_text(path)) or {}
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path!r} does not exist") from None
     except yaml.YAMLError as e:

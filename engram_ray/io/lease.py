@@ -1,23 +1,38 @@
-"""Exclusive leases on storage: one writer at a time, on local disk and on S3.
+"""Exclusive leases on storage: one writer at a time, on every backend that has an exclusive
+create, and a crashed writer's lease broken as soon as it is provably gone.
 
-A lease is one small JSON object created *exclusively*: locally with ``O_CREAT | O_EXCL`` (the
-create fails if the file exists, atomically), on S3 with a conditional PUT
-(``If-None-Match: *``, s3fs ``pipe_file(mode="create")``; S3 has honoured it since 2024, and
-MinIO and moto's server do too). The body names the holder (host, pid, time) and when it
-expires, so a second writer fails at once with a message naming who holds it.
+A lease is one small JSON object created *exclusively*: locally with ``link`` of a private
+file (fails if the name exists, atomically; ``O_CREAT | O_EXCL`` where there are no hard
+links), on S3 with a conditional PUT (``If-None-Match: *``, s3fs ``pipe_file(mode="create")``;
+S3 has honoured it since 2024, and MinIO and moto's server do too), on GCS with
+``ifGenerationMatch=0`` (gcsfs ``mode="create"``), on Azure with ``If-None-Match: *`` (adlfs
+``overwrite=False``), and on ``memory://`` (one process's store) under an in-process lock.
+Other schemes (``hf://``, ``http(s)://``, ``sftp://``…) have no create-if-absent that
+engram-ray can rely on, so a lease there is refused, naming the scheme and why
+(:data:`engram_ray.uris.EXCLUSIVE_CREATE` is the list).
 
-The body is in place the moment the lease exists: locally it is written to a private temporary
-file first and hard-linked to the lease's name (the link fails if the name exists), because a
-file created with ``O_EXCL`` and written afterwards is empty for a moment, and a second taker
-reading it then would take a live holder's lease for a crashed one's and break it (two
-writers of one run; seen under load). An unreadable lease is a crashed holder's half-written
-one only once it is :data:`UNREADABLE_GRACE_S` old.
+The body names the holder (host, pid, and the process's identity: boot id, PID namespace and
+start time) and when it expires, so a second writer fails at once with a message naming who
+holds it. The body is in place the moment the lease exists: locally it is written to a private
+temporary file first and hard-linked to the lease's name, because a file created with
+``O_EXCL`` and written afterwards is empty for a moment, and a second taker reading it then
+would take a live holder's lease for a crashed one's and break it (two writers of one run;
+seen under load). An unreadable lease is a crashed holder's half-written one only once it is
+:data:`UNREADABLE_GRACE_S` old.
 
-A holder that dies leaves its lease behind. It can be broken only after it expired
-(``timeout_s`` after it was taken; a live holder renews it) or by an explicit
-:meth:`Lease.break_` (CLI: the documented ``--break-lease``). Breaking re-reads the body and
-removes it only if it is still the expired one; two breakers racing on the same expired lease
-then both try the exclusive create, and exactly one wins.
+A holder that dies leaves its lease behind. It is broken
+
+- at once when the holder ran on this host (same host name, boot id and PID namespace, so the
+  PID means the same process) and that process is gone: no such PID, a zombie, or a PID reused
+  by a process that started at another time. A ``kill -9``'d job rerun on its node resumes
+  immediately;
+- else once it expired: ``timeout_s`` (:data:`DEFAULT_TIMEOUT_S`, 60 s) after it was taken or
+  last renewed; a live holder renews it every quarter of that (``io/store.py``'s heartbeat),
+  so a live lease never expires and a dead one on another host frees within a minute;
+- or by an explicit :meth:`Lease.break_` (CLI: the documented ``--break-lease``).
+
+Breaking re-reads the body and removes it only if it is still the one judged gone; two
+breakers racing on the same lease then both try the exclusive create, and exactly one wins.
 """
 
 from __future__ import annotations
@@ -26,16 +41,24 @@ import json
 import os
 import secrets
 import socket
+import sys
+import threading
 import time
 
 from engram_ray.io.storage import Storage
+from engram_ray.uris import EXCLUSIVE_CREATE, UnsupportedScheme
 
-__all__ = ["UNREADABLE_GRACE_S", "Lease", "LeaseHeld"]
+__all__ = ["DEFAULT_TIMEOUT_S", "UNREADABLE_GRACE_S", "Lease", "LeaseHeld", "holder_gone",
+           "process_identity"]
 
 # An unreadable lease younger than this may still be being written (a filesystem without hard
 # links, or a lease from a version that wrote after creating): it is live until then. Far
 # longer than any write of ~150 bytes, far shorter than a lease's own timeout.
 UNREADABLE_GRACE_S = 30.0
+# A lease's life without renewal: short, so that a holder lost with its host frees the lease
+# within a minute; the holder's heartbeat renews it every timeout/4 (15 s).
+DEFAULT_TIMEOUT_S = 60.0
+_MEMORY_LOCK = threading.Lock()  # memory:// lives in this process: a lock makes create exclusive
 
 
 class LeaseHeld(RuntimeError):
@@ -45,7 +68,8 @@ class LeaseHeld(RuntimeError):
 class Lease:
     """The lease object at ``storage`` (its URI is the lease's name)."""
 
-    def __init__(self, storage: Storage, timeout_s: float = 3600.0, what: str = "") -> None:
+    def __init__(self, storage: Storage, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 what: str = "") -> None:
         self.storage, self.timeout_s, self.what = storage, float(timeout_s), what
         self.token: str | None = None
 
@@ -54,7 +78,9 @@ class Lease:
         return self.storage.uri
 
     def acquire(self) -> Lease:
-        """Take the lease, breaking an expired one; raise :class:`LeaseHeld` if it is live."""
+        """Take the lease, breaking an expired one or one whose holder is provably gone; raise
+        :class:`LeaseHeld` if it is live."""
+        _check_exclusive(self.storage)
         for _ in range(2):
             if self._create():
                 return self
@@ -64,13 +90,18 @@ class Lease:
             if not body and self._age() < UNREADABLE_GRACE_S:
                 raise LeaseHeld(f"{self.what or self.uri} is being locked by another writer "
                                 f"(lease {self.uri} is being written); try again")
-            if body.get("expires", 0) > time.time():
+            gone = holder_gone(body)
+            if body and body.get("expires", 0) > time.time() and not gone:
                 raise LeaseHeld(
                     f"{self.what or self.uri} is locked by {body.get('holder', '?')} since "
                     f"{_when(body.get('created'))} (lease {self.uri}, expires "
-                    f"{_when(body.get('expires'))}); wait, or break the lease if that holder "
-                    "is gone")
-            self._remove_if(body.get("token"))  # expired: a crashed holder's
+                    f"{_when(body.get('expires'))} unless renewed); wait, or break the lease "
+                    "if that holder is gone")
+            if gone:
+                print(f"[engram-ray] lease {self.uri}: its holder {body.get('holder', '?')} "
+                      "is gone (its process on this host has ended): taking it over",
+                      file=sys.stderr)
+            self._remove_if(body.get("token"))  # expired or its holder gone
         raise LeaseHeld(f"{self.uri}: another writer took the lease while it was broken")
 
     def release(self) -> None:
@@ -93,18 +124,16 @@ class Lease:
     def _create(self) -> bool:
         token = secrets.token_hex(8)
         now = time.time()
-        body = json.dumps({"holder": f"{socket.gethostname()} pid {os.getpid()}",
-                           "created": now, "expires": now + self.timeout_s,
-                           "token": token}).encode()
+        host, pid = socket.gethostname(), os.getpid()
+        body = json.dumps({"holder": f"{host} pid {pid}", "host": host, "pid": pid,
+                           **process_identity(pid), "created": now,
+                           "expires": now + self.timeout_s, "token": token}).encode()
         try:
-            if self.storage.remote:
-                self.storage.fs.pipe_file(self.storage.path(), body, mode="create")
-            else:
-                _create_local(self.storage.root, body, token)
+            _create_object(self.storage, body, token)
         except FileExistsError:
             return False
-        except OSError as e:  # s3fs maps 412 Precondition Failed to an OSError subclass
-            if "Precondition" not in str(e) and "412" not in str(e):
+        except Exception as e:  # a backend's "precondition failed" / "already exists"
+            if not _is_conflict(e):
                 raise
             return False
         self.token = token
@@ -112,11 +141,12 @@ class Lease:
 
     def _read(self) -> dict | None:
         try:
-            return json.loads(self.storage.read_bytes())
+            body = json.loads(self.storage.read_bytes())
         except FileNotFoundError:
             return None
         except ValueError:
             return {}  # unreadable: a half-written lease of a crashed holder: expired
+        return body if isinstance(body, dict) else {}
 
     def _age(self) -> float:
         """Seconds since the lease object was last written (0 when unknown: treated as new)."""
@@ -124,7 +154,15 @@ class Lease:
             info = self.storage.fs.info(self.storage.path())
         except FileNotFoundError:
             return float("inf")
-        when = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+        when = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated",
+                                       "created") if info.get(k)), None)
+        if isinstance(when, str):
+            from datetime import datetime
+
+            try:
+                when = datetime.fromisoformat(when.replace("Z", "+00:00"))
+            except ValueError:
+                return 0.0
         if hasattr(when, "timestamp"):
             when = when.timestamp()
         return time.time() - float(when) if when else 0.0
@@ -133,6 +171,43 @@ class Lease:
         body = self._read()
         if body is not None and body.get("token") == token:
             self.storage.rm()
+
+
+def _check_exclusive(storage: Storage) -> None:
+    """Refuse a lease on a backend without an exclusive create, saying why."""
+    if storage.scheme not in EXCLUSIVE_CREATE:
+        raise UnsupportedScheme(
+            f"{storage.uri}: {storage.scheme}:// has no exclusive create (create-if-absent) "
+            "that engram-ray can rely on, so a lease there could not keep a second writer out "
+            "and writing there is refused; write runs and outputs to a local path or to "
+            f"{', '.join(s + '://' for s in sorted(EXCLUSIVE_CREATE) if s != 'file')}")
+
+
+def _create_object(storage: Storage, body: bytes, token: str) -> None:
+    """Create the lease object holding ``body`` in one exclusive step, or raise
+    ``FileExistsError`` (or the backend's precondition error) if it exists."""
+    scheme, path = storage.scheme, storage.path()
+    if scheme == "file":
+        _create_local(storage.root, body, token)
+    elif scheme in ("az", "abfs", "abfss"):
+        storage.fs.pipe_file(path, body, overwrite=False)  # the SDK's If-None-Match: *
+    elif scheme == "memory":
+        with _MEMORY_LOCK:
+            if storage.fs.exists(path):
+                raise FileExistsError(path)
+            storage.fs.pipe_file(path, body)
+    else:  # s3 (If-None-Match: *), gs (ifGenerationMatch=0)
+        storage.fs.pipe_file(path, body, mode="create")
+
+
+def _is_conflict(e: BaseException) -> bool:
+    """True for a backend's answer "the object already exists" to a conditional create: S3's
+    412 Precondition Failed (s3fs raises an OSError), GCS's 412, Azure's 409/412
+    (``ResourceExistsError``, ``ResourceModifiedError``)."""
+    text = f"{type(e).__name__} {e}"
+    return any(s in text for s in ("Precondition", "412", "ResourceExistsError",
+                                   "ResourceModifiedError", "BlobAlreadyExists",
+                                   "ConditionNotMet"))
 
 
 def _create_local(path: str, body: bytes, token: str) -> None:
@@ -154,6 +229,58 @@ def _create_local(path: str, body: bytes, token: str) -> None:
             f.write(body)
     finally:
         os.unlink(tmp)
+
+
+def _read_first(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of ``pid`` from ``/proc``, or None."""
+    raw = _read_first(f"/proc/{pid}/stat")
+    if raw is None:
+        return None
+    fields = raw[raw.rfind(")") + 2:].split()  # the command name may hold spaces
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def process_identity(pid: int) -> dict[str, str]:
+    """What makes ``pid`` one process on this host, where the OS tells (Linux ``/proc``):
+    the boot id, the PID namespace and the process's start time (absent keys: unknown)."""
+    out = {"boot": _read_first("/proc/sys/kernel/random/boot_id")}
+    try:
+        out["pidns"] = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pass
+    stat = _proc_stat(pid)
+    out["start"] = stat[1] if stat else None
+    return {k: v for k, v in out.items() if v}
+
+
+def holder_gone(body: dict) -> bool:
+    """True only when the lease's holder provably no longer runs: it ran on this host (same
+    host name, boot id and PID namespace where recorded, so its PID names the same process
+    table) and its PID is gone, a zombie, or now another process (another start time)."""
+    pid = body.get("pid")
+    if body.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    here = process_identity(pid)
+    if any(body.get(k) and here.get(k) and body[k] != here[k] for k in ("boot", "pidns")):
+        return False  # another kernel or PID namespace under the same host name: can't tell
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    stat = _proc_stat(pid)
+    if stat is None:
+        return False
+    return stat[0] in ("Z", "X") or bool(body.get("start") and body["start"] != stat[1])
 
 
 def _when(t) -> str:
