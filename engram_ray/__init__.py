@@ -29,7 +29,7 @@ _LAZY = {
     "apply_edit": "engram_ray.core.edit",
     "plan_edit": "engram_ray.core.edit",
     "Run": "engram_ray.io.store",
-    "open_run": "engram_ray.io.store",
+    "open_run": "engram_ray.runs",
     "extract": "engram_ray.local",
 }
 

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from engram_ray.config import SolverConfig
 from engram_ray.core.edit import EditPlan, SharedEngrams, apply_edit, plan_edit, plan_edits
 from engram_ray.io.export import (
     MARKER,
@@ -43,50 +43,12 @@ from engram_ray.io.export import (
     write_edited_files_many,
 )
 from engram_ray.io.storage import Storage
-from engram_ray.io.store import open_run
 from engram_ray.models.loading import ModelSpec, build_empty, load_model, model_dir, tied_aliases
 from engram_ray.runinfo import VERSION
+from engram_ray.runs import BUILTIN_FACTORIES, check_trusted, open_run, run_model_spec
 
-__all__ = ["BUILTIN_FACTORIES", "MARKER", "Edit", "apply_many", "apply_run", "run_model_spec"]
-
-# Factories shipped with engram-ray that only construct a module from numbers: running them
-# runs no code a run.json could choose. Any other factory needs the user's consent.
-BUILTIN_FACTORIES = frozenset({
-    "engram_ray.models.sequential:mlp",
-    "engram_ray.models.tiny:tiny_llama",
-    "engram_ray.models.tiny:tiny_gpt2",
-})
-_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-
-
-def run_model_spec(run, model: str | None = None) -> ModelSpec:
-    """The model a run was extracted from, as data (nothing is imported here).
-
-    ``model`` overrides it: a directory or URI, or a factory ``"pkg.module:callable"`` that
-    replaces the run's own factory (keeping the run's ``kwargs`` and ``weights``).
-    """
-    recorded = (run.info.get("config") or {}).get("model")
-    if model is not None:
-        if _FACTORY.fullmatch(model) and not os.path.exists(model):
-            kept = {k: v for k, v in (recorded or {}).items() if k in ("kwargs", "weights")}
-            return ModelSpec(factory=model, **kept) if "factory" in (recorded or {}) \
-                else ModelSpec(factory=model)
-        return ModelSpec(path=model)
-    if not recorded:
-        raise ValueError(f"run {run.uri} does not record its model; pass --model")
-    return ModelSpec.from_dict(recorded)
-
-
-def check_trusted(spec: ModelSpec, run_uri: str, *, given: bool, trust_factory: bool) -> None:
-    """Refuse to import a factory the run names unless the user consented (see the module
-    docstring): the message names the factory and the flags that consent."""
-    if spec.factory is None or given or trust_factory or spec.factory in BUILTIN_FACTORIES:
-        return
-    raise PermissionError(
-        f"run {run_uri} builds its model with factory {spec.factory!r}, which would import and "
-        "run that code; pass --trust-factory if you trust the run's author, or --model "
-        f"{spec.factory} to name it yourself")
-
+__all__ = ["BUILTIN_FACTORIES", "MARKER", "Edit", "apply_many", "apply_run", "check_trusted",
+           "run_model_spec"]
 
 def apply_run(
     run_uri: str,
@@ -102,16 +64,20 @@ def apply_run(
     format: str = "full",
     adapter_rtol: float | None = None,
     adapter_exact_dense: bool = False,
+    solver: SolverConfig | Mapping | Sequence[str] | None = None,
 ) -> str:
     """Write the model with ``forget`` edited out of it to ``out``; returns ``out``.
 
     ``format="peft"`` writes the edit as a PEFT LoRA adapter instead (``io/adapter.py``):
-    exact for low-rank engrams, a truncated SVD within ``adapter_rtol`` for dense ones."""
+    exact for low-rank engrams, a truncated SVD within ``adapter_rtol`` for dense ones.
+    ``solver``: other solver options than the run's (a :class:`SolverConfig`, or overrides
+    of the run's own such as ``["rtol=1e-4"]``), applied to its stored spectrum."""
     if format not in ("full", "peft"):
         raise ValueError(f"format must be 'full' or 'peft', got {format!r}")
     dest = Storage(out, storage_options)
     check_output(dest)
-    run = open_run(run_uri, storage_options)
+    run = open_run(run_uri, storage_options, model=model, solver=solver,
+                   trust_factory=trust_factory)
     spec = run_model_spec(run, model)
     check_trusted(spec, run.uri, given=model is not None, trust_factory=trust_factory)
     if format == "peft":
@@ -166,6 +132,7 @@ class Edit:
     adapter_rtol: float | None = None
     adapter_exact_dense: bool = False
     eval: str | None = None
+    solver: SolverConfig | None = None
 
 
 def apply_many(run_uri: str, edits: Sequence[Edit], *, storage_options=None,
@@ -181,7 +148,7 @@ def apply_many(run_uri: str, edits: Sequence[Edit], *, storage_options=None,
     edit never stops the others. Full edits of factory models (built in memory) go one by
     one. An edit with an ``eval`` set is scored before anything is written and its summary
     goes into its marker (:func:`_evaluate`); an eval that fails fails that edit only."""
-    run = open_run(run_uri, storage_options)
+    run = open_run(run_uri, storage_options, trust_factory=trust_factory)
     spec = run_model_spec(run)
     check_trusted(spec, run.uri, given=False, trust_factory=trust_factory)
     errors: list[BaseException | None] = [None] * len(edits)
@@ -190,9 +157,11 @@ def apply_many(run_uri: str, edits: Sequence[Edit], *, storage_options=None,
         todo = [i for i in todo if edits[i].format != "full" or edits[i].eval]
         for i in set(range(len(edits))) - set(todo):
             errors[i] = _one(run_uri, edits[i], storage_options, trust_factory)
-    known = set(run.concepts)  # an unknown concept fails its own edit (plan_edits), not all
-    shared = SharedEngrams(run, [c for i in todo for c in edits[i].concepts if c in known])
-    plans = _plans(shared, edits, todo, errors, storage_options)
+    plans = {}
+    for solver in dict.fromkeys(edits[i].solver for i in todo):  # one source per solver
+        shared = SharedEngrams(run.with_solver(solver))
+        group = [i for i in todo if edits[i].solver == solver]
+        plans.update(_plans(shared, edits, group, errors, storage_options))
     evals = _evaluate(run, spec, edits, plans, errors, storage_options)
     full = {i: p for i, p in plans.items() if edits[i].format == "full"}
     peft = {i: p for i, p in plans.items() if edits[i].format == "peft"}
@@ -291,7 +260,7 @@ def _one(run_uri: str, e: Edit, storage_options, trust_factory: bool) -> BaseExc
         apply_run(run_uri, list(e.concepts), alpha=e.alpha, scale=e.scale,
                   modules=_listed(e.modules), out=e.out, storage_options=storage_options,
                   trust_factory=trust_factory, format=e.format, adapter_rtol=e.adapter_rtol,
-                  adapter_exact_dense=e.adapter_exact_dense)
+                  adapter_exact_dense=e.adapter_exact_dense, solver=e.solver)
     except Exception as ex:  # noqa: BLE001 - returned: the batch goes on
         return ex
     return None
@@ -315,6 +284,11 @@ def _finish(run, spec: ModelSpec, plan: EditPlan, e: Edit, stage: str,
     except Exception as ex:  # noqa: BLE001 - this edit fails, the batch goes on
         return ex
     return None
+
+
+def _source_run(source):
+    """The run behind a plan's source (a :class:`SharedEngrams` wraps one)."""
+    return getattr(source, "source", source)
 
 
 def _listed(modules):
@@ -357,5 +331,6 @@ def _provenance(run, spec: ModelSpec, plan: EditPlan, scale, modules) -> dict:
         "modules": {m: plan.scales[m] for m in sorted(plan.scales)},
         "base_model": {"spec": spec.to_dict(),
                        "fingerprint": (run.info.get("model") or {}).get("fingerprint")},
+        "solver": _source_run(plan.source).solver.to_dict(),
         "engram_ray_version": VERSION,
     }

@@ -10,7 +10,7 @@
       ├ RunWriter(run)                   # first: the run's lease (one writer per run) and a
       │                                  # staging area; a second writer fails here, at once
       ├ executor.solve(GroupSolve, …)    # per input group, largest D first: merge the base Σ,
-      │                                  # keep Σ, eigh once, every engram → staged payloads
+      │                                  # eigh once, every engram's norm → staged statistics
       ├ solution_warnings                # directions kept per group, engram norms → run.json
       └ RunWriter.commit(manifest, run.json): publish, marker last; a failure anywhere aborts
                                          # (staging removed, lease released): nothing committed
@@ -40,7 +40,7 @@ from engram_ray.core.solve import solution_warnings, solve_group
 from engram_ray.incremental import Extension, prepare_extension
 from engram_ray.io.sigma_checkpoint import Generation, SigmaCheckpoint, config_digest, slices
 from engram_ray.io.storage import Storage
-from engram_ray.io.store import RunWriter, run_exists, split_run_uri
+from engram_ray.io.store import RunWriter, run_exists, split_run_uri, weight_digest
 from engram_ray.runinfo import new_run_id, run_metadata
 
 __all__ = [
@@ -142,9 +142,9 @@ def merge_base(base, group: str, moments: Moments, sources: Sequence[str]) -> Mo
 
 @dataclass(frozen=True)
 class GroupSolve:
-    """Solve one input group and write its payloads into the staging area at ``uri`` (the
-    driver's :class:`RunWriter` made it): merge the base Σ, keep Σ if asked, one eigh, every
-    engram of every member."""
+    """Solve one input group and write its statistics into the staging area at ``uri`` (the
+    driver's :class:`RunWriter` made it): merge the base Σ, one eigh, every engram's norm; the
+    spectrum, the concepts' rows or blocks (and Σ_total if kept) are what the run stores."""
 
     uri: str  # the writer's staging URI, not the run's
     storage_options: Mapping | None = field(repr=False)
@@ -158,12 +158,12 @@ class GroupSolve:
         writer = RunWriter(self.uri, self.storage_options, attach=True)
         group = members[0].group
         moments = merge_base(self.base, group, moments, self.sources)
-        if self.keep_statistics:
-            writer.write_statistics(group, moments)
         if device is not None:
             moments = moments.to(device)  # eigh and matmuls where the task runs, still float64
-        records = solve_group(moments, list(members), weights, self.solver)
-        return writer.write_records({m.name: m for m in members}, records)
+        solution = solve_group(moments, list(members), weights, self.solver)
+        digests = {m.name: weight_digest(weights[m.name]) for m in members}
+        return writer.write_group(list(members), moments, solution, digests,
+                                  keep_total=self.keep_statistics)
 
 
 @dataclass(frozen=True)

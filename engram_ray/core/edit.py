@@ -50,7 +50,9 @@ __all__ = [
 
 
 class EngramSource(Protocol):
-    """Anything with engrams: a committed :class:`~engram_ray.io.store.Run`, or an in-memory set."""
+    """Anything with engrams: a committed :class:`~engram_ray.io.store.Run` (engrams formed on
+    read from its statistics), or an in-memory set. ``union`` is optional: a source that has it
+    forms a union's engram at once (a run: from the union's rows, never concept by concept)."""
 
     concepts: list[str]
     modules: list[str]
@@ -63,7 +65,12 @@ class EngramSource(Protocol):
 def union_engram(
     source: EngramSource, concepts: Sequence[str], module: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``Σ_{c∈U} W⁺_c`` (weight, bias) for one module: exact, since engrams are linear in Σ_c."""
+    """``Σ_{c∈U} W⁺_c`` (weight, bias) for one module: exact, since engrams are linear in Σ_c.
+    Formed by the source at once when it can (``source.union``), else summed concept by
+    concept."""
+    own = getattr(source, "union", None)
+    if callable(own):
+        return own(list(concepts), module)
     w = b = None
     for c in concepts:
         ew, eb = source.engram(c, module), source.bias(c, module)
@@ -74,42 +81,52 @@ def union_engram(
 
 
 class SharedEngrams:
-    """An :class:`EngramSource` that reads each module's engrams once for a batch of edits.
+    """An :class:`EngramSource` that forms each module's unions once for a batch of edits.
 
     Edits of one run made together (``apply.apply_many``) walk the modules in the same order,
-    in lockstep; the first to need module m reads the engrams of every concept the batch
-    forgets at m (``concepts``, the union of the edits' forget sets) and the others reuse
-    them. Only the last ``keep`` modules stay in memory (a weight and its bias may be a few
-    tensors apart in a checkpoint), so memory is a few modules' engrams, not a model's worth.
-    ``reads`` counts engrams read from the source.
+    in lockstep; the first to need module m's union of a forget set forms it (and its factors,
+    for adapters) and the others, and the later steps of the same edit (scales, then the
+    write), reuse it. Only the last ``keep`` modules stay in memory (a weight and its bias may
+    be a few tensors apart in a checkpoint), so memory is a few modules' updates, not a
+    model's worth. ``reads`` counts unions formed by the source.
     """
 
-    def __init__(self, source: EngramSource, concepts: Sequence[str], keep: int = 4) -> None:
+    def __init__(self, source: EngramSource, concepts: Sequence[str] = (), keep: int = 4) -> None:
         self.source, self.keep = source, keep
         self.concepts, self.modules = source.concepts, source.modules
-        self._need = list(dict.fromkeys(concepts))
-        self._held: dict[str, dict[str, tuple]] = {}  # module → concept → (weight, bias)
+        self._held: dict[str, dict[tuple, tuple]] = {}  # module → (kind, forget set) → value
         self.reads = 0
 
     def module_info(self, module: str) -> dict:
         return self.source.module_info(module)
 
-    def _module(self, module: str) -> dict[str, tuple]:
+    def _cached(self, module: str, key: tuple, make):
         if module in self._held:
             self._held[module] = self._held.pop(module)  # most recently used last
         else:
-            self._held[module] = {c: (self.source.engram(c, module), self.source.bias(c, module))
-                                  for c in self._need}
-            self.reads += len(self._need)
+            self._held[module] = {}
             while len(self._held) > self.keep:
                 del self._held[next(iter(self._held))]
-        return self._held[module]
+        held = self._held[module]
+        if key not in held:
+            held[key] = make()
+            self.reads += 1
+        return held[key]
+
+    def union(self, concepts: Sequence[str], module: str):
+        key = ("union", tuple(concepts))
+        return self._cached(module, key, lambda: union_engram(self.source, concepts, module))
+
+    def union_parts(self, concepts: Sequence[str], module: str):
+        key = ("parts", tuple(concepts))
+        return self._cached(module, key,
+                            lambda: self.source.union_parts(list(concepts), module))
 
     def engram(self, concept: str, module: str) -> torch.Tensor:
-        return self._module(module)[concept][0]
+        return self.union([concept], module)[0]
 
     def bias(self, concept: str, module: str) -> torch.Tensor | None:
-        return self._module(module)[concept][1]
+        return self.union([concept], module)[1]
 
 
 def _as_matrix(w: torch.Tensor, b: torch.Tensor | None, kind: str) -> torch.Tensor:

@@ -28,17 +28,21 @@ its weight (a rescaled inverse of tiny eigenvalues; applying it would wreck the 
 stops the run: both can be legitimate (few tokens, a deliberate ``rank_fraction``), so they are
 reported, never silent.
 
-Concepts kept as raw rows ``X_c`` (fewer tokens than half the layer's width, see ``moments.py``)
-get their engram as exact rank-n_c factors instead of a dense matrix:
+What a run stores (format 3): per input group, Σ_total's eigendecomposition and each concept's
+statistics — its feature rows ``X_c`` (fewer tokens than half the layer's width, see
+``moments.py``) or its Σ_c block — never the (concept, module) engrams. Every module of a group
+shares one Σ_total⁺ and each concept's rows, and the weight ``W_m`` is in the base model, which an
+edit reads anyway, so an engram is formed on read:
 
-    W Σ_c Σ⁺ = (W X_cᵀ)(X_c Σ⁺) = A B,    A: (out, n_c),  B: (n_c, D)
+    W Σ_c Σ⁺ = (W X_cᵀ)(X_c Σ⁺) = A B,    A: (out, n_c),  B: (n_c, D)     (:func:`row_factors`)
 
-which costs ``(out + D)·D·n_c`` flops instead of ``2·out·D²`` and stores ``(out + D)·n_c`` numbers
-instead of ``out·D``. A and B are formed in float64 and kept in float32 like dense engrams. Could
-float32 factors lose accuracy by cancellation inside the product? Measured on the benchmark's
-Llama (50 authors, every group): the product of the float32 factors is within 2.6e-8 (median) /
-3.8e-8 (worst) of the float64 engram, the same as rounding the dense engram to float32 (2.5e-8);
-orthonormalizing B by a QR first gave the same accuracy at a third of the solve's cost.
+which costs ``(out + D)·D·n_c`` flops instead of ``2·out·D²``, or ``W Σ_c Σ⁺`` for a block. An
+edit of a set U never forms per-concept engrams: :func:`group_update` forms ``W Σ_U Σ⁺`` once
+per module from the union's rows (rank n_U) or blocks. At extraction only the norms are formed
+(Gram identities in :func:`solve_group`), for ``show``, warnings and ``weight_norm`` scaling.
+Why this trade: a TOFU run of Llama-3.2-1B stored 400 GB of engrams (lm_head's 128k × n_c
+factor once per concept) where its statistics take a fraction (docs/scaling.md), and the solver
+options stay open until the edit because the spectrum is kept.
 """
 
 from __future__ import annotations
@@ -55,15 +59,20 @@ from engram_ray.core.moments import ModuleInfo, Moments
 __all__ = [
     "FLOAT32_EPS",
     "EngramRecord",
-    "FactoredEngram",
+    "GroupSolution",
     "SolverConfig",
     "default_rtol",
     "engram_matrix",
+    "group_update",
+    "inverse_from_spectrum",
     "pseudo_inverse",
+    "row_factors",
     "solution_warnings",
     "solve_group",
     "spectral_inverse",
+    "spectrum",
     "to_weight_shape",
+    "weight_layout",
 ]
 
 # Warning thresholds (see the module docstring).
@@ -83,17 +92,30 @@ def pseudo_inverse(sigma: torch.Tensor, config: SolverConfig = SolverConfig()) -
     return spectral_inverse(sigma, config)[0]
 
 
+def spectrum(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(λ ascending, V)`` of a symmetric ``(D, D)`` matrix, float64, on its device: the one
+    eigendecomposition of an input group, which a run stores so that every solver option
+    (:func:`inverse_from_spectrum`) stays open until the edit."""
+    sym = sigma.double()
+    sym = (sym + sym.T) / 2  # remove fp asymmetry before eigh
+    return torch.linalg.eigh(sym)
+
+
 def spectral_inverse(sigma: torch.Tensor,
                      config: SolverConfig = SolverConfig()) -> tuple[torch.Tensor, int]:
     """:func:`pseudo_inverse` and how many of the D directions it kept (D for ridge: every
     direction is damped, none dropped; 0 for a zero Σ)."""
-    d = sigma.shape[0]
-    sym = sigma.double()
-    sym = (sym + sym.T) / 2  # remove fp asymmetry before eigh
-    evals, evecs = torch.linalg.eigh(sym)  # ascending
+    return inverse_from_spectrum(*spectrum(sigma), config)
+
+
+def inverse_from_spectrum(evals: torch.Tensor, evecs: torch.Tensor,
+                          config: SolverConfig = SolverConfig()) -> tuple[torch.Tensor, int]:
+    """``V diag(1/λ) Vᵀ`` over the eigenpairs ``config`` keeps (module docstring), and how
+    many it kept; ridge: ``V diag(1/(λ + r·mean λ)) Vᵀ`` over all of them."""
+    d = evals.shape[0]
     lam_max = evals[-1].clamp_min(0)
     if lam_max <= 0:
-        return torch.zeros_like(sym), 0
+        return torch.zeros_like(evecs), 0
     if config.ridge is not None:
         lam = config.ridge * evals.clamp_min(0).mean()
         inv = 1.0 / (evals.clamp_min(0) + lam)
@@ -124,6 +146,37 @@ def engram_matrix(w: torch.Tensor, sigma_c: torch.Tensor, pinv: torch.Tensor) ->
     return (w @ sigma_c) @ pinv
 
 
+def row_factors(w: torch.Tensor, x: torch.Tensor,
+                pinv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W Xᵀ, X Σ⁺)``, float64: the exact rank-n factors of ``W Σ_c Σ⁺`` when
+    ``Σ_c = Xᵀ X`` (X: the concept's n feature rows, exact in float64 whatever their dtype)."""
+    x = x.to(pinv.device, torch.float64)
+    return w.to(pinv.device, torch.float64) @ x.T, x @ pinv
+
+
+def group_update(w: torch.Tensor, rows: Sequence[torch.Tensor], blocks: Sequence[torch.Tensor],
+                 pinv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``Σ_{c∈U} W⁺_c = W Σ_U Σ⁺`` for a set U of concepts of one input group, float64: the
+    update of an edit, formed once from the union's statistics, never concept by concept.
+
+    ``rows``: the feature rows of U's concepts kept as rows; ``blocks``: the Σ_c blocks of the
+    others. While U has only rows and fewer than D/2 of them, the update is returned as exact
+    factors ``(W X_Uᵀ, X_U Σ⁺)`` (rank n_U); otherwise as ``(dense (out, D), None)``, with
+    ``Σ_U = X_Uᵀ X_U + Σ blocks``: linearity in Σ_c is what makes both equal the sum of the
+    concepts' engrams.
+    """
+    d = pinv.shape[0]
+    x = torch.cat([r.to(pinv.device, torch.float64) for r in rows]) if rows else None
+    if not blocks and x is not None and 2 * x.shape[0] < d:
+        return row_factors(w, x, pinv)
+    sigma = torch.zeros(d, d, dtype=torch.float64, device=pinv.device)
+    for b in blocks:
+        sigma += b.to(pinv.device, torch.float64)
+    if x is not None:
+        sigma += x.T @ x
+    return engram_matrix(w.to(pinv.device), sigma, pinv), None
+
+
 def weight_layout(mat: torch.Tensor, kind: str, shape: Sequence[int]) -> torch.Tensor:
     """An (out, in_flat) matrix in the module's own weight layout (GPT-2 Conv1D is [in, out])."""
     if kind == "conv1d":
@@ -139,50 +192,35 @@ def to_weight_shape(mat: torch.Tensor, info: ModuleInfo) -> tuple[torch.Tensor, 
 
 
 @dataclass
-class FactoredEngram:
-    """A weight engram ``A @ B`` in (out, in_flat) orientation, ``kind``/``shape`` its layout.
-
-    ``a``: (out, r); ``b``: (r, in_flat) — ``in_flat`` is ``C·kh·kw`` for Conv2d; GPT-2's Conv1D
-    is transposed back to ``[in, out]`` by :meth:`weight`. The bias part is kept dense.
-    """
-
-    a: torch.Tensor
-    b: torch.Tensor
-    kind: str = "linear"
-    shape: tuple[int, ...] | None = None
-
-    @property
-    def rank(self) -> int:
-        return int(self.a.shape[1])
-
-    def weight(self) -> torch.Tensor:
-        """The dense engram in the module's layout, float32 (product taken in float64)."""
-        mat = self.a.double() @ self.b.double()
-        shape = self.shape if self.shape is not None else tuple(mat.shape)
-        return weight_layout(mat, self.kind, shape).float()
-
-
-@dataclass
 class EngramRecord:
-    """One (concept, module) engram in the module's weight layout, float32.
+    """What a run's manifest says of one (concept, module) engram, without the engram: the
+    engram itself is formed on read from the group's statistics and the base weight.
 
-    Dense engrams carry ``weight``; engrams of concepts kept as rows carry ``factors`` instead
-    (``weight`` is None). :meth:`dense` gives the weight either way.
-    """
+    ``form``: ``"rows"`` (the concept's feature rows are stored; the engram has rank ≤ n) or
+    ``"block"`` (its Σ_c block is stored)."""
 
     concept: str
     module: str
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
     n: int  # concept tokens
     n_total: int  # all tokens of the input group
     rel_norm: float  # ‖W⁺‖_F / ‖W‖_F (bias included when absorbed)
     weight_norm: float  # ‖W‖_F (bias included when absorbed)
-    factors: FactoredEngram | None = None
+    form: str = "rows"
     kept: int | None = None  # directions of the group's D that Σ_total⁺ kept
 
-    def dense(self) -> torch.Tensor:
-        return self.weight if self.weight is not None else self.factors.weight()
+    @property
+    def rank(self) -> int | None:
+        return self.n if self.form == "rows" else None
+
+
+@dataclass
+class GroupSolution:
+    """One input group solved: its spectrum (stored by the run) and every engram's record."""
+
+    evals: torch.Tensor
+    evecs: torch.Tensor
+    kept: int
+    records: list[EngramRecord]
 
 
 def solve_group(
@@ -191,11 +229,13 @@ def solve_group(
     weights: Mapping[str, torch.Tensor],
     config: SolverConfig = SolverConfig(),
     concepts: Sequence[str] | None = None,
-) -> Iterator[EngramRecord]:
-    """Yield every (concept, module) engram of one input group: one eigh, then matmuls.
+) -> GroupSolution:
+    """One eigh of Σ_total, then every (concept, module) engram's norm, never the engram.
 
-    ``weights[name]`` is the module as an (out, D) matrix (see ``capture.weight_matrix``).
-    Records come concept by concept so a writer can stream them with one engram in memory.
+    ``weights[name]`` is the module as an (out, D) matrix (see ``core.layers.weight_matrix``).
+    Norms come from Gram identities: ``‖A_m B‖²_F`` from an (out, n_c) and an (n_c, n_c)
+    product for concepts kept as rows, ``⟨W_mᵀW_m, P Pᵀ⟩`` with ``P = Σ_c Σ⁺`` for blocks, so
+    no (out × D) engram is formed at extraction; the edit forms what it needs on read.
     """
     for info in members:
         w = weights[info.name]
@@ -204,26 +244,32 @@ def solve_group(
         if not torch.isfinite(w).all():
             raise ValueError(f"module {info.name!r} has non-finite weights")
     device = moments.total.device
-    pinv, kept = spectral_inverse(moments.total, config)
+    evals, evecs = spectrum(moments.total)
+    pinv, kept = inverse_from_spectrum(evals, evecs, config)
     norms = {i.name: float(torch.linalg.norm(weights[i.name].double())) for i in members}
-    # All modules of the group as one (Σ out, D) matrix: one matmul chain per concept.
+    # All modules of the group as one (Σ out, D) matrix: one matmul chain per chunk of concepts.
     stacked = torch.cat([weights[i.name].double() for i in members]).to(device)
     splits = [weights[i.name].shape[0] for i in members]
     names = list(concepts if concepts is not None else moments.names)
     for c in names:
         if moments.counts.get(c, 0) == 0:
             raise ValueError(f"concept {c!r} has zero tokens after masking; no engram exists")
+    records: list[EngramRecord] = []
+    blocks = [c for c in names if c not in moments.rows]
+    if blocks:
+        grams = [stacked[sum(splits[:k]):sum(splits[:k + 1])] for k in range(len(splits))]
+        grams = [g.T @ g for g in grams]  # W_mᵀ W_m once per module
+        for c in blocks:
+            p = moments.concepts[c].to(device, torch.float64) @ pinv
+            q = p @ p.T
+            sq = [float((g * q).sum().clamp_min(0)) for g in grams]
+            records += _records(c, members, moments, [math.sqrt(v) for v in sq], norms, "block")
     small = [c for c in names if c in moments.rows]
-    for c in (c for c in names if c not in moments.rows):
-        mats = engram_matrix(stacked, moments.concepts[c], pinv).split(splits)
-        for info, mat in zip(members, mats):
-            w, b = to_weight_shape(mat.float().cpu(), info)
-            yield _record(c, info, moments, float(torch.linalg.norm(mat)), norms[info.name],
-                          weight=w, bias=b, kept=kept)
     for chunk in _chunks(small, moments, _rows_per_chunk(moments.dim, stacked.shape[0])):
-        for rec in _factored(chunk, moments, members, stacked, splits, pinv, norms):
-            rec.kept = kept
-            yield rec
+        records += _row_norms(chunk, moments, members, stacked, splits, pinv, norms)
+    for r in records:
+        r.kept = kept
+    return GroupSolution(evals, evecs, kept, records)
 
 
 def _rows_per_chunk(dim: int, outputs: int, budget_bytes: int = 256 << 20) -> int:
@@ -245,39 +291,37 @@ def _chunks(names: Sequence[str], moments: Moments, limit: int) -> Iterator[list
         yield chunk
 
 
-def _factored(chunk, moments, members, stacked, splits, pinv, norms) -> Iterator[EngramRecord]:
-    """Rank-n_c engrams ``(W X_cᵀ)(X_c Σ⁺)`` of concepts kept as rows (module docstring),
-    every concept of the chunk in one pair of matmuls."""
-    xs = [moments.rows[c].to(stacked.device, torch.float64) for c in chunk]  # exact float32
+def _row_norms(chunk, moments, members, stacked, splits, pinv, norms) -> list[EngramRecord]:
+    """Norms of the rank-n_c engrams ``(W X_cᵀ)(X_c Σ⁺)`` of concepts kept as rows, every
+    concept of the chunk in one pair of matmuls."""
+    xs = [moments.rows[c].to(stacked.device, torch.float64) for c in chunk]  # exact
     x = torch.cat(xs)  # (Σ n_c, D)
     b_all = x @ pinv  # X_c Σ⁺ for every concept, stacked by rows
     a_all = stacked @ x.T  # W X_cᵀ for every module (rows) and concept (columns)
-    start = 0
+    out, start = [], 0
     for c, xc in zip(chunk, xs):
         cols = slice(start, start + xc.shape[0])
         start += xc.shape[0]
-        b = b_all[cols]  # (n_c, D)
-        a = a_all[:, cols]  # (Σout, n_c)
+        b, a = b_all[cols], a_all[:, cols]
         # ‖A_m B‖²_F = Σ_rows of A_m of (A_m B Bᵀ) ∘ A_m: every module's norm from one (Σout, n_c)
         # product, without forming A B; the bias column is included, as for dense engrams.
         sq = (a @ (b @ b.T)).mul_(a).sum(1)
-        norms_c = [float(part.sum().clamp_min(0).sqrt()) for part in sq.split(splits)]
-        a32 = a.float().cpu().contiguous()  # module blocks below are contiguous row ranges
-        # Modules of one input group share the bias flag (it is part of the group's signature).
-        bias = members[0].bias
-        right = (b[:, :-1] if bias else b).float().cpu().contiguous()
-        biases = (a @ b[:, -1]).float().cpu().split(splits) if bias else [None] * len(members)
-        for info, a_m, bias_m, norm in zip(members, a32.split(splits), biases, norms_c):
-            yield _record(c, info, moments, norm, norms[info.name], weight=None, bias=bias_m,
-                          factors=FactoredEngram(a_m, right, info.kind, tuple(info.weight_shape)))
+        vals = [float(part.sum().clamp_min(0).sqrt()) for part in sq.split(splits)]
+        out += _records(c, members, moments, vals, norms, "rows")
+    return out
 
 
-def _record(concept: str, info: ModuleInfo, moments: Moments, norm: float, weight_norm: float,
-            **payload) -> EngramRecord:
-    """An engram's record: counts from ``moments``, ``‖W⁺_c‖/‖W‖`` (0 for a zero weight)."""
-    return EngramRecord(concept=concept, module=info.name, n=moments.counts[concept],
-                        n_total=moments.n_total, weight_norm=weight_norm,
-                        rel_norm=norm / weight_norm if weight_norm > 0 else 0.0, **payload)
+def _records(concept: str, members, moments: Moments, engram_norms, weight_norms,
+             form: str) -> list[EngramRecord]:
+    """Each member's record of ``concept``: counts from ``moments``, ``‖W⁺_c‖/‖W‖`` (0 for a
+    zero weight)."""
+    out = []
+    for info, norm in zip(members, engram_norms):
+        wn = weight_norms[info.name]
+        out.append(EngramRecord(concept=concept, module=info.name, n=moments.counts[concept],
+                                n_total=moments.n_total, weight_norm=wn, form=form,
+                                rel_norm=norm / wn if wn > 0 else 0.0))
+    return out
 
 
 def solution_warnings(groups: Mapping[str, tuple[int | None, int]],

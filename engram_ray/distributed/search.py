@@ -24,13 +24,14 @@ def _score_alpha(model_dir, run_uri, forget, alpha, scale, splits, gold, base, t
 
     from engram_ray.core.edit import apply_edit, plan_edit
     from engram_ray.eval.lm_scores import TofuEvaluator
-    from engram_ray.io.store import open_run
     from engram_ray.models.loading import ModelSpec, load_model, load_tokenizer
+    from engram_ray.runs import open_run
 
     torch.set_num_threads(1)
     spec = ModelSpec(path=model_dir)
     model, tok = load_model(spec), load_tokenizer(spec)
-    apply_edit(model, plan_edit(open_run(run_uri), forget, alpha=alpha, scale=scale))
+    run = open_run(run_uri, model=model_dir)  # engrams from the unedited checkpoint's weights
+    apply_edit(model, plan_edit(run, forget, alpha=alpha, scale=scale))
     evaluator = TofuEvaluator(tok, *splits, gold=gold, base=base, template=template)
     return {"alpha": alpha, **evaluator(model)}
 

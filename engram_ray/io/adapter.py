@@ -60,7 +60,6 @@ end, so neither the reads nor the memory grow with a whole adapter per request.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -72,9 +71,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -83,7 +80,7 @@ from engram_ray.core.edit import EditPlan, plan_edit
 from engram_ray.core.layers import module_kind
 from engram_ray.io.export import SafetensorsWriter, upload_dir
 from engram_ray.io.storage import Storage
-from engram_ray.io.store import Run, open_run, read_row_group
+from engram_ray.io.store import Run
 from engram_ray.models.loading import as_dtype, build_empty, open_weights
 
 __all__ = [
@@ -94,7 +91,6 @@ __all__ = [
     "AdapterJob",
     "ModuleAdapter",
     "module_adapter",
-    "read_factors",
     "write_peft_adapter",
     "write_peft_adapters",
 ]
@@ -157,7 +153,10 @@ def write_peft_adapter(
     (not given here) is built only with ``trust_factory`` (building it imports its code).
     """
     _check_output(Storage(out, storage_options))  # refusals that cost nothing come first
-    run = run if isinstance(run, Run) else open_run(run, storage_options)
+    if not isinstance(run, Run):
+        from engram_ray.runs import open_run
+
+        run = open_run(run, storage_options, trust_factory=trust_factory)
     _rtol(rtol)
     plan = plan_edit(run, forget, alpha=alpha, scale=scale, modules=modules)
     [meta] = write_peft_adapters(run, [AdapterJob(plan, out, _scale_name(scale), rtol,
@@ -258,13 +257,12 @@ def _fill(run: Run, jobs: Sequence[AdapterJob], states: Mapping[int, _State], re
     """Every live job's factors, module-major (see :func:`write_peft_adapters`)."""
     live = {i: s for i, s in states.items() if results[i] is None}
     dtypes, old_bias = _shared_inputs(run, live, results, base, dtype)
-    reader = _SharedFactors(run, [c for i in live for c in jobs[i].plan.forget])
     for m in sorted({m for s in live.values() for m in s.targets}):
         for i, s in live.items():
             if results[i] is not None or m not in s.targets:
                 continue
             try:
-                a = module_adapter(jobs[i].plan, m, s.rtol, jobs[i].exact_dense, reader)
+                a = module_adapter(jobs[i].plan, m, s.rtol, jobs[i].exact_dense)
                 tensors: dict = {}
                 s.stats[m] = _module_tensors(a, dtypes[i][m], s.bias_mode, old_bias.get(m),
                                              tensors)
@@ -431,101 +429,16 @@ def _safetensors_header(file: str, storage_options) -> dict:
         return json.loads(f.read(n))
 
 
-# --- reading factored engrams without densifying them ------------------------------------------
-
-class _FactorReader:
-    """``(A, B, bias)`` of factored engrams, float32, read from the run's payload with the
-    sha256 check ``Run`` applies (``Run.engram`` would form ``A B``). Uses ``run.factors``
-    when the run has it."""
-
-    def __init__(self, run: Run) -> None:
-        self.run = run
-        own = getattr(run, "factors", None)
-        self._own = own if callable(own) else None
-        root = Storage(run.uri, run.storage_options)
-        gen = (getattr(run, "marker", None) or {}).get("generation", "")
-        self._storage = root.child(gen) if gen else root
-        self._group = lru_cache(maxsize=2)(self._read_group)
-
-    def factors(self, concept: str, module: str):
-        if self._own is not None:
-            return self._own(concept, module)
-        row = self.run.record(concept, module)
-        if row["form"] != "factored":
-            return None
-        path = self._storage.uri_of(row["payload"])
-        t = self._group(row["payload"], row["row_group"]).slice(row["row"], 1)
-        if t.num_rows != 1 or t.column("concept")[0].as_py() != concept:
-            raise ValueError(f"{path}: row group {row['row_group']} row {row['row']} is not "
-                             f"concept {concept!r}")
-        cells = [_cell(t, k) for k in ("factor_a", "factor_b", "bias")]
-        digest = hashlib.sha256()
-        for c in cells:
-            if c is not None:
-                digest.update(memoryview(c).cast("B"))
-        if digest.hexdigest() != row["sha256"]:
-            raise ValueError(f"payload {path} (concept {concept!r}, module {module!r}) fails "
-                             "its sha256 check: the file was modified after the run was "
-                             "committed")
-        r = row["rank"]
-        a, b = _floats(cells[0], (-1, r)), _floats(cells[1], (r, -1))
-        return a, b, None if cells[2] is None else _floats(cells[2], (-1,))
-
-    def _read_group(self, rel: str, index: int):
-        return read_row_group(self._storage, rel, index)
-
-
-def _cell(table, column: str):
-    value = table.column(column)[0]
-    return value.as_buffer() if value.is_valid else None
-
-
-def _floats(buf, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(buf, dtype="<f4").reshape(shape).astype(np.float32))
-
-
-def read_factors(run: Run, concept: str, module: str):
-    """``(A (out × r), B (r × in_flat), bias | None)`` of a factored engram, float32 and
-    sha256-checked, without forming ``A B``; ``None`` for a dense engram."""
-    return _FactorReader(run).factors(concept, module)
-
-
-class _SharedFactors:
-    """A :class:`_FactorReader` shared by the jobs of a batch walking the modules in the same
-    order: the first job to ask for module m reads the factors of every concept the batch
-    forgets at m, in payload order (so each row group is fetched once), and the other jobs
-    reuse them; one module is held at a time (factors: ``(out + in)·r`` numbers a concept)."""
-
-    def __init__(self, run: Run, concepts: Sequence[str]) -> None:
-        self.run, self.reader = run, _FactorReader(run)
-        self.need = list(dict.fromkeys(concepts))
-        self.module: str | None = None
-        self.held: dict = {}
-
-    def factors(self, concept: str, module: str):
-        if module != self.module:
-            self.held, self.module = {}, module  # drop the last module before reading
-            rows = {c: self.run.record(c, module) for c in self.need}
-            order = sorted(self.need, key=lambda c: (rows[c]["payload"], rows[c]["row_group"],
-                                                     rows[c]["row"]))
-            self.held = {c: self.reader.factors(c, module) for c in order}
-        if concept not in self.held:  # not one of the batch's concepts: read it alone
-            return self.reader.factors(concept, module)
-        return self.held[concept]
-
-
 # --- the factors of one module ------------------------------------------------------------------
 
 def module_adapter(plan: EditPlan, name: str, rtol: float = DEFAULT_RTOL,
-                   exact_dense: bool = False, reader: _FactorReader | None = None
-                   ) -> ModuleAdapter:
+                   exact_dense: bool = False) -> ModuleAdapter:
     """The LoRA factors of ``plan``'s change to module ``name`` (module docstring: factored,
     full_rank or svd)."""
     info = plan.source.module_info(name)
     kind, shape = info["kind"], tuple(info["shape"])
-    reader = reader or _FactorReader(plan.source)
     k = plan.alpha * plan.scales[name]
-    union = _factored_union(reader, plan.forget, name, k)
+    union = _low_rank_union(plan.source, plan.forget, name, k, info["has_bias"])
     if union is not None:
         left, right, bias = union
         if left.shape[1] < min(left.shape[0], right.shape[1]):
@@ -543,21 +456,19 @@ def module_adapter(plan: EditPlan, name: str, rtol: float = DEFAULT_RTOL,
     return ModuleAdapter(name, kind, shape, "full_rank", *_full_rank(dense), bias, dense)
 
 
-def _factored_union(reader: _FactorReader, forget: Sequence[str], name: str, k: float):
-    """``([−k A_1 … −k A_n], [B_1; …; B_n], k Σ b_c)`` when every concept's engram of ``name``
-    is factored, else None. The bias is summed in float32 in concept order and scaled like
-    ``plan.delta``'s, so it is bit for bit the amount ``--format full`` subtracts."""
-    lefts, rights, bias = [], [], None
-    for c in forget:
-        f = reader.factors(c, name)
-        if f is None:
-            return None
-        a, b, bc = f
-        lefts.append(a.double() * -k)
-        rights.append(b.double())
-        if bc is not None:
-            bias = bc.clone() if bias is None else bias.add_(bc)
-    return torch.cat(lefts, 1), torch.cat(rights, 0), None if bias is None else bias * k
+def _low_rank_union(source, forget: Sequence[str], name: str, k: float, has_bias: bool):
+    """``(−k W X_Uᵀ, X_U Σ⁺, k b⁺_U)`` when the union's update is low rank (every concept kept
+    as rows, n_U < D/2: ``source.union_parts``), else None: a union adapter is exact at rank
+    n_U. The bias is the product the run's ``union`` forms, scaled like ``plan.delta``'s, so it
+    is bit for bit the amount ``--format full`` subtracts."""
+    parts = getattr(source, "union_parts", None)
+    if not callable(parts):
+        return None
+    a, b = parts(list(forget), name)
+    if b is None:
+        return None
+    bias = (a @ b[:, -1]).float() * k if has_bias else None
+    return a * -k, (b[:, :-1] if has_bias else b), bias
 
 
 def _balance(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,7 +78,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
 import fsspec
@@ -87,9 +87,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from engram_ray.config import run_id_problem
-from engram_ray.core.moments import ModuleInfo, Moments, Statistics
-from engram_ray.core.solve import EngramRecord, FactoredEngram
+from engram_ray.config import SolverConfig, run_id_problem
+from engram_ray.core.moments import (
+    ModuleInfo,
+    Moments,
+    Statistics,
+    pack_symmetric,
+    unpack_symmetric,
+)
+from engram_ray.core.solve import (
+    GroupSolution,
+    group_update,
+    inverse_from_spectrum,
+    row_factors,
+    to_weight_shape,
+    weight_layout,
+)
 from engram_ray.io.lease import Lease, LeaseHeld
 from engram_ray.io.storage import Storage, is_remote
 
@@ -104,9 +117,10 @@ __all__ = [
     "run_exists",
     "run_lease",
     "split_run_uri",
+    "weight_digest",
 ]
 
-PAYLOAD_FORMAT_VERSION = 2  # 2: float32 bytes in binary columns (1: Arrow tensors)
+PAYLOAD_FORMAT_VERSION = 3  # 3: per-group statistics (2: per-engram float32 bytes; 1: Arrow tensors)
 COMMIT_MARKER = "_COMMITTED"
 MANIFEST = "manifest.parquet"
 RUN_JSON = "run.json"
@@ -141,13 +155,37 @@ _MANIFEST_SCHEMA = pa.schema(
         ("row_group", pa.int32()),
         ("row", pa.int32()),
         ("sha256", pa.string()),
+        ("dtype", pa.string()),
+        ("spectrum", pa.string()),
+        ("spectrum_sha256", pa.string()),
+        ("weight_sha256", pa.string()),
     ]
 )
 
 
-def _f32(x: torch.Tensor | None) -> np.ndarray | None:
-    """A tensor as a C-contiguous little-endian float32 array (the payload's byte layout)."""
-    return None if x is None else np.ascontiguousarray(x.detach().cpu().numpy(), dtype="<f4")
+# Tensor bytes as stored: little-endian, row-major; numpy has no bfloat16, so bfloat16 goes as
+# its raw 16-bit patterns (lossless: the activations of a bf16 model are bf16).
+_DTYPES = {torch.float32: "<f4", torch.float64: "<f8", torch.float16: "<f2",
+           torch.bfloat16: "bf16"}
+_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
+
+
+def _tensor_bytes(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A tensor's payload bytes (a C-contiguous array) and the dtype name they decode with."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype not in _DTYPES:
+        t = t.float()
+    name = _DTYPES[t.dtype]
+    arr = t.view(torch.int16).numpy() if name == "bf16" else t.numpy()
+    return np.ascontiguousarray(arr).view(np.uint8).reshape(-1), name
+
+
+def _bytes_tensor(buf, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`_tensor_bytes` (a writable copy)."""
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(f"unknown payload dtype {dtype!r}")
+    raw = torch.frombuffer(bytearray(memoryview(buf).cast("B")), dtype=torch.uint8)
+    return raw.view(_TORCH_DTYPES[dtype]).reshape(shape)
 
 
 def _digest(*parts) -> str:
@@ -159,90 +197,55 @@ def _digest(*parts) -> str:
     return h.hexdigest()
 
 
-def _payload_schema(info: ModuleInfo) -> pa.Schema:
-    return pa.schema(
-        [
-            ("concept", pa.string()),
-            ("form", pa.string()),
-            ("weight", pa.binary()),
-            ("bias", pa.binary()),
-            ("factor_a", pa.binary()),
-            ("factor_b", pa.binary()),
-            ("rank", pa.int32()),
-        ],
-        metadata={"payload_format_version": str(PAYLOAD_FORMAT_VERSION),
-                  "weight_shape": json.dumps(list(info.weight_shape)),
-                  "dtype": "<f4"},
-    )
+def weight_digest(matrix: torch.Tensor) -> str:
+    """sha256 of a module's (out, D) float64 weight matrix (bias column included): which
+    weights a run's engrams were computed with; checked whenever an engram is formed on read."""
+    arr = np.ascontiguousarray(matrix.detach().cpu().double().numpy())
+    return hashlib.sha256(memoryview(arr).cast("B")).hexdigest()
 
 
-def _blobs(arrays: Sequence[np.ndarray | None]) -> pa.Array:
-    """A binary column holding each array's bytes (null where None)."""
-    return pa.array([None if x is None else memoryview(x).cast("B") for x in arrays], pa.binary())
+_PAYLOAD_SCHEMA = pa.schema(
+    [("concept", pa.string()), ("form", pa.string()), ("data", pa.binary()),
+     ("dtype", pa.string()), ("rows", pa.int32())],
+    metadata={"payload_format_version": str(PAYLOAD_FORMAT_VERSION)})
 
 
-class _ModulePayload:
-    """Streams one module's rows to ``payload/<module>.parquet`` in row groups of about
-    ``ROW_GROUP_BYTES``."""
+class _GroupPayload:
+    """Streams one input group's concept statistics to ``payload/<group>.parquet`` (a row per
+    concept: its feature rows, or its Σ_c block as a packed float64 upper triangle), in row
+    groups of about ``ROW_GROUP_BYTES``."""
 
-    def __init__(self, storage: Storage, info: ModuleInfo) -> None:
-        self.info = info
-        self.rel = f"{PAYLOAD_DIR}/{info.name}.parquet"
-        self.schema = _payload_schema(info)
+    def __init__(self, storage: Storage, group: str) -> None:
+        self.rel = f"{PAYLOAD_DIR}/{group}.parquet"
         self._file = storage.open(self.rel, "wb")
         # Dictionary encoding and statistics only for the small string columns: float bytes
         # neither repeat nor compress, and a dictionary attempt on them is pure cost.
         self._writer = pq.ParquetWriter(
-            self._file, self.schema, use_dictionary=["concept", "form"],
+            self._file, _PAYLOAD_SCHEMA, use_dictionary=["concept", "form", "dtype"],
             write_statistics=["concept", "form"], compression="none")
         self._buffer: list[tuple] = []
         self._bytes = 0
         self.row_groups = 0
 
-    def write(self, rec: EngramRecord) -> dict:
-        bias = _f32(rec.bias)
-        factored = rec.factors
-        if factored is None:
-            weight, a, b = _f32(rec.weight), None, None
-            digest = _digest(weight, bias)
-        else:
-            weight, a, b = None, _f32(factored.a), _f32(factored.b)
-            digest = _digest(a, b, bias)
-        form = "dense" if factored is None else "factored"
-        rank = None if a is None else int(a.shape[1])
-        row = {
-            "concept": rec.concept,
-            "module": rec.module,
-            "group": self.info.group,
-            "kind": self.info.kind,
-            "layer": self.info.layer,
-            "shape": list(self.info.weight_shape),
-            "form": form,
-            "rank": rank,
-            "has_bias": bias is not None,
-            "n": rec.n,
-            "N": rec.n_total,
-            "rel_norm": rec.rel_norm,
-            "weight_norm": rec.weight_norm,
-            "kept": rec.kept,
-            "payload": self.rel,
-            "row_group": self.row_groups,
-            "row": len(self._buffer),
-            "sha256": digest,
-        }
-        self._buffer.append((rec.concept, form, weight, bias, a, b, rank))
-        self._bytes += sum(x.nbytes for x in (weight, bias, a, b) if x is not None)
+    def write(self, concept: str, form: str, tensor: torch.Tensor) -> dict:
+        """Buffer one concept's statistics; returns where it lands, its dtype and sha256."""
+        data, dtype = _tensor_bytes(tensor)
+        rows = int(tensor.shape[0]) if form == "rows" else None
+        where = {"payload": self.rel, "row_group": self.row_groups, "row": len(self._buffer),
+                 "sha256": _digest(data), "dtype": dtype}
+        self._buffer.append((concept, form, memoryview(data), dtype, rows))
+        self._bytes += data.nbytes
         if self._bytes >= ROW_GROUP_BYTES:
             self._flush()
-        return row
+        return where
 
     def _flush(self) -> None:
         if not self._buffer:
             return
         cols = list(zip(*self._buffer))
-        arrays = [pa.array(cols[0]), pa.array(cols[1]), *map(_blobs, cols[2:6]),
-                  pa.array(cols[6], pa.int32())]
-        table = pa.Table.from_arrays(arrays, schema=self.schema)
+        arrays = [pa.array(cols[0]), pa.array(cols[1]), pa.array(cols[2], pa.binary()),
+                  pa.array(cols[3]), pa.array(cols[4], pa.int32())]
+        table = pa.Table.from_arrays(arrays, schema=_PAYLOAD_SCHEMA)
         self._writer.write_table(table, row_group_size=table.num_rows)
         self.row_groups += 1
         self._buffer, self._bytes = [], 0
@@ -263,6 +266,25 @@ class _ModulePayload:
         else:
             _best_effort(self._file.close)
         _best_effort(self._writer.close)  # fails on the closed sink: only marks it closed
+
+
+def _spectrum_bytes(group: str, moments: Moments, solution: GroupSolution,
+                    keep_total: bool) -> bytes:
+    """``statistics/<group>.safetensors``: Σ_total's eigenvalues and eigenvectors (float64, as
+    ``eigh`` gave them: every solver option is applied on read), Σ_total itself (packed) when
+    the run keeps its statistics, and the counts an extension merges with."""
+    from safetensors.torch import save
+
+    tensors = {"eigenvalues": solution.evals.cpu().contiguous(),
+               "eigenvectors": solution.evecs.cpu().contiguous()}
+    if keep_total:
+        tensors["total"] = pack_symmetric(moments.total.cpu())
+    meta = {"format_version": str(PAYLOAD_FORMAT_VERSION), "group": group,
+            "dim": str(moments.dim), "n_total": str(moments.n_total),
+            "max_rows": str(moments.max_rows),
+            "counts": json.dumps(dict(sorted(moments.counts.items()))),
+            "sources": json.dumps(sorted(moments.sources))}
+    return save(tensors, metadata=meta)
 
 
 def split_run_uri(uri: str) -> tuple[str, str]:
@@ -438,27 +460,39 @@ class RunWriter:
                 f"{self.uri} exists and is not an engram run (it holds {foreign[:5]}); the "
                 "writer never replaces what it did not write: choose another run_id")
 
-    def write_records(
-        self, infos: Mapping[str, ModuleInfo], records: Iterable[EngramRecord]
-    ) -> list[dict]:
-        """Stream records (dense or factored) into per-module payload files; return their
-        manifest rows."""
-        writers: dict[str, _ModulePayload] = {}
-        rows = []
-        with self.storage.errors(f"writing payloads of run {_run_of(self.storage.uri)} to"):
+    def write_group(self, members: Sequence[ModuleInfo], moments: Moments,
+                    solution: GroupSolution, weight_digests: Mapping[str, str], *,
+                    keep_total: bool = False) -> list[dict]:
+        """Stage one solved input group (its spectrum file and its concepts' statistics) and
+        return its manifest rows, one per (concept, module), carrying the norms and the sha256
+        of every byte an engram of theirs is formed from."""
+        group = members[0].group
+        spec_rel = f"{STATISTICS_DIR}/{group}.safetensors"
+        blob = _spectrum_bytes(group, moments, solution, keep_total)
+        where = f"writing statistics of run {_run_of(self.storage.uri)} to"
+        with self.storage.errors(where):
+            self.storage.makedirs(STATISTICS_DIR)
+            self.storage.write_bytes(spec_rel, blob)
+            payload = _GroupPayload(self.storage, group)
             try:
-                for rec in records:
-                    w = writers.get(rec.module)
-                    if w is None:
-                        w = writers[rec.module] = _ModulePayload(self.storage, infos[rec.module])
-                    rows.append(w.write(rec))
-                for w in writers.values():
-                    w.close()
+                stored = {}
+                for c in sorted({r.concept for r in solution.records}):
+                    form, t = (("rows", moments.rows[c]) if c in moments.rows
+                               else ("block", pack_symmetric(moments.concepts[c].cpu())))
+                    stored[c] = payload.write(c, form, t)
+                payload.close()
             except BaseException:
-                for w in writers.values():
-                    w.discard()
+                payload.discard()
                 raise
-        return rows
+        infos = {m.name: m for m in members}
+        common = {"spectrum": spec_rel, "spectrum_sha256": hashlib.sha256(blob).hexdigest()}
+        return [{"concept": r.concept, "module": r.module, "group": group,
+                 "kind": infos[r.module].kind, "layer": infos[r.module].layer,
+                 "shape": list(infos[r.module].weight_shape), "form": r.form, "rank": r.rank,
+                 "has_bias": infos[r.module].bias, "n": r.n, "N": r.n_total,
+                 "rel_norm": r.rel_norm, "weight_norm": r.weight_norm, "kept": r.kept,
+                 "weight_sha256": weight_digests[r.module], **stored[r.concept], **common}
+                for r in solution.records]
 
     def commit(self, manifest_rows: Sequence[dict], run_info: Mapping) -> str:
         """Stage manifest.parquet and run.json, publish, write the commit marker last, clean
@@ -524,14 +558,6 @@ class RunWriter:
             tail = name[len(self.run_id) + 1:]
             if name.startswith(self.run_id + "-") and re.fullmatch(r"[0-9a-f]{16}", tail):
                 _best_effort(areas.rm, name)
-
-    def write_statistics(self, group: str, moments: Moments) -> str:
-        """Keep one input group's Σ in the run (``statistics/<group>.safetensors``), so a later
-        run can merge new shards into it and re-solve without re-reading these."""
-        rel = f"{STATISTICS_DIR}/{group}.safetensors"
-        self.storage.makedirs(STATISTICS_DIR)
-        self.storage.write_bytes(rel, moments.to_bytes())
-        return rel
 
     def abort(self) -> None:
         """Remove what this writer wrote (its staging area, files it published before the
@@ -624,9 +650,19 @@ def _read_marker(root: Storage) -> dict:
 
 
 class Run:
-    """A committed run, read lazily: ``engram(concept, module)`` fetches one row group."""
+    """A committed run, read lazily. Engrams are formed on read (format 3): ``engram(c, m)``
+    reads concept c's statistics and its group's spectrum (each sha256-checked against the
+    manifest) and the base weight ``W_m`` from the model the run is bound to (checked against
+    the weight digest recorded at extraction).
 
-    def __init__(self, uri: str, storage_options=None) -> None:
+    A run is bound to a model by :meth:`bind` (``engram_ray.open_run`` does it, lazily, with
+    the model the run recorded or the one given); ``show``, ``list`` and statistics need none.
+    ``solver`` overrides the run's solver options (the spectrum is stored, so any ``rtol``,
+    ``condition_cap``, ``rank_fraction`` or ``ridge`` can be applied at edit time).
+    """
+
+    def __init__(self, uri: str, storage_options=None, *, solver: SolverConfig | None = None,
+                 binder=None) -> None:
         self.uri = uri.rstrip("/")
         self.storage_options = storage_options
         root = Storage(self.uri, storage_options)
@@ -644,9 +680,17 @@ class Run:
         self._rows = {(r["concept"], r["module"]): r for r in rows}
         self.concepts: list[str] = sorted({r["concept"] for r in rows})
         self.modules: list[str] = sorted({r["module"] for r in rows})
-        # Small caches: engram() then bias() of one engram read it once, and the engrams of
-        # consecutive concepts of one module usually share a row group. Bounded by count, and
-        # an engram can be as large as its weight (a vocab-sized lm_head): keep them few.
+        self.run_solver = SolverConfig(**(self.info.get("solver") or {}))
+        self.solver = solver if solver is not None else self.run_solver
+        self._binder, self._weights = binder, None
+        self._caches()
+
+    def _caches(self) -> None:
+        # Small caches, bounded by count: a spectrum and its Σ⁺ are D×D float64 (512 MB at
+        # D = 8192), a module's weight matrix can be vocab-sized; keep them few.
+        self._spectrum = lru_cache(maxsize=2)(self._read_spectrum)
+        self._pinv = lru_cache(maxsize=2)(self._inverse)
+        self._matrix = lru_cache(maxsize=1)(self._weight_matrix)
         self._load = lru_cache(maxsize=2)(self._load_uncached)
         self._row_group = lru_cache(maxsize=2)(self._read_row_group)
 
@@ -654,9 +698,42 @@ class Run:
         return f"Run({self.uri!r}, {len(self.concepts)} concepts, {len(self.modules)} modules)"
 
     def __reduce__(self):
-        # Ray tasks receive a run by URI and reopen it (the commit checks run again there).
-        return (Run, (self.uri, self.storage_options))
+        # Ray tasks receive a run by URI and reopen it (the commit checks run again there); the
+        # binder (a module-level function and the model as data) travels with it.
+        return (_reopen, (self.uri, self.storage_options, self.solver, self._binder))
 
+    # --- binding and options ----------------------------------------------------------------
+    def bind(self, weights) -> Run:
+        """Use ``weights`` (anything with ``matrix(module) -> (out, D)`` float64 tensor) as the
+        base model's weights; returns the run."""
+        self._weights = weights
+        self._matrix.cache_clear()
+        self._load.cache_clear()
+        return self
+
+    def with_solver(self, solver: SolverConfig | None) -> Run:
+        """This run with other solver options (None: the run's own), sharing its binding."""
+        if solver is None or solver == self.solver:
+            return self
+        other = object.__new__(Run)
+        other.__dict__.update(self.__dict__)
+        other.solver = solver
+        other._caches()
+        other._spectrum = self._spectrum  # the spectrum does not depend on the options
+        return other
+
+    @property
+    def weights(self):
+        if self._weights is None:
+            if self._binder is None:
+                raise ValueError(
+                    f"run {self.uri} holds statistics, not engrams: forming an engram needs the "
+                    "base model's weights; open it with engram_ray.open_run(uri, model=...) or "
+                    "pass --model")
+            self._weights = self._binder(self)
+        return self._weights
+
+    # --- manifest -----------------------------------------------------------------------------
     def record(self, concept: str, module: str) -> dict:
         try:
             return self._rows[(concept, module)]
@@ -666,6 +743,15 @@ class Run:
             bad = concept if what == "concept" else module
             raise KeyError(f"{what} {bad!r} is not in run {self.uri} (known: {known[:10]})") from None
 
+    def module_info(self, module: str) -> dict:
+        """Kind, shape, layer, group, ‖W‖ and bias flag of a module (from any concept's row)."""
+        return self.record(self.concepts[0], module)
+
+    def kept(self, group: str) -> int:
+        """How many of the group's directions Σ⁺ keeps under this run's solver options."""
+        return self._pinv(group)[1]
+
+    # --- statistics ---------------------------------------------------------------------------
     def statistics(self) -> Statistics:
         """The Σ this run kept (``store.keep_statistics``), with its modules' metadata."""
         modules = {n: ModuleInfo.from_dict(d) for n, d in self.info.get("modules", {}).items()}
@@ -673,18 +759,86 @@ class Run:
         return Statistics(modules=modules, groups=groups)
 
     def group_statistics(self, group: str) -> Moments:
-        """One input group's kept Σ (what a solver task of an extending run merges into)."""
-        rel = f"{STATISTICS_DIR}/{group}.safetensors"
-        try:
-            return Moments.from_bytes(self._storage.read_bytes(rel), what=f"{self.uri}/{rel}")
-        except FileNotFoundError:
+        """One input group's kept Σ (what a solver task of an extending run merges into):
+        Σ_total from the spectrum file, every concept's rows or block from the payload."""
+        tensors, meta = self._spectrum(group)
+        if "total" not in tensors:
             raise FileNotFoundError(
                 f"run {self.uri} kept no statistics for input group {group!r}; extract with "
-                "store.keep_statistics: true to make a run extendable") from None
+                "store.keep_statistics: true to make a run extendable")
+        dim = int(meta["dim"])
+        rows, blocks = {}, {}
+        for c in self.concepts:
+            first = self._group_row(c, group)
+            form, t = self._concept(c, first["module"])
+            if form == "rows":
+                rows[c] = t
+            else:
+                blocks[c] = t
+        return Moments(dim=dim, total=unpack_symmetric(tensors["total"], dim),
+                       n_total=int(meta["n_total"]), concepts=blocks,
+                       counts={c: int(n) for c, n in json.loads(meta["counts"]).items()},
+                       sources=frozenset(json.loads(meta["sources"])), rows=rows,
+                       max_rows=int(meta["max_rows"]))
 
-    def module_info(self, module: str) -> dict:
-        """Kind, shape, layer, group, ‖W‖ and bias flag of a module (from any concept's row)."""
-        return self.record(self.concepts[0], module)
+    def _group_row(self, concept: str, group: str) -> dict:
+        for m in self.modules:
+            row = self._rows.get((concept, m))
+            if row is not None and row["group"] == group:
+                return row
+        raise KeyError(f"concept {concept!r} has no statistics in input group {group!r} of "
+                       f"run {self.uri}")
+
+    def _read_spectrum(self, group: str) -> tuple[dict, dict]:
+        from safetensors.torch import load
+
+        row = next(r for r in self._rows.values() if r["group"] == group)
+        blob = self._storage.read_bytes(row["spectrum"])
+        if hashlib.sha256(blob).hexdigest() != row["spectrum_sha256"]:
+            raise ValueError(f"{self._storage.uri_of(row['spectrum'])} fails its sha256 check: "
+                             "the file was modified after the run was committed")
+        return load(blob), _safetensors_metadata(blob)
+
+    def _inverse(self, group: str) -> tuple[torch.Tensor, int]:
+        tensors, _ = self._spectrum(group)
+        return inverse_from_spectrum(tensors["eigenvalues"], tensors["eigenvectors"],
+                                     self.solver)
+
+    def _concept(self, concept: str, module: str) -> tuple[str, torch.Tensor]:
+        """(form, tensor) of a concept's statistics in ``module``'s group: its rows in their
+        stored dtype, or its Σ_c block (float64), after the sha256 check."""
+        row = self.record(concept, module)
+        path = self._storage.uri_of(row["payload"])
+        t = self._row_group(row["payload"], row["row_group"]).slice(row["row"], 1)
+        if t.num_rows != 1 or t.column("concept")[0].as_py() != concept:
+            raise ValueError(f"{path}: row group {row['row_group']} row {row['row']} is not "
+                             f"concept {concept!r}")
+        data = t.column("data")[0].as_buffer()
+        if _digest(data) != row["sha256"]:
+            raise ValueError(
+                f"payload {path} (concept {concept!r}, input group {row['group']!r}) fails its "
+                "sha256 check: the file was modified after the run was committed")
+        dim = self._dim(row)
+        if row["form"] == "rows":
+            return "rows", _bytes_tensor(data, row["dtype"], (row["rank"], dim))
+        return "block", unpack_symmetric(_bytes_tensor(data, row["dtype"], (-1,)), dim)
+
+    def _dim(self, row: dict) -> int:
+        return int(self.info["groups"][row["group"]]["dim"])
+
+    # --- engrams on read ----------------------------------------------------------------------
+    def _weight_matrix(self, module: str) -> torch.Tensor:
+        """``W_m`` as an (out, D) float64 matrix from the bound model, checked against the
+        digest recorded at extraction: an engram formed with other weights is refused."""
+        row = self.module_info(module)
+        w = self.weights.matrix(module, row["has_bias"]).double()
+        if w.shape[1] != self._dim(row) or weight_digest(w) != row["weight_sha256"]:
+            where = getattr(self.weights, "where", "the bound model")
+            raise ValueError(
+                f"module {module!r} of {where} is not the weight run {self.uri} was extracted "
+                "from (its sha256 differs): engrams formed with other weights would be wrong; "
+                "bind the model the run recorded")
+        return w
 
     def engram(self, concept: str, module: str) -> torch.Tensor:
         """The paper's ``W⁺_c`` in the module's weight shape, float32."""
@@ -694,33 +848,63 @@ class Run:
         return self._load(concept, module)[1]
 
     def _load_uncached(self, concept: str, module: str):
-        row = self.record(concept, module)
-        path = self._storage.uri_of(row["payload"])
-        t = self._row_group(row["payload"], row["row_group"]).slice(row["row"], 1)
-        if t.num_rows != 1 or t.column("concept")[0].as_py() != concept:
-            raise ValueError(f"{path}: row group {row['row_group']} row {row['row']} is not "
-                             f"concept {concept!r}")
-        dense = row["form"] == "dense"
-        cells = {k: _cell(t, k) for k in ("weight", "bias", "factor_a", "factor_b")}
-        order = ("weight", "bias") if dense else ("factor_a", "factor_b", "bias")
-        if _digest(*(cells[k] for k in order)) != row["sha256"]:
-            raise ValueError(
-                f"payload {path} (concept {concept!r}, module {module!r}) fails its sha256 check: "
-                "the file was modified after the run was committed"
-            )
-        bias = None if cells["bias"] is None else _floats(cells["bias"], (-1,))
-        if dense:
-            weight = torch.from_numpy(_floats(cells["weight"], tuple(row["shape"])))
+        return self.union([concept], module)
+
+    def union(self, concepts: Sequence[str], module: str
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``Σ_{c∈U} W⁺_c`` (weight in the module's layout, bias or None), float32, formed once
+        from the union's statistics (``core.solve.group_update``), never concept by concept.
+        The bias is ``A (B's bias column)`` for factors: the very product an adapter uses."""
+        info = self._info(module)
+        a, b = self.union_parts(concepts, module)
+        if b is None:
+            w, bias = to_weight_shape(a, info)
         else:
-            r = row["rank"]
-            weight = FactoredEngram(
-                torch.from_numpy(_floats(cells["factor_a"], (-1, r))),
-                torch.from_numpy(_floats(cells["factor_b"], (r, -1))),
-                row["kind"], tuple(row["shape"])).weight()
-        return weight, None if bias is None else torch.from_numpy(bias)
+            w = weight_layout(a @ (b[:, :-1] if info.bias else b), info.kind, info.weight_shape)
+            bias = a @ b[:, -1] if info.bias else None
+        return w.float(), None if bias is None else bias.float()
+
+    def union_parts(self, concepts: Sequence[str], module: str):
+        """``(W X_Uᵀ, X_U Σ⁺)`` (float64, rank n_U) while the union is rows only and narrower
+        than D/2, else ``(dense (out, D), None)``."""
+        rows, blocks = [], []
+        for c in dict.fromkeys(concepts):
+            form, t = self._concept(c, module)
+            (rows if form == "rows" else blocks).append(t)
+        pinv = self._pinv(self.record(concepts[0], module)["group"])[0]
+        return group_update(self._matrix(module), rows, blocks, pinv)
+
+    def factors(self, concept: str, module: str):
+        """``(A (out × r), B (r × in_flat), bias | None)``, float32, of a concept kept as rows
+        (``W⁺_c = A B`` in (out, in_flat) orientation); None for a block."""
+        form, x = self._concept(concept, module)
+        if form != "rows":
+            return None
+        pinv = self._pinv(self.record(concept, module)["group"])[0]
+        a, b = row_factors(self._matrix(module), x, pinv)
+        info = self._info(module)
+        bias = (a @ b[:, -1]).float() if info.bias else None
+        right = (b[:, :-1] if info.bias else b).float().contiguous()
+        return a.float().contiguous(), right, bias
+
+    def _info(self, module: str) -> ModuleInfo:
+        row = self.module_info(module)
+        return ModuleInfo(name=module, kind=row["kind"], group=row["group"],
+                          weight_shape=tuple(row["shape"]), bias=row["has_bias"],
+                          layer=row["layer"])
 
     def _read_row_group(self, rel: str, index: int) -> pa.Table:
         return read_row_group(self._storage, rel, index)
+
+
+def _reopen(uri: str, storage_options, solver, binder) -> Run:
+    return Run(uri, storage_options, solver=solver, binder=binder)
+
+
+def _safetensors_metadata(blob: bytes) -> dict:
+    """The ``__metadata__`` of an in-memory safetensors blob (its 8-byte length, then JSON)."""
+    n = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8:8 + n]).get("__metadata__", {})
 
 
 def read_row_group(storage: Storage, rel: str, index: int) -> pa.Table:
@@ -760,17 +944,7 @@ def _check_info(storage: Storage, raw: bytes, marker: Mapping) -> dict:
     return info
 
 
-def _cell(table: pa.Table, column: str) -> pa.Buffer | None:
-    """The bytes of a payload cell (None for a null cell)."""
-    value = table.column(column)[0]
-    return value.as_buffer() if value.is_valid else None
-
-
-def _floats(buf: pa.Buffer, shape: tuple[int, ...]) -> np.ndarray:
-    """Payload bytes (checked against the manifest's sha256 first) as a writable float32 array."""
-    return np.frombuffer(buf, dtype="<f4").reshape(shape).astype(np.float32)
-
-
 def open_run(uri: str, storage_options=None) -> Run:
-    """Open a committed run (local path or ``s3://`` URI)."""
+    """Open a committed run (local path or ``s3://`` URI), bound to no model: its manifest,
+    metadata and statistics; ``engram_ray.open_run`` binds the base model for engrams."""
     return Run(uri, storage_options)

@@ -1,0 +1,163 @@
+"""A committed run bound to its base model: engrams are formed on read, so they need ``W_m``.
+
+A run (format 3) stores each input group's spectrum and each concept's statistics; the
+engram ``W⁺_c = W_m Σ_c Σ⁺`` is formed from them and the base weight ``W_m`` when it is asked
+for (``io/store.py``). :func:`open_run` opens a run and binds, lazily (nothing is loaded until
+the first engram), the model the run recorded, or the one given:
+
+- ``model=None``: the run's own ``model`` config (a directory, an ``s3://`` URI, or a factory);
+- ``model="DIR-or-URI"``: the same model moved elsewhere; ``model="pkg.mod:fn"``: a factory
+  replacing the run's (keeping its kwargs and weights);
+- ``model=nn.Module``: an in-memory model (the Python API's ``extract`` binds the module it
+  was given).
+
+Every weight read is checked against the digest the run recorded at extraction (the module's
+(out, D) float64 matrix, bias column included), so a changed model is refused, naming the
+module. Checkpoints are read tensor by tensor (:class:`~engram_ray.models.weights.WeightFiles`),
+never whole, and each tensor is cast to the dtype the extraction's model had (the parameter's
+dtype in the model built from the config, or ``parallel.dtype``): the weight the engram was
+computed with, bit for bit.
+
+Factories: a run naming a factory (``"pkg.module:callable"``) would import and run that code,
+so it is refused unless the caller consents (``trust_factory=True``, or the model given again);
+the factories shipped in :mod:`engram_ray.models` (:data:`BUILTIN_FACTORIES`) are the exception.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from engram_ray.config import ModelSpec, SolverConfig
+from engram_ray.core.layers import weight_matrix
+from engram_ray.io.store import Run
+
+__all__ = ["BUILTIN_FACTORIES", "ModelBinder", "check_trusted", "open_run", "run_model_spec"]
+
+# Factories shipped with engram-ray that only construct a module from numbers: running them
+# runs no code a run.json could choose. Any other factory needs the user's consent.
+BUILTIN_FACTORIES = frozenset({
+    "engram_ray.models.sequential:mlp",
+    "engram_ray.models.tiny:tiny_llama",
+    "engram_ray.models.tiny:tiny_gpt2",
+})
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def run_model_spec(run: Run, model: str | None = None) -> ModelSpec:
+    """The model a run was extracted from, as data (nothing is imported here).
+
+    ``model`` overrides it: a directory or URI, or a factory ``"pkg.module:callable"`` that
+    replaces the run's own factory (keeping the run's ``kwargs`` and ``weights``).
+    """
+    recorded = (run.info.get("config") or {}).get("model")
+    if model is not None:
+        if _FACTORY.fullmatch(model) and not os.path.exists(model):
+            kept = {k: v for k, v in (recorded or {}).items() if k in ("kwargs", "weights")}
+            return ModelSpec(factory=model, **kept) if "factory" in (recorded or {}) \
+                else ModelSpec(factory=model)
+        return ModelSpec(path=model)
+    if not recorded:
+        raise ValueError(f"run {run.uri} does not record its model; pass --model")
+    return ModelSpec.from_dict(recorded)
+
+
+def check_trusted(spec: ModelSpec, run_uri: str, *, given: bool, trust_factory: bool) -> None:
+    """Refuse to import a factory the run names unless the user consented (module docstring):
+    the message names the factory and the flags that consent."""
+    if spec.factory is None or given or trust_factory or spec.factory in BUILTIN_FACTORIES:
+        return
+    raise PermissionError(
+        f"run {run_uri} builds its model with factory {spec.factory!r}, which would import and "
+        "run that code; pass --trust-factory if you trust the run's author, or --model "
+        f"{spec.factory} to name it yourself")
+
+
+class _ModuleWeights:
+    """Weights of an in-memory model."""
+
+    def __init__(self, model: nn.Module, where: str) -> None:
+        self.model, self.where = model, where
+
+    def matrix(self, module: str, bias: bool) -> torch.Tensor:
+        try:
+            sub = self.model.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"module {module!r} of the run is not in {self.where}") from None
+        return weight_matrix(sub, bias)
+
+
+class _CheckpointWeights:
+    """Weights of an HF checkpoint, read tensor by tensor and cast to the dtype the
+    extraction's model held them in (module docstring)."""
+
+    def __init__(self, spec: ModelSpec, storage_options, dtype) -> None:
+        from engram_ray.models.loading import build_empty, open_weights, tied_aliases
+
+        self.where = spec.path
+        self.empty = build_empty(spec, storage_options, dtype=dtype)
+        self.aliases = tied_aliases(self.empty)
+        self.files = open_weights(spec, storage_options)
+
+    def matrix(self, module: str, bias: bool) -> torch.Tensor:
+        try:
+            sub = self.empty.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"module {module!r} of the run is not in model {self.where}") from None
+        for part in ("weight", "bias") if bias else ("weight",):
+            meta = getattr(sub, part, None)
+            if meta is None:
+                continue
+            key = f"{module}.{part}"
+            key = key if key in self.files else self.aliases.get(key, key)
+            if key not in self.files:
+                raise ValueError(f"model {self.where} has no tensor {key!r} (module {module!r} "
+                                 "of the run)")
+            tensor = self.files.read([key])[key].to(meta.dtype)
+            setattr(sub, part, nn.Parameter(tensor, requires_grad=False))
+        return weight_matrix(sub, bias)
+
+
+class ModelBinder:
+    """Binds a run to its base model on first use (picklable: Ray tasks reopen runs by URI and
+    rebind there). ``model``: None (the run's own), a path/URI/factory string, or a module."""
+
+    def __init__(self, model: str | nn.Module | None = None, *, trust_factory: bool = False,
+                 storage_options: Mapping | None = None) -> None:
+        self.model, self.trust_factory = model, trust_factory
+        self.storage_options = storage_options
+
+    def __call__(self, run: Run):
+        if isinstance(self.model, nn.Module):
+            return _ModuleWeights(self.model, "the given model")
+        spec = run_model_spec(run, self.model)
+        check_trusted(spec, run.uri, given=self.model is not None,
+                      trust_factory=self.trust_factory)
+        options = self.storage_options if self.storage_options is not None \
+            else run.storage_options
+        dtype = ((run.info.get("config") or {}).get("parallel") or {}).get("dtype")
+        if spec.path is not None:
+            return _CheckpointWeights(spec, options, dtype)
+        from engram_ray.models.loading import load_model
+
+        return _ModuleWeights(load_model(spec, options, dtype=dtype), f"factory {spec.factory}")
+
+
+def open_run(uri: str, storage_options: Mapping | None = None, *,
+             model: str | nn.Module | None = None,
+             solver: SolverConfig | Mapping | Sequence[str] | None = None,
+             trust_factory: bool = False) -> Run:
+    """Open the committed run at ``uri`` (local path or ``s3://``), bound to its base model
+    (module docstring; loaded on the first engram). ``solver`` re-solves the stored spectrum
+    with other options: a :class:`SolverConfig`, or overrides of the run's own (``{"rtol":
+    1e-4}``, ``["rtol=1e-4"]``); default the run's."""
+    run = Run(uri, storage_options,
+              binder=ModelBinder(model, trust_factory=trust_factory,
+                                 storage_options=storage_options))
+    if solver is not None and not isinstance(solver, SolverConfig):
+        solver = run.run_solver.updated(solver)
+    return run.with_solver(solver)
