@@ -112,6 +112,7 @@ def cmd_apply(args) -> str:
         model=args.model,
         storage_options=storage, trust_factory=args.trust_factory, format=args.format,
         adapter_rtol=args.adapter_rtol, adapter_exact_dense=args.adapter_exact_dense,
+        solver=args.solver or None,
     )
 
 
@@ -165,9 +166,9 @@ def cmd_batch(args) -> str:
 
     storage = _storage(args.storage_option)
     requests = read_requests(args.requests, storage)
+    summary = args.summary or default_summary(args.requests, storage)
     rows = run_batch(requests, storage_options=storage, trust_factory=args.trust_factory,
                      map_fn=None if args.local else _ray_map(args.num_cpus))
-    summary = args.summary or args.requests.rsplit(".", 1)[0] + ".summary.parquet"
     write_summary(rows, summary, requests, storage)
     failed = [r for r in rows if r["status"] == "failed"]
     for r in rows:
@@ -213,6 +214,36 @@ def cmd_gc(args) -> str:
     if result.dry_run and result.delete:
         print("[engram-ray] dry run: nothing deleted (--delete deletes)", file=sys.stderr)
     return result.to_json()
+
+
+def default_summary(requests: str, storage_options: dict | None = None) -> str:
+    """``batch``'s summary when ``--summary`` is not given: ``STEM.summary.parquet`` beside
+    the requests file (``reqs.jsonl`` → ``reqs.summary.parquet``; ``./reqs`` →
+    ``./reqs.summary.parquet``, never a name in the parent directory). Decided before any
+    request runs: an existing file there is replaced only if it is a batch summary (a re-run's
+    table); anything else is refused, naming it."""
+    from engram_ray.io.storage import Storage
+
+    folder, _, name = requests.rstrip("/").rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    uri = f"{folder}/{stem}.summary.parquet" if folder else f"{stem}.summary.parquet"
+    dest = Storage(uri, storage_options)
+    if dest.exists() and not _is_summary(dest):
+        raise FileExistsError(f"the default summary {uri} exists and is not a batch summary; "
+                              "pass --summary to name another file")
+    return uri
+
+
+def _is_summary(dest) -> bool:
+    """Whether ``dest`` is a Parquet table with the summary's key columns."""
+    import pyarrow.parquet as pq
+
+    try:
+        with dest.open() as f:
+            names = set(pq.read_schema(f).names)
+    except (OSError, ValueError):  # a directory, not Parquet, unreadable
+        return False
+    return {"request_id", "status", "out", "error"} <= names
 
 
 class BatchFailed(RuntimeError):
@@ -333,6 +364,9 @@ def _add_apply(sub) -> None:
                    help="peft: relative error allowed when truncating dense edits (1e-3)")
     a.add_argument("--adapter-exact-dense", action="store_true",
                    help="peft: write dense edits exactly (full rank) instead of truncating")
+    a.add_argument("--solver", action="append", metavar="KEY=VALUE", default=[],
+                   help="re-solve the run's stored spectrum with this solver option (rtol, "
+                        "condition_cap, rank_fraction, ridge; repeatable; default the run's)")
     a.add_argument("--trust-factory", action="store_true",
                    help="import and run the model factory the run names (it runs code: only "
                         "for runs whose config you trust)")

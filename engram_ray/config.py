@@ -305,6 +305,22 @@ class SolverConfig:
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("rtol", "condition_cap", "rank_fraction", "ridge")}
 
+    def updated(self, overrides: Mapping[str, Any]) -> SolverConfig:
+        """These options with ``overrides`` (``{key: value}``, or ``"KEY=VALUE"`` strings as
+        ``apply --solver`` gives them, values parsed as YAML) replacing theirs: an edit
+        re-solves a run's stored spectrum with them. Unknown keys are errors naming the key."""
+        if not isinstance(overrides, Mapping):
+            overrides = dict(_key_value("--solver", item) for item in overrides)
+        _reject_unknown(overrides, self.to_dict(), "solver.")
+        for key, v in overrides.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ConfigError(f"solver.{key} must be a number or null, got {v!r}")
+        if "ridge" in overrides and overrides["ridge"] is not None:
+            base = {}  # ridge damps instead of cutting: it replaces the run's cut options
+        else:
+            base = {k: v for k, v in self.to_dict().items() if k != "ridge"}
+        return SolverConfig(**{**base, **overrides})
+
 
 @dataclass(kw_only=True)
 class SelectConfig:
@@ -351,18 +367,34 @@ class ParallelConfig:
     # CPUs an autoscaler may still add (e.g. KubeRay maxReplicas × worker CPUs): counted by the
     # schedulability check made before any actor starts (distributed/resources.py).
     autoscale_max_cpus: float = 0.0
+    # The worker types an autoscaler may add, when Ray does not report them (it does with
+    # autoscaler v2): {name: {CPU: n, GPU: m, <custom>: k, max_workers: N}}, as a cluster
+    # YAML's available_node_types (docs/cluster.md). Each actor and task must fit one of them
+    # or an alive node, else the run fails at once (distributed/resources.py).
+    autoscale_node_types: dict[str, dict[str, float]] | None = None
+    # Fail, naming the shortfall, when the reservation of the stage actors (or of the solver
+    # slots) is still not placed after this long: an autoscaler that cannot add the nodes,
+    # or another job holding them (None: wait forever).
+    schedule_timeout_s: float | None = 600.0
+    # Fail, naming it, when parallel.address (or RAY_ADDRESS) does not answer within this long.
+    connect_timeout_s: float = 60.0
     # Fail with a diagnostic when no row has moved for this long (None: wait forever).
     stall_timeout_s: float | None = 600.0
     # Seconds between progress lines (rows, rates, ETA) on stderr, both drivers; None: none.
     progress_interval_s: float | None = 5.0
 
     def __post_init__(self) -> None:
-        for key in ("stall_timeout_s", "progress_interval_s"):
+        for key in ("stall_timeout_s", "progress_interval_s", "schedule_timeout_s"):
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                   or not v > 0):
                 raise ConfigError(f"parallel.{key} must be a number of seconds > 0 or null, "
                                   f"got {v!r}")
+        v = self.connect_timeout_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(f"parallel.connect_timeout_s must be a number of seconds > 0, "
+                              f"got {v!r}")
+        _check_node_types(self.autoscale_node_types)
         for key in ("stages", "replicas", "max_in_flight"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
@@ -377,6 +409,26 @@ class ParallelConfig:
                                                                   self.device):
             raise ConfigError(f"parallel.device must be auto, cpu, cuda or cuda:N, "
                               f"got {self.device!r}")
+
+
+def _check_node_types(types: Any) -> None:
+    """``parallel.autoscale_node_types``: ``{name: {resource: amount ≥ 0, max_workers: int ≥
+    0 (optional)}}``; an error names the full key."""
+    key = "parallel.autoscale_node_types"
+    if types is None:
+        return
+    if not isinstance(types, Mapping) or not types:
+        raise ConfigError(f"{key} must be a non-empty mapping of node type names to resources "
+                          f"({{name: {{CPU: 8, GPU: 1, max_workers: 4}}}}), got {types!r}")
+    for name, spec in types.items():
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{key}.{name} must be a mapping of resources, got {spec!r}")
+        for res, v in spec.items():
+            ok = isinstance(v, int) if res == "max_workers" else isinstance(v, (int, float))
+            if isinstance(v, bool) or not ok or v < 0 or (res != "max_workers"
+                                                          and not math.isfinite(v)):
+                what = "an integer ≥ 0" if res == "max_workers" else "a number ≥ 0"
+                raise ConfigError(f"{key}.{name}.{res} must be {what}, got {v!r}")
 
 
 @dataclass(kw_only=True)

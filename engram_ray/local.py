@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TextIO
 
@@ -83,15 +84,24 @@ class LocalExecutor:
 
     def solve(self, step: GroupSolve, layout: Layout) -> list[dict]:
         rows: list[dict] = []
+        self.solve_times = []
         for group in layout.solve_order():
+            t0 = time.perf_counter()
             members = layout.members(group)
             weights = {i.name: weight_matrix(self.model.get_submodule(i.name), i.bias)
                        for i in members}
             rows += step(self.capture.groups[group], members, weights)
+            self.solve_times.append({"group": group, "dim": layout.dims[group],
+                                     "modules": len(members),
+                                     "seconds": round(time.perf_counter() - t0, 4)})
         return rows
 
     def metadata(self) -> dict:
-        return {"mode": "single-process", "model": {"class": type(self.model).__name__}}
+        """run.json's executor part; ``solve_groups``: each input group's solve (and write)
+        seconds with its width D, the cost that grows as D³ (eigh) and D²·concepts."""
+        return {"mode": "single-process", "model": {"class": type(self.model).__name__},
+                "device": str(module_device(self.model)),
+                "solve_groups": list(getattr(self, "solve_times", []))}
 
     def close(self) -> None:
         if self.capture is not None:
