@@ -85,3 +85,27 @@ def _requests(path, run, out) -> str:
     path.write_text(json.dumps({"request_id": "q1", "run": run, "concepts": ["ada"],
                                 "out": str(out)}) + "\n")
     return str(path)
+
+
+def test_batch_default_summary_never_overwrites_a_file_it_did_not_write(tiny_run, capsys):
+    """A requests file without an extension in a folder with a dot (``batch.d/requests``) put
+    its summary at ``batch.summary.parquet`` in the parent folder, over what was there."""
+    tmp, run = tiny_run
+    folder = tmp / "batch.d"
+    folder.mkdir()
+    precious = tmp / "batch.summary.parquet"
+    precious.write_bytes(b"not ours")
+    reqs = _requests(folder / "requests", run, tmp / "out-1")
+    assert main(["batch", reqs, "--local"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary == str(folder / "requests.summary.parquet") and os.path.exists(summary)
+    assert precious.read_bytes() == b"not ours"
+    assert main(["batch", reqs, "--local"]) == 0  # a re-run replaces its own summary
+    assert capsys.readouterr().out.strip().splitlines()[-1] == summary
+    # A file of someone else's at the default name: refused before any request runs.
+    other = _requests(tmp / "other.jsonl", run, tmp / "out-2")
+    (tmp / "other.summary.parquet").write_bytes(b"not ours either")
+    line = one_line_error(capsys, ["batch", other, "--local"])
+    assert str(tmp / "other.summary.parquet") in line and "--summary" in line
+    assert not os.path.exists(tmp / "out-2")
+    assert (tmp / "other.summary.parquet").read_bytes() == b"not ours either"
