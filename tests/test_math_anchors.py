@@ -9,27 +9,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram_ray import Batch, SolverConfig
+from engram_ray import Batch, SolverConfig, extract
 from engram_ray.core.capture import collect_statistics
 from engram_ray.core.layers import weight_matrix
-from engram_ray.core.solve import default_rtol, pseudo_inverse, solve_group
+from engram_ray.core.solve import default_rtol, engram_matrix, pseudo_inverse
 
 
 def engrams_of(model, batches, **kw):
-    """{(concept, module): (out, D) float64 engram matrix} via the single-process engine."""
+    """{(concept, module): (out, D) float64 engram matrix} via the single-process engine: a
+    committed run (format 3: statistics), each engram formed on read through the public API."""
+    import tempfile
+
     solver = kw.pop("solver", SolverConfig())
+    batches = list(batches)
     stats = collect_statistics(model, batches, **kw)
-    out = {}
-    for g, mom in stats.groups.items():
-        members = stats.members(g)
-        weights = {i.name: weight_matrix(model.get_submodule(i.name), i.bias) for i in members}
-        for rec in solve_group(mom, members, weights, solver):
-            info = stats.modules[rec.module]
-            w = rec.dense().double()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = extract(model, batches, uri=f"{tmp}/run", solver=solver, **kw)
+        out = {}
+        for (c, m) in ((c, m) for c in run.concepts for m in run.modules):
+            info = stats.modules[m]
+            w = run.engram(c, m).double()
             w = w.T if info.kind == "conv1d" else w.reshape(w.shape[0], -1)
-            if rec.bias is not None:
-                w = torch.cat([w, rec.bias.double()[:, None]], 1)
-            out[(rec.concept, rec.module)] = w
+            bias = run.bias(c, m)
+            if bias is not None:
+                w = torch.cat([w, bias.double()[:, None]], 1)
+            out[(c, m)] = w
     return out, stats
 
 
@@ -106,10 +110,12 @@ def test_union_engram_is_sum_of_engrams():
         mom.counts["ab"] = mom.counts["a"] + mom.counts["b"]
         members = stats.members(g)
         weights = {i.name: weight_matrix(model.get_submodule(i.name)) for i in members}
-        recs = {(r.concept, r.module): r.dense().double() for r in solve_group(mom, members, weights)}
+        pinv = pseudo_inverse(mom.total)
+        recs = {c: {i.name: engram_matrix(weights[i.name], mom.sigma(c), pinv) for i in members}
+                for c in ("a", "b", "ab")}
         for i in members:
-            summed = recs[("a", i.name)] + recs[("b", i.name)]
-            assert rel(recs[("ab", i.name)], summed) < 1e-6  # float32 storage rounding only
+            summed = recs["a"][i.name] + recs["b"][i.name]
+            assert rel(recs["ab"][i.name], summed) < 1e-9  # exactly linear in Σ_c (float64)
 
 
 @pytest.mark.parametrize(

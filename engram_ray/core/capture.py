@@ -175,7 +175,10 @@ class Capture:
         elif not math.isfinite(total):
             raise ValueError(f"non-finite activations entering module {name!r}")
         if self.absorb_bias and module.bias is not None:
-            rows = torch.cat([rows.float(), rows.new_ones(rows.shape[0], 1, dtype=torch.float32)], 1)
+            # The constant 1 is exact in every float dtype: bf16/fp16 rows stay in their dtype
+            # (Moments keeps small concepts' rows as captured; Grams are formed from float32).
+            dt = rows.dtype if rows.dtype in (torch.bfloat16, torch.float16) else torch.float32
+            rows = torch.cat([rows.to(dt), rows.new_ones(rows.shape[0], 1, dtype=dt)], 1)
         mom = self.groups.get(group)
         if mom is None:
             mom = self.groups[group] = Moments.zeros(

@@ -143,6 +143,9 @@ class Moments:
         """
         if x.shape[-1] != self.dim:
             raise ValueError(f"feature width {x.shape[-1]} does not match Σ dim {self.dim}")
+        # Rows kept for small concepts stay in the captured dtype when it is bf16/fp16 (exact,
+        # half the bytes of float32); every Gram is formed from float32 (exact for them).
+        captured = x if x.dtype in (torch.bfloat16, torch.float16) else None
         x = x.float()  # (n, D); exact for bf16/fp16 inputs
         if parts is None:
             parts = partition(concept_index)
@@ -155,8 +158,9 @@ class Moments:
             n = self.counts.get(name, 0) + rows.shape[0]
             self.counts[name] = n
             if name not in self.concepts and n <= self.max_rows:
+                kept = rows if captured is None else captured[idx]
                 old = self.rows.get(name)
-                self.rows[name] = rows if old is None else torch.cat([old, rows])
+                self.rows[name] = kept if old is None else torch.cat([old, kept.to(old.dtype)])
                 rest.append(idx)
                 continue
             gram = _gram(rows, gram_dtype)

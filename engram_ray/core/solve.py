@@ -196,8 +196,8 @@ class EngramRecord:
     """What a run's manifest says of one (concept, module) engram, without the engram: the
     engram itself is formed on read from the group's statistics and the base weight.
 
-    ``form``: ``"rows"`` (the concept's feature rows are stored; the engram has rank ≤ n) or
-    ``"block"`` (its Σ_c block is stored)."""
+    ``form``: ``"factored"`` (the concept's feature rows are stored: the engram is formed as
+    rank-n factors) or ``"dense"`` (its Σ_c block is stored: the engram is dense)."""
 
     concept: str
     module: str
@@ -205,12 +205,12 @@ class EngramRecord:
     n_total: int  # all tokens of the input group
     rel_norm: float  # ‖W⁺‖_F / ‖W‖_F (bias included when absorbed)
     weight_norm: float  # ‖W‖_F (bias included when absorbed)
-    form: str = "rows"
+    form: str = "factored"
     kept: int | None = None  # directions of the group's D that Σ_total⁺ kept
 
     @property
     def rank(self) -> int | None:
-        return self.n if self.form == "rows" else None
+        return self.n if self.form == "factored" else None
 
 
 @dataclass
@@ -263,7 +263,7 @@ def solve_group(
             p = moments.concepts[c].to(device, torch.float64) @ pinv
             q = p @ p.T
             sq = [float((g * q).sum().clamp_min(0)) for g in grams]
-            records += _records(c, members, moments, [math.sqrt(v) for v in sq], norms, "block")
+            records += _records(c, members, moments, [math.sqrt(v) for v in sq], norms, "dense")
     small = [c for c in names if c in moments.rows]
     for chunk in _chunks(small, moments, _rows_per_chunk(moments.dim, stacked.shape[0])):
         records += _row_norms(chunk, moments, members, stacked, splits, pinv, norms)
@@ -307,7 +307,7 @@ def _row_norms(chunk, moments, members, stacked, splits, pinv, norms) -> list[En
         # product, without forming A B; the bias column is included, as for dense engrams.
         sq = (a @ (b @ b.T)).mul_(a).sum(1)
         vals = [float(part.sum().clamp_min(0).sqrt()) for part in sq.split(splits)]
-        out += _records(c, members, moments, vals, norms, "rows")
+        out += _records(c, members, moments, vals, norms, "factored")
     return out
 
 

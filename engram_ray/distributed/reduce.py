@@ -88,6 +88,9 @@ class SigmaBlocks:
     sources: frozenset[str] = frozenset()
     max_rows: int = 0
     owned: set[str] = field(default_factory=set, repr=False, compare=False)
+    # bf16 rows (a bf16 model's activations, kept as captured) travel as their 16-bit patterns:
+    # numpy has no bfloat16.
+    rows_bf16: bool = False
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -102,9 +105,15 @@ class SigmaBlocks:
         reduction, after which accumulation goes on)."""
         blocks = {c: _numpy(t) for c, t in m.concepts.items()}
         owned = {"Σ", *(f"c:{c}" for c in blocks)} if in_place else set()
+        bf16 = any(r.dtype == torch.bfloat16 for r in m.rows.values())
+        rows = {c: [_numpy(r.view(torch.int16) if bf16 else r)] for c, r in m.rows.items()}
         return cls(dim=m.dim, total=_numpy(m.total), n_total=m.n_total, blocks=blocks,
-                   rows={c: [_numpy(r)] for c, r in m.rows.items()}, counts=dict(m.counts),
-                   sources=m.sources, max_rows=m.max_rows, owned=owned)
+                   rows=rows, counts=dict(m.counts), sources=m.sources, max_rows=m.max_rows,
+                   owned=owned, rows_bf16=bf16)
+
+    def _rows_tensor(self, parts: list[np.ndarray]) -> torch.Tensor:
+        t = as_tensor(_concat(parts))
+        return t.view(torch.bfloat16) if self.rows_bf16 else t
 
     def nbytes(self) -> int:
         """Bytes of array data (what a transfer of this partial moves, headers aside)."""
@@ -126,6 +135,9 @@ class SigmaBlocks:
         self.total = self._add("Σ", self.total, other.total)
         for c, b in other.blocks.items():
             self.blocks[c] = self._add(f"c:{c}", self.blocks.get(c), b)
+        if other.rows and self.rows and self.rows_bf16 != other.rows_bf16:
+            raise ValueError("cannot merge partial Σ whose kept rows have different dtypes")
+        self.rows_bf16 = self.rows_bf16 if self.rows else other.rows_bf16
         for c, rs in other.rows.items():
             self.rows[c] = [*self.rows.get(c, []), *rs]
         for c, n in other.counts.items():
@@ -139,7 +151,7 @@ class SigmaBlocks:
     def _fold(self, concept: str) -> None:
         """Fold a concept's rows into its block now (they outweigh the block)."""
         blocks = {concept: as_tensor(self.blocks[concept])} if concept in self.blocks else {}
-        rows = {concept: as_tensor(_concat(self.rows.pop(concept)))}
+        rows = {concept: self._rows_tensor(self.rows.pop(concept))}
         fold_rows(blocks, rows, {concept: self.max_rows + 1}, self.max_rows)
         self.blocks[concept] = _numpy(blocks[concept])
         self.owned.add(f"c:{concept}")
@@ -148,7 +160,7 @@ class SigmaBlocks:
         """The reduced partial as :class:`Moments` (tensors over these arrays, no copy), with
         rows folded where the merged count (or an existing block) says so."""
         concepts = {c: as_tensor(b) for c, b in self.blocks.items()}
-        rows = {c: as_tensor(_concat(rs)) for c, rs in self.rows.items()}
+        rows = {c: self._rows_tensor(rs) for c, rs in self.rows.items()}
         fold_rows(concepts, rows, self.counts, self.max_rows)
         return Moments(dim=self.dim, total=as_tensor(self.total), n_total=self.n_total,
                        concepts=concepts, counts=dict(self.counts), sources=self.sources,

@@ -1,13 +1,17 @@
-"""A run of engrams on any fsspec URI: payload Parquet files, a manifest, run.json, a commit marker.
+"""A run on any fsspec URI: per-group statistics, a manifest, run.json, a commit marker.
 
 Layout of ``<store>/<run_id>/`` (local directory or ``s3://bucket/prefix``)::
 
-    payload/<module>.parquet   one file per module, one row (= one row group) per concept
-    manifest.parquet           one row per (concept, module): where the payload is + sha256
+    statistics/<group>.safetensors   per input group: Σ_total's eigenvalues and eigenvectors
+                               (float64), and Σ_total itself when ``store.keep_statistics``
+    payload/<group>.parquet    per input group, one row per concept: its feature rows X_c
+                               (in the dtype captured) or its Σ_c block (packed float64)
+    manifest.parquet           one row per (concept, module): norms, form, rank, where the
+                               concept's statistics are, and the sha256 of every byte its
+                               engram is formed from (payload row, spectrum file, weight)
     run.json                   config (credentials redacted), fingerprint, versions, warnings
-    statistics/<group>.safetensors   the kept Σ (``store.keep_statistics``)
     _COMMITTED                 written last: names the generation and the sha256 of the
-                               manifest and of run.json (the manifest names every payload's)
+                               manifest and of run.json (the manifest names every other file's)
 
 and, beside the runs, the store's reserved names (a run id never starts with ``_``)::
 
@@ -47,21 +51,18 @@ exists and holds anything but run files (a data directory, a file) is refused, n
 Storage failures surface as one-line :class:`~engram_ray.io.storage.StorageError` naming the
 location; an abort after a failure never masks it (cleanup errors are swallowed).
 
-Payload rows (format version 2). Tensors are raw little-endian float32 bytes, row-major, in
-``binary`` columns — the safetensors idea inside Parquet: one value per tensor, so writing costs
-a copy, where Arrow's list and fixed-shape-tensor types made Parquet encode a repetition level
-per float (measured 3× slower for dense rows, 3.5× for factored ones). Shapes live in the
-manifest and in each file's schema metadata (``weight_shape``). ``form = "dense"``: ``weight``
-is ``W⁺`` in the module's weight shape. ``form = "factored"``: ``W⁺ = A B`` with ``factor_a``
-(out × r) and ``factor_b`` (r × in_flat) in the module's (out, in_flat) orientation — ``in_flat``
-is ``C·kh·kw`` for Conv2d, and GPT-2's ``Conv1D`` is transposed back to ``[in, out]`` after the
-product — and ``rank = r``: a concept with fewer tokens than the layer is wide is kept at
-``r ≤ n_c`` instead of ``out × in`` (see ``solve.py``). ``bias``: the bias part of the engram,
-when the module's bias was absorbed. Rows are buffered into row groups of about
-``ROW_GROUP_BYTES`` (one engram alone when it is larger), and the manifest names each engram's
-row group and row: a reader fetching one engram reads at most that much besides it, and small
-engrams do not pay Parquet's per-row-group cost each (measured on 1,450 rank-41 engrams: 0.35 s
-at one row group each, 0.12 s at one per module).
+Format 3: statistics, not engrams. A run does not store the (concept, module) engrams: every
+module of an input group shares one Σ_total⁺ and each concept's rows, and the weight is in the
+base model, so ``W⁺_c = (W X_cᵀ)(X_c Σ⁺)`` (or ``W Σ_c Σ⁺``) is formed on read (``core/solve.py``)
+by :class:`Run`, bound to the base model (``engram_ray.runs``), each weight checked against the
+digest recorded at extraction (``weight_sha256``: the module's (out, D) float64 matrix). Payload
+cells are raw little-endian bytes, row-major, in ``binary`` columns (one value per tensor: a
+copy to write, where Arrow's list types encode a repetition level per float) with their dtype
+(``<f4``, ``<f8``, ``<f2``, or ``bf16`` as raw 16-bit patterns: a bf16 model's activations are
+bf16, so keeping them so is lossless and halves the bytes). Rows are buffered into row groups
+of about ``ROW_GROUP_BYTES``, and the manifest names each concept's row group and row: a reader
+fetching one concept reads at most that much besides it. Runs of format 2 (stored engrams) are
+refused in one line naming the format: re-extract them.
 
 Readers refuse runs without the commit marker, a marker, manifest or run.json that is invalid or
 does not match, and a payload whose sha256 differs from the manifest's: what a reader returns is
@@ -819,7 +820,7 @@ class Run:
                 f"payload {path} (concept {concept!r}, input group {row['group']!r}) fails its "
                 "sha256 check: the file was modified after the run was committed")
         dim = self._dim(row)
-        if row["form"] == "rows":
+        if row["form"] == "factored":
             return "rows", _bytes_tensor(data, row["dtype"], (row["rank"], dim))
         return "block", unpack_symmetric(_bytes_tensor(data, row["dtype"], (-1,)), dim)
 
