@@ -134,6 +134,7 @@ DOCS = dict(documents())
 KUBE = {k: d for k, d in DOCS.items() if "kind" in d}
 RAY_KINDS = {k: d for k, d in KUBE.items() if d["kind"] in CRD_FILES}
 LAUNCHERS = {k: d for k, d in DOCS.items() if "cluster_name" in d and "provider" in d}
+QUEUES = {k: d for k, d in DOCS.items() if set(d) == {"config", "run"}}  # queue.yaml templates
 CONFIGMAPS = {d["metadata"]["name"]: d for d in KUBE.values() if d["kind"] == "ConfigMap"}
 ACCOUNTS = {d["metadata"]["name"]: d for d in KUBE.values() if d["kind"] == "ServiceAccount"}
 
@@ -146,7 +147,8 @@ def test_every_yaml_is_understood():
             assert doc["kind"] in known, f"{key}: no schema for kind {doc['kind']}"
             assert doc.get("apiVersion") == ("ray.io/v1" if doc["kind"] in CRD_FILES else "v1")
         else:
-            assert key in LAUNCHERS or "featureGates" in doc, f"{key}: unrecognized YAML"
+            assert key in LAUNCHERS or key in QUEUES or "featureGates" in doc, (
+                f"{key}: unrecognized YAML")
     assert {d["kind"] for d in KUBE.values()} >= {"RayCluster", "RayJob", "RayCronJob"}
 
 
@@ -304,15 +306,82 @@ def test_jobs_end_and_clean_up():
         assert job["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never", key
 
 
-def test_scheduled_extraction_is_the_one_off_extraction():
+def test_configmaps_live_in_their_own_files():
+    """Applying a job's file never creates its config, and applying a config file never
+    starts a job: a file holds ConfigMaps only, or no ConfigMap at all."""
+    for path in YAML_FILES:
+        kinds = {d.get("kind") for d in yaml.safe_load_all(path.read_text()) if d}
+        if "ConfigMap" in kinds:
+            assert kinds == {"ConfigMap"}, f"{path.name} mixes a ConfigMap with {kinds}"
+    for key, spec, _ in cluster_specs():
+        for group, pod in pod_templates(spec):
+            for v in pod.get("volumes", []):
+                if "configMap" in v:
+                    assert v["configMap"]["name"] in CONFIGMAPS, f"{key} {group}: {v}"
+
+
+def test_jobs_write_to_a_predictable_run():
+    """A RayJob's submission id is its ``spec.jobId`` = its name, and jobs/extract.py makes
+    that the run id when the config names none (jobs/jobresult.py): the run of RayJob NAME is
+    ``<store.uri>/NAME`` (docs/cluster.md, "Finding the result")."""
+    for key, doc in RAY_KINDS.items():
+        if doc["kind"] != "RayJob":
+            continue
+        assert doc["spec"].get("jobId") == doc["metadata"]["name"], key
+        if "jobs/extract.py" in doc["spec"]["entrypoint"]:
+            assert "store.run_id" not in doc["spec"]["entrypoint"], key
+            _, args = entrypoint(doc["spec"])
+            raw = yaml.safe_load(mounted_file(doc["spec"]["rayClusterSpec"], args[0]))
+            assert not raw.get("store", {}).get("run_id"), f"{key}: a fixed store.run_id"
+    for key, doc in RAY_KINDS.items():  # a jobId in a cron's template would repeat nightly
+        if doc["kind"] == "RayCronJob":
+            assert "jobId" not in doc["spec"]["jobTemplate"], key
+
+
+def extract_job() -> dict:
+    jobs = [d for d in RAY_KINDS.values() if d["kind"] == "RayJob"
+            and "jobs/extract.py" in d["spec"]["entrypoint"]]
+    assert len(jobs) == 1
+    return jobs[0]
+
+
+def scheduled_args(job: dict):
+    """(tick arguments, --gc-keep, --result-file) of a jobs/scheduled_edit.py entrypoint."""
+    import argparse
+
+    from engram_ray.cli import build_parser
+
+    script, args = entrypoint(job)
+    assert script == "jobs/scheduled_edit.py", script
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--gc-keep", type=int)
+    p.add_argument("--result-file")
+    own, rest = p.parse_known_args(args)
+    return build_parser().parse_args(["tick", *rest]), own.gc_keep, own.result_file
+
+
+def test_scheduled_path_is_a_tick_with_retention():
+    """The RayCronJob runs ``engram-ray tick`` on a queue and then ``gc --keep N``; the
+    queue's config is the one mounted on its head, its first run the one-off RayJob's."""
     crons = [d for d in RAY_KINDS.values() if d["kind"] == "RayCronJob"]
-    extract = [d for d in RAY_KINDS.values() if d["kind"] == "RayJob"
-               and "jobs/extract.py" in d["spec"]["entrypoint"]]
-    assert crons and len(extract) == 1
-    for cron in crons:
-        assert cron["spec"]["jobTemplate"] == extract[0]["spec"]
+    assert crons
     gates = [d["featureGates"] for d in DOCS.values() if "featureGates" in d]
     assert gates and {"name": "RayCronJob", "enabled": True} in gates[0]
+    extract = extract_job()
+    raw = yaml.safe_load(mounted_file(extract["spec"]["rayClusterSpec"],
+                                      entrypoint(extract["spec"])[1][0]))
+    first_run = f"{raw['store']['uri']}/{extract['spec']['jobId']}"
+    assert raw["store"].get("keep_statistics") is True, "the first run must keep its Σ"
+    (queue,) = QUEUES.values()
+    assert queue["run"] == first_run
+    for cron in crons:
+        job = cron["spec"]["jobTemplate"]
+        tick, keep, result_file = scheduled_args(job)
+        assert tick.queue.startswith("s3://") and not tick.local, tick
+        assert keep is not None and keep >= 1
+        assert result_file and result_file.startswith("s3://"), "the result must outlive the pod"
+        queue_cfg = yaml.safe_load(mounted_file(job["rayClusterSpec"], queue["config"]))
+        assert queue_cfg == raw, "the tick extends with the first run's config"
 
 
 # --- nothing installed at start -----------------------------------------------------------
@@ -412,11 +481,17 @@ def test_entrypoint_arguments_and_inline_configs_are_valid():
             continue
         script, args = entrypoint(job)
         if script == "jobs/extract.py":
-            ns = parser.parse_args(["extract", *args])
+            ns = parser.parse_args(["extract", *strip_result_file(args)])
             raw = yaml.safe_load(mounted_file(spec, ns.config))
             cfg = ExtractConfig.from_dict(apply_overrides(copy.deepcopy(raw), ns.set or []))
             check_capacity(key, spec, cfg.parallel)
             checked.add(ns.config)
+        elif script == "jobs/scheduled_edit.py":
+            (queue,) = QUEUES.values()
+            raw = yaml.safe_load(mounted_file(spec, queue["config"]))
+            check_capacity(key, spec, ExtractConfig.from_dict(raw).parallel)
+            scheduled_args(job)
+            checked.add(queue["config"])
         elif script == "jobs/apply.py" and args[:1] == ["--batch"]:
             ns = parser.parse_args(["batch", *args[1:]])
             reqs = read_requests_text(mounted_file(spec, ns.requests), ns.requests)
@@ -429,6 +504,19 @@ def test_entrypoint_arguments_and_inline_configs_are_valid():
     for cm in CONFIGMAPS.values():  # no inline config that no job reads
         for name in cm["data"]:
             assert any(c.endswith("/" + name) for c in checked), f"unused {name}"
+
+
+def strip_result_file(args: list[str]) -> list[str]:
+    """jobs/extract.py's arguments less its own ``--result-file URI``."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--result-file":
+            skip = True
+        elif not a.startswith("--result-file="):
+            out.append(a)
+    return out
 
 
 def test_inline_config_errors_are_caught():
@@ -484,3 +572,164 @@ def check_capacity(key: str, spec: dict, p) -> None:
     stream = p.replicas * 0.25 + p.encode_num_cpus
     assert sum(c for c, _ in nodes) >= actors * p.num_cpus + stream, f"{key}: too few CPUs"
     assert max(c for c, _ in nodes) >= p.solver_num_cpus, f"{key}: no node fits a solver task"
+
+
+# --- pods fit their nodes -----------------------------------------------------------------
+# Allocatable = capacity − kube-reserved − system-reserved − hard eviction threshold (kubelet).
+# EKS AMIs (AL2 bootstrap.sh, AL2023 nodeadm) set kube-reserved from the instance type and
+# leave system-reserved unset:
+#   cpu:    6% of the first core, 1% of the second, 0.5% of cores 3–4, 0.25% of each above 4
+#   memory: 11 MiB × max pods + 255 MiB;  eviction: memory.available < 100Mi
+#   ephemeral-storage: 1Gi;  eviction: nodefs.available < 10%
+# max pods: the AMI's eni-max-pods.txt, ENIs × (IPv4 addresses per ENI − 1) + 2.
+# EC2 facts per instance type: vCPUs, memory (MiB), GPUs, max pods.
+INSTANCE_TYPES = {
+    "m6i.2xlarge": (8, 32768, 0, 58),
+    "r6i.2xlarge": (8, 65536, 0, 58),
+    "g6e.2xlarge": (8, 65536, 1, 58),
+}
+# Our margins, not AWS figures: kubelet's memory capacity is the kernel's MemTotal, a few
+# percent under the nominal size (firmware and kernel reservations): 6% budgeted. DaemonSets
+# (aws-node, kube-proxy, the NVIDIA device plugin, CSI node drivers) keep 0.5 CPU and 1 GiB.
+# Node disks: node groups with 100 GiB root volumes, 30 GiB of them for the OS and the image.
+MEMTOTAL_LOSS = 0.06
+DAEMONSETS = {"cpu": 0.5, "memory": 1024 * 2**20}
+NODE_DISK, IMAGE_AND_OS = 100 * 2**30, 30 * 2**30
+# KubeRay 1.7.0's autoscaler sidecar in an autoscaling head (no autoscalerOptions.resources).
+AUTOSCALER_SIDECAR = {"cpu": 0.5, "memory": 512 * 2**20}
+MIB = 2**20
+
+
+def reserved_millicores(vcpus: int) -> float:
+    """EKS AMI kube-reserved CPU (millicores) for ``vcpus`` cores."""
+    rates = [60.0, 10.0, 5.0, 5.0] + [2.5] * max(0, vcpus - 4)
+    return sum(rates[:vcpus])
+
+
+def allocatable(instance_type: str) -> dict[str, float]:
+    """What pods of ours may request on one node: cores, bytes, GPUs (see above)."""
+    vcpus, mem_mib, gpus, max_pods = INSTANCE_TYPES[instance_type]
+    cpu = vcpus - reserved_millicores(vcpus) / 1000 - DAEMONSETS["cpu"]
+    mem = (mem_mib * (1 - MEMTOTAL_LOSS) - (11 * max_pods + 255) - 100) * MIB \
+        - DAEMONSETS["memory"]
+    disk = NODE_DISK - 2**30 - 0.10 * NODE_DISK - IMAGE_AND_OS
+    return {"cpu": cpu, "memory": mem, "nvidia.com/gpu": gpus, "ephemeral-storage": disk}
+
+
+def to_number(q) -> float:
+    """A Kubernetes quantity (``500m``, ``56Gi``, ``16G``, ``7``) as a number."""
+    m = re.fullmatch(r"([0-9.]+)(m|Ki|Mi|Gi|Ti|k|M|G|T)?", str(q))
+    assert m, q
+    scale = {None: 1, "m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+             "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def pod_requests(pod: dict, extra: dict | None = None) -> dict[str, float]:
+    """A pod's requests: its containers' sum (and the largest init container, if larger)."""
+    total: dict[str, float] = dict(extra or {})
+    for c in pod["containers"]:
+        for k, v in c.get("resources", {}).get("requests", {}).items():
+            total[k] = total.get(k, 0) + to_number(v)
+    for c in pod.get("initContainers", []):
+        for k, v in c.get("resources", {}).get("requests", {}).items():
+            total[k] = max(total.get(k, 0), to_number(v))
+    return total
+
+
+def every_pod() -> Iterator[tuple[str, dict, dict]]:
+    """(where, pod spec, extra requests KubeRay adds) for every pod a manifest makes."""
+    for key, spec, job in cluster_specs():
+        for group, pod in pod_templates(spec):
+            extra = AUTOSCALER_SIDECAR if (group == "head"
+                                           and spec.get("enableInTreeAutoscaling")) else {}
+            yield f"{key} {group}", pod, extra
+        if job is not None:
+            yield f"{key} submitter", job["submitterPodTemplate"]["spec"], {}
+
+
+def test_allocatable_arithmetic():
+    """The formulas above on the numbers docs/cluster.md writes down."""
+    assert reserved_millicores(8) == 90  # 60 + 10 + 2 × 5 + 4 × 2.5
+    assert reserved_millicores(1) == 60
+    g6e = allocatable("g6e.2xlarge")
+    assert g6e["cpu"] == pytest.approx(7.41)
+    # 65536 × 0.94 − (11 × 58 + 255) − 100 − 1024 = 61603.84 − 893 − 100 − 1024 MiB
+    assert g6e["memory"] / MIB == pytest.approx(59586.84)
+    assert allocatable("m6i.2xlarge")["memory"] / MIB == pytest.approx(28784.92)
+    assert allocatable("r6i.2xlarge")["ephemeral-storage"] / 2**30 == pytest.approx(59.0)
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    for name in INSTANCE_TYPES:
+        a = allocatable(name)
+        row = f"| {name} | {a['cpu']:.2f} | {a['memory'] / 2**30:.1f} GiB |"
+        assert row in text, f"docs/cluster.md has no row {row!r}"
+
+
+def test_every_pod_fits_the_instance_type_it_names():
+    seen = set()
+    for where, pod, extra in every_pod():
+        itype = (pod.get("nodeSelector") or {}).get("node.kubernetes.io/instance-type")
+        assert itype in INSTANCE_TYPES, f"{where}: names no known instance type ({itype})"
+        seen.add(itype)
+        need, have = pod_requests(pod, extra), allocatable(itype)
+        for res, amount in need.items():
+            assert res in have, f"{where}: requests {res}, which {itype} does not have"
+            assert amount <= have[res], (
+                f"{where}: requests {amount:g} {res}, {itype} has {have[res]:g} allocatable")
+        if have["nvidia.com/gpu"]:
+            assert need.get("nvidia.com/gpu", 0) > 0, f"{where}: a GPU node for a CPU pod"
+    assert seen <= set(INSTANCE_TYPES)
+    for cfg in LAUNCHERS.values():  # the launcher names the same types
+        for node in cfg["available_node_types"].values():
+            assert node["node_config"]["InstanceType"] in INSTANCE_TYPES
+
+
+def test_the_fit_check_catches_an_oversized_pod():
+    """A guard on the guard: the manifests' old GPU workers (8 CPUs, 64Gi on a g6e.2xlarge)
+    do not fit."""
+    have = allocatable("g6e.2xlarge")
+    old = pod_requests({"containers": [{"resources": {"requests": {
+        "cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"}}}]})
+    assert old["cpu"] > have["cpu"] and old["memory"] > have["memory"]
+
+
+# Llama-3.2-1B, the model the apply RayJob's runs name: 1,235,814,400 parameters in bf16.
+MODEL_BYTES = 1_235_814_400 * 2
+RAY_SCRATCH = 2 * 2**30
+
+
+def test_apply_head_ephemeral_storage_is_sized_from_the_model():
+    """Edits to s3:// are written whole to local disk first: per run, its full and adapter
+    requests at once plus the cached base model, for every run the head writes at once."""
+    jobs = [d for d in RAY_KINDS.values() if d["kind"] == "RayJob"
+            and "jobs/apply.py" in d["spec"]["entrypoint"]]
+    assert jobs
+    for job in jobs:
+        spec = job["spec"]["rayClusterSpec"]
+        _, args = entrypoint(job["spec"])
+        reqs = read_requests_text(mounted_file(spec, args[1]), args[1])
+        per_run: dict[str, int] = {}
+        for r in reqs:
+            per_run[r.run] = per_run.get(r.run, 0) + 1
+        need = sum(n + 1 for n in per_run.values()) * MODEL_BYTES + RAY_SCRATCH
+        assert need / 2**30 == pytest.approx(13.51, abs=0.01)  # the manifest's comment
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+        assert to_number(head["requests"]["ephemeral-storage"]) >= need
+        assert head["limits"]["ephemeral-storage"] == head["requests"]["ephemeral-storage"]
+
+
+# --- the launcher can pull its image ------------------------------------------------------
+
+def test_launcher_logs_in_to_its_registry():
+    """A private registry (ECR) needs a login on every node before Ray pulls the image, and
+    the instance profiles need ECR read access (docs/cluster.md says which policy)."""
+    for key, cfg in LAUNCHERS.items():
+        host = cfg["docker"]["image"].split("/", 1)[0]
+        assert "." in host or ":" in host, f"{key}: the image names no registry"
+        region = cfg["provider"]["region"]
+        login = (f"aws ecr get-login-password --region {region} | docker login --username AWS "
+                 f"--password-stdin {host}")
+        assert login in cfg.get("initialization_commands", []), f"{key}: no `{login}`"
+        for node in cfg["available_node_types"].values():
+            assert node["node_config"]["IamInstanceProfile"]["Arn"]
+    assert "AmazonEC2ContainerRegistryReadOnly" in (ROOT / "docs" / "cluster.md").read_text()
