@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from engram_ray import uris
-from engram_ray.redaction import redact
+from engram_ray.redaction import redact, redact_text
 
 __all__ = [
     "FLOAT32_EPS",
@@ -198,7 +198,13 @@ class ModelSpec:
         return cls(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in (None, {})}
+        """The fields as recorded (run.json, edit.json): credentials in URLs redacted."""
+        out = {k: v for k, v in asdict(self).items() if v not in (None, {})}
+        out.update({k: redact_text(out[k]) for k in ("path", "weights") if k in out})
+        return out  # kwargs stay whole: a factory is rebuilt from them (num_tokens is no secret)
+
+    def __repr__(self) -> str:
+        return f"ModelSpec({self.to_dict()!r})"  # a URL's credentials never reach a log
 
     @property
     def name(self) -> str:

@@ -12,7 +12,8 @@ What counts as a secret:
   ``password``, ``credential``, ``accesskey``, ``accountkey``, ``authorization``,
   ``connectionstring``…), at any depth of nested mappings and lists, e.g.
   ``client_kwargs.aws_secret_access_key``, ``s3_additional_kwargs.SSECustomerKey``,
-  ``config_kwargs.proxies_config.proxy_headers.Proxy-Authorization``;
+  ``config_kwargs.proxies_config.proxy_headers.Proxy-Authorization``, and the value of a
+  ``[name, value]`` pair whose name does (a header list);
 - the user information of a URL inside any string value or message
   (``http://user:pass@proxy:3128`` → ``http://***@proxy:3128``; for http(s), ws(s) and ftp a
   bare ``https://TOKEN@host`` too), wherever it sits, e.g. ``config_kwargs.proxies.https``;
@@ -75,6 +76,8 @@ def _redact_value(key: object, value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _redact_value(k, v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
+        if len(value) == 2 and isinstance(value[0], str) and is_secret_key(value[0]):
+            return [value[0], REDACTED]  # a (name, value) pair: a header, a form field
         return [_redact_value("", v) for v in value]
     if isinstance(value, str):
         return redact_text(value)
