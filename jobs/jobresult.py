@@ -77,9 +77,12 @@ def run_cli(argv: list[str]) -> tuple[int, str | None]:
 
 
 def emit(result: Mapping, result_file: str | None = None, storage_options=None) -> int:
-    """Print ``result`` as one JSON line (stdout's last) and write it to ``result_file``;
+    """Print ``result`` (``run`` its first key) as one JSON line, stdout's last, and write it
+    to ``result_file``;
     the exit status (1, with one line on stderr, when the file cannot be written)."""
-    line = json.dumps(dict(result), sort_keys=True)
+    if next(iter(result), None) != "run":
+        raise ValueError("a job result starts with its run")
+    line = json.dumps(dict(result))  # "run" first, as given: `grep '^{"run"'` finds it
     print(line, flush=True)
     if not result_file:
         return 0

@@ -84,7 +84,7 @@ def test_extract_job_writes_where_the_docs_say(job_config):
     assert open_run(expected).concepts == ["ada", "bo"]
     # 2. `kubectl logs job/engram-extract | grep '^{"run"'` (Ray's banner may come after it).
     lines = [ln for ln in (proc.stdout + "\nJob 'engram-extract' succeeded\n").splitlines()
-             if ln.startswith('{"run"') or ln.startswith('{"job"')]
+             if ln.startswith('{"run"')]
     assert len(lines) == 1, proc.stdout
     found = json.loads(lines[0])
     assert found == {"run": expected, "run_id": "engram-extract", "job": "engram-extract"}
