@@ -43,8 +43,14 @@ from engram_ray.distributed.ingest import (
     tokenizer_pad_id,
     validate_files,
 )
+from engram_ray.distributed.placement import (
+    Placement,
+    autoscaler_view,
+    reserve,
+    solver_bundles,
+)
 from engram_ray.distributed.reduce import tree_depth, tree_plan
-from engram_ray.distributed.resources import check_schedulable
+from engram_ray.distributed.resources import check_schedulable, reserved
 from engram_ray.distributed.solver import checkpoint_task, solve_task, task_threads, warm_solver
 from engram_ray.distributed.stage_actor import StageActor
 from engram_ray.distributed.store_location import check_store_location
@@ -74,20 +80,19 @@ class RayExecutor:
         self.reduce: dict[str, float] = {}
         self.launched: tuple | None = None  # (paths, consume refs) of a slice already started
         self.groups: dict[str, int] = {}  # input group → the stage that owns it
+        self.placement = Placement(None, 0)  # the stage actors' placement group
         self.feed: list[dict] = []  # per replica: what its stage 0 measured while feeding
 
     def start(self, plan: Plan) -> None:
         self.t0 = t0 = time.time()
         check_concepts(plan.data, validate_files(plan.data)[0])  # every file of the run
         p = self.cfg.parallel
-        ensure_ray(p.address, cpus_needed(p))
+        ensure_ray(p.address, cpus_needed(p), connect_timeout_s=p.connect_timeout_s)
         self.startup["ray_init_s"] = time.time() - t0
-        alive = [n for n in ray.nodes() if n.get("Alive")]
-        check_schedulable(p, [n["Resources"] for n in alive], max_extra_cpus=p.autoscale_max_cpus)
-        check_store_location(plan.store, len({n.get("NodeManagerAddress") for n in alive}),
-                             may_grow=p.autoscale_max_cpus > 0)
+        self.placement = _reserve_actors(self.cfg, plan, self.log)
+        self.startup["placed_s"] = time.time() - t0
         self.cores = cluster_cores()
-        self.actors = _start_actors(self.cfg, task_threads(p.num_cpus))
+        self.actors = _start_actors(self.cfg, task_threads(p.num_cpus), self.placement)
         self.pad_id, self.tok_dir = _pad_id(self.cfg)
         first = slices(plan.sources, plan.store.checkpoint_shards)
         if first:
@@ -156,30 +161,48 @@ class RayExecutor:
         actor = active[root][stage]
         return actor.export.remote(group, final), actor
 
+    def _solver_placement(self) -> Placement:
+        """The solver slots' placement group: as many bundles as the cores allow and are free
+        now (the stream's tasks are done), at least one (``placement.py``)."""
+        p = self.cfg.parallel
+        bundle = reserved(p).solver_bundle()
+        n = solver_bundles(self._slots(), bundle) if bundle else 0
+        return reserve([bundle] * n, "SPREAD", f"{n} solver slot(s)", p.schedule_timeout_s,
+                       self.log)
+
     def snapshot(self, step: GroupCheckpoint, layout: Layout) -> None:
         opts = {"num_cpus": self.cfg.parallel.solver_num_cpus}
-        ray.get([checkpoint_task.options(**opts).remote(step, g, self._reduced(i, g, False)[0])
-                 for i, g in enumerate(layout.solve_order())])
+        slots = self._solver_placement()
+        try:
+            ray.get([checkpoint_task.options(**opts, **slots.strategy(i)).remote(
+                step, g, self._reduced(i, g, False)[0])
+                for i, g in enumerate(layout.solve_order())])
+        finally:
+            slots.release()
 
     def solve(self, step: GroupSolve, layout: Layout) -> list[dict]:
         p, t0 = self.cfg.parallel, time.time()
         self.warm_solvers()  # a stream too short for the progress loop to have started them
         opts = {"num_cpus": p.solver_num_cpus, "num_gpus": p.solver_num_gpus}
-        threads, slots = task_threads(p.solver_num_cpus), self._slots()
+        threads, placed = task_threads(p.solver_num_cpus), self._solver_placement()
+        slots = placed.bundles or self._slots()
         say(self.log, f"Σ from {sum(f['tokens'] for f in self.fed):,} tokens; solving "
                       f"{len(layout.dims)} input group(s), {slots} at a time, reduce depth "
                       f"{tree_depth(len(self.active()))}")
         window: deque = deque()
         done: dict[int, list[dict]] = {}
-        for i, g in enumerate(layout.solve_order()):
-            sigma, actor = self._reduced(i, g, True)
-            window.append((i, solve_task.options(**opts).remote(
-                step, sigma, layout.members(g), actor.group_weights.remote(g), threads)))
-            if len(window) > slots:  # one group reduced ahead of the solvers, no more
-                j, ref = window.popleft()
+        try:
+            for i, g in enumerate(layout.solve_order()):
+                sigma, actor = self._reduced(i, g, True)
+                window.append((i, solve_task.options(**opts, **placed.strategy(i)).remote(
+                    step, sigma, layout.members(g), actor.group_weights.remote(g), threads)))
+                if len(window) > slots:  # one group reduced ahead of the solvers, no more
+                    j, ref = window.popleft()
+                    done[j] = ray.get(ref)
+            for j, ref in window:
                 done[j] = ray.get(ref)
-        for j, ref in window:
-            done[j] = ray.get(ref)
+        finally:
+            placed.release()
         self._account_reduce(time.time() - t0)
         return [row for j in sorted(done) for row in done[j]]
 
@@ -215,6 +238,7 @@ class RayExecutor:
         for chain in self.actors:
             for actor in chain:
                 ray.kill(actor)
+        self.placement.release()
 
 
 def _feed_summary(feed: list[dict], t0: float) -> dict:
@@ -251,15 +275,37 @@ def _pad_id(cfg: ExtractConfig):
     return tokenizer_pad_id.options(num_cpus=cfg.parallel.encode_num_cpus).remote(local), local
 
 
-def _start_actors(cfg: ExtractConfig, threads: int) -> list[list]:
+def _reserve_actors(cfg: ExtractConfig, plan: Plan, log: TextIO | None) -> Placement:
+    """Check that the stage actors, the stream and a solver can ever be scheduled on the
+    cluster's nodes and the node types its autoscaler may add (``resources.py``), then reserve
+    the actors as one placement group, waiting for the autoscaler (``placement.py``)."""
+    p = cfg.parallel
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    types, grows = autoscaler_view(p)
+    r = check_schedulable(p, [n["Resources"] for n in alive], max_extra_cpus=p.autoscale_max_cpus,
+                          node_types=types, may_grow=grows)
+    if grows:
+        say(log, "an autoscaler runs but its node types are unknown (Ray reports them with "
+                 "autoscaler v2): name them in parallel.autoscale_node_types to refuse a request "
+                 "no node could hold at once instead of after parallel.schedule_timeout_s")
+    check_store_location(plan.store, len({n.get("NodeManagerAddress") for n in alive}),
+                         may_grow=p.autoscale_max_cpus > 0 or bool(types) or grows)
+    strategy = "SPREAD" if p.placement == "spread" else "PACK"
+    return reserve([r.actor_bundle()] * r.actors, strategy, f"{r.actors} stage actor(s)",
+                   p.schedule_timeout_s, log)
+
+
+def _start_actors(cfg: ExtractConfig, threads: int, placed: Placement) -> list[list]:
+    """The stage actors, by replica then stage, each in its bundle of ``placed`` (or, with
+    nothing to reserve, spread by Ray's own ``SPREAD`` as ``parallel.placement`` says)."""
     p = cfg.parallel
     opts = {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
     if p.placement == "spread":
         opts["scheduling_strategy"] = "SPREAD"
     storage = cfg.data.storage_options or cfg.store.storage_options
-    return [[StageActor.options(**opts).remote(cfg.model, s, p.stages, r, cfg.select,
-                                               dtype=p.dtype, storage_options=storage,
-                                               threads=threads)
+    return [[StageActor.options(**{**opts, **placed.strategy(r * p.stages + s)}).remote(
+                cfg.model, s, p.stages, r, cfg.select, dtype=p.dtype, storage_options=storage,
+                threads=threads)
              for s in range(p.stages)]
             for r in range(p.replicas)]
 
