@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import time
 from collections import Counter
 from collections.abc import Mapping
 
@@ -16,8 +18,12 @@ import ray
 
 from engram_ray.config import ParallelConfig
 
-__all__ = ["actor_threads", "cluster_cores", "cpus_needed", "ensure_ray", "ingest_concurrency",
-           "normal_priority", "solver_slots"]
+__all__ = ["ConnectTimeout", "actor_threads", "cluster_cores", "cpus_needed", "ensure_ray",
+           "ingest_concurrency", "normal_priority", "probe_address", "solver_slots"]
+
+class ConnectTimeout(TimeoutError):
+    """A Ray address where nothing answers; the message names it (exit 1 from the CLI)."""
+
 
 # Cores of the machine when this process started the local Ray itself (None: joined a cluster,
 # whose advertised CPUs are taken as its cores).
@@ -31,20 +37,25 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def ensure_ray(address: str | None = None, min_cpus: float = 0.0) -> None:
+def ensure_ray(address: str | None = None, min_cpus: float = 0.0, *,
+               connect_timeout_s: float = 60.0) -> None:
     """Join ``address`` (or RAY_ADDRESS, or a local ``ray start`` head that Ray finds on its
     own) without passing resources, else start a local Ray; no-op when connected.
 
     ``address`` (or RAY_ADDRESS) ``"local"`` always starts a new local Ray, never joining one
     that runs beside it. A local Ray advertises at least ``min_cpus`` logical CPUs: on a small
     machine (2 cores) the stage actors' reservations would otherwise leave Ray Data's read
-    tasks no CPU to be scheduled on, and the stream would wait forever.
+    tasks no CPU to be scheduled on, and the stream would wait forever. An address that does
+    not answer within ``connect_timeout_s`` fails naming it (:func:`probe_address`): Ray itself
+    retries such an address for as long as it runs.
     """
     global _LOCAL_CORES
     if ray.is_initialized():
         return
     fresh = (address or os.environ.get("RAY_ADDRESS")) == "local"
     if not fresh and (address is not None or os.environ.get("RAY_ADDRESS")):
+        key = "parallel.address" if address is not None else "RAY_ADDRESS"
+        probe_address(address or os.environ["RAY_ADDRESS"], key, connect_timeout_s)
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         return
     cpus = max(_cores(), math.ceil(min_cpus))
@@ -60,6 +71,61 @@ def ensure_ray(address: str | None = None, min_cpus: float = 0.0) -> None:
         if "existing cluster" not in str(e):
             raise
         ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def probe_address(address: str, key: str, timeout_s: float) -> None:
+    """Raise :class:`ConnectTimeout` naming ``address`` (and ``key``, where it came from) when
+    nothing accepts a TCP connection there within ``timeout_s`` seconds, retrying a refused
+    connection (a head still starting) until then. ``auto`` and addresses Ray resolves from
+    files are left to Ray; ``localhost`` is tried as Ray would dial it (the node's IP)."""
+    if address == "auto":
+        return
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        if address.startswith("ray://"):
+            host, port = target, "10001"  # the Ray client's default port
+        else:
+            raise ValueError(f"{key} {address!r} is not host:port (or ray://host:port)")
+    host = host.strip("[]")
+    hosts = [host]
+    if host in ("localhost", "127.0.0.1"):
+        from ray._private.services import get_node_ip_address
+
+        hosts.append(get_node_ip_address())
+    deadline = time.monotonic() + timeout_s
+    error: OSError | None = None
+    while True:
+        for h in hosts:
+            try:
+                with socket.create_connection((h, int(port)),
+                                              timeout=max(0.1, deadline - time.monotonic())):
+                    pass
+            except OSError as e:
+                error = e
+                continue
+            if not address.startswith("ray://"):
+                _check_gcs(f"{h}:{port}", key, address)
+            return
+        if time.monotonic() >= deadline:
+            raise ConnectTimeout(
+                f"no Ray cluster answers at {key} {address!r} within {timeout_s:g}s "
+                f"(parallel.connect_timeout_s): {error.strerror or error}")
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def _check_gcs(target: str, key: str, address: str) -> None:
+    """Something answers at ``target``: can a GCS client join it? It refuses another server
+    (or a missing auth token) at once and a silent one after Ray's own timeout (~40 s), where
+    ``ray.init`` would keep retrying."""
+    from ray._raylet import GcsClient
+
+    try:
+        GcsClient(address=target)
+    except Exception as e:  # noqa: BLE001 - whatever the client raises, the address is wrong
+        raise ConnectTimeout(f"cannot join a Ray cluster at {key} {address!r}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                             ) from None
 
 
 def cpus_needed(p: ParallelConfig) -> float:
