@@ -193,9 +193,26 @@ def cmd_tick(args) -> str:
 
     result = tick(args.queue, extract=extract, storage_options=_storage(args.storage_option),
                   map_fn=None if args.local else _ray_map(1.0),
-                  lease_timeout_s=args.lease_timeout_s)
+                  lease_timeout_s=args.lease_timeout_s, break_lease=args.break_lease)
     print(f"[engram-ray] {result.message}", file=sys.stderr)
     return result.run or ""
+
+
+def cmd_queue_init(args) -> str:
+    """Create a queue (``engram_ray.schedule.init_queue``); returns the queue's URI."""
+    from engram_ray.schedule import init_queue
+
+    spec = init_queue(args.queue, args.config, args.run, trust_factory=args.trust_factory,
+                      force=args.force, storage_options=_storage(args.storage_option))
+    if args.trust_factory and spec.trust_factory is None:
+        print("[engram-ray] --trust-factory: the config names no factory to trust; nothing "
+              "recorded", file=sys.stderr)
+    elif spec.trust_factory:
+        print(f"[engram-ray] ticks of this queue may import and run {spec.trust_factory}",
+              file=sys.stderr)
+    print(f"[engram-ray] queue {args.queue}: run {spec.run}, config {spec.config}; drop "
+          "request files into requests/ and shards into shards/", file=sys.stderr)
+    return args.queue
 
 
 def cmd_gc(args) -> str:
@@ -423,10 +440,32 @@ def _add_tick(sub) -> None:
                                     "pending requests); safe to run on a timer")
     t.add_argument("queue", help="the queue prefix (local or s3://)")
     t.add_argument("--local", action="store_true", help="extract and apply in this process")
-    t.add_argument("--lease-timeout-s", type=float, default=3600.0,
-                   help="a crashed tick's lease expires after this long")
+    t.add_argument("--lease-timeout-s", type=float, default=60.0,
+                   help="the tick's lease lives this long unless renewed (its heartbeat "
+                        "renews it every quarter of that); a tick killed on this host frees "
+                        "it at once, one lost with its node after this long")
+    t.add_argument("--break-lease", action="store_true",
+                   help="remove another tick's lease first (only when that tick is known to "
+                        "be gone)")
     t.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     t.set_defaults(fn=cmd_tick)
+
+
+def _add_queue(sub) -> None:
+    q = sub.add_parser("queue", help="manage scheduled edit queues (see tick)")
+    actions = q.add_subparsers(dest="action", required=True)
+    i = actions.add_parser("init", help="create a queue: queue.yaml, requests/, shards/")
+    i.add_argument("queue", help="the queue prefix (local or s3://)")
+    i.add_argument("--config", required=True,
+                   help="the extraction config each tick extends with (local or s3://)")
+    i.add_argument("--run", required=True, help="the committed run the first tick extends")
+    i.add_argument("--trust-factory", action="store_true",
+                   help="let ticks import and run the model factory the config names (it "
+                        "runs code: only for a config you trust); recorded in queue.yaml")
+    i.add_argument("--force", action="store_true",
+                   help="replace an existing queue.yaml (state, requests, results kept)")
+    i.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    i.set_defaults(fn=cmd_queue_init)
 
 
 def _add_gc(sub) -> None:
@@ -507,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="engram-ray", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"engram-ray {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_extract, _add_apply, _add_show, _add_list, _add_batch, _add_tick,
+    for add in (_add_extract, _add_apply, _add_show, _add_list, _add_batch, _add_tick, _add_queue,
                 _add_gc, _add_demo, _add_eval, _add_tofu):
         add(sub)
     return p

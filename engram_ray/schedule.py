@@ -2,7 +2,9 @@
 
 A queue is a prefix that people (or upstream jobs) drop work into::
 
-    QUEUE/queue.yaml                 {config: EXTRACT-CONFIG-URI, run: FIRST-RUN-URI}
+    QUEUE/queue.yaml                 written by ``engram-ray queue init`` (:func:`init_queue`):
+                                     {config: EXTRACT-CONFIG-URI, run: FIRST-RUN-URI,
+                                      trust_factory: pkg.module:callable (only if trusted)}
     QUEUE/shards/                    new concept shards (optional): merged into the kept Σ
     QUEUE/requests/NAME.jsonl        request files, rows as for ``engram-ray batch`` (``run``
                                      may be left out: the queue's current run is used)
@@ -13,91 +15,247 @@ A tick takes the queue's lease (an exclusive create: see ``io/lease.py``), exten
 run's kept Σ with the shards it has not counted (exactly ``extract --extend``: the result
 equals one pass over every shard), runs every request file that has no result yet as one batch,
 records each outcome next to its request, moves ``state.json`` on and releases the lease.
-Ticks are idempotent (a tick with nothing new does nothing), two concurrent ticks never both
-work (the second says so and exits 0), and a crashed tick's lease expires after
-``lease_timeout_s``.
+Ticks are idempotent (a tick with nothing new does nothing) and two concurrent ticks never both
+work (the second says so and exits 0).
+
+Why the lease is short and renewed: a tick's lease lives ``lease_timeout_s`` (60 s) unless
+renewed, and a :class:`~engram_ray.io.heartbeat.Heartbeat` renews it every quarter of that
+while the tick works, however long its extraction takes. So a live tick is never broken (an
+hour-long extension included), a tick killed on this host frees the queue at once (its PID is
+gone: :func:`engram_ray.io.lease.holder_gone`), and one lost with its node within a minute. A
+tick that finds it lost its lease (stalled past its expiry) publishes nothing more.
+
+Queues are data, and a queue's config is read by whoever runs the tick: a config naming a
+model ``factory`` ("pkg.module:callable") would make every tick import and run that code. So
+a tick refuses a factory unless the queue trusts it: ``engram-ray queue init … --trust-factory``
+records the one factory the config names at that moment in ``queue.yaml`` (a later config
+naming another factory is refused again). The same trust covers requests whose run was built
+with that factory; the factories shipped with engram-ray
+(:data:`engram_ray.apply.BUILTIN_FACTORIES`) need none. Whoever can write ``queue.yaml`` can
+grant it: keep the queue's root writable by its owners only, and requests/ and shards/ by the
+people who drop work.
+
+Bad input stays local: a request file that cannot be read (bad JSON, a bad row) is recorded as
+failed in ``results/`` with its error and the other files run; it is tried again once its
+content changes. A missing queue, or a ``queue.yaml`` that is not one, fails the tick in one
+line naming the file and key, before anything is created.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TextIO
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
+from engram_ray.io.lease import DEFAULT_TIMEOUT_S
 from engram_ray.io.storage import Storage
 
-__all__ = ["TickResult", "tick"]
+__all__ = ["QUEUE_YAML", "STATE", "QueueSpec", "TickResult", "init_queue", "read_queue", "tick"]
 
 STATE, QUEUE_YAML = "state.json", "queue.yaml"
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+# Errors of reading one request file (bad JSON or Parquet, a bad row, the file gone since it
+# was listed): recorded as that file's failure; anything else fails the tick.
+_FILE_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, pa.ArrowException)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueSpec:
+    """A queue's ``queue.yaml``: the extraction config, the first run, and the one model
+    factory its ticks may import (``None``: none but the built-in ones)."""
+
+    config: str
+    run: str
+    trust_factory: str | None = None
+
+    def to_yaml(self) -> bytes:
+        head = ("# engram-ray queue: written by `engram-ray queue init`. trust_factory names "
+                "the one model\n# factory a tick may import and run (absent: none).\n")
+        return (head + yaml.safe_dump({k: v for k, v in dataclasses.asdict(self).items()
+                                       if v is not None}, sort_keys=False)).encode()
 
 
 @dataclasses.dataclass
 class TickResult:
-    """What a tick did: ``worked`` is False when another tick held the lease."""
+    """What a tick did: ``worked`` is False when another tick held the lease;
+    ``failed_files``: request files that could not be read (recorded in results/)."""
 
     worked: bool
     run: str | None = None
     extended: bool = False
     request_files: list[str] = dataclasses.field(default_factory=list)
+    failed_files: list[str] = dataclasses.field(default_factory=list)
     message: str = ""
 
 
+def read_queue(queue: str, storage_options: Mapping | None = None) -> QueueSpec:
+    """The validated ``queue.yaml`` of ``queue``. A queue without one is missing
+    (``FileNotFoundError`` naming it and how to create it); a malformed one is a
+    ``ValueError`` naming the file and the key."""
+    store = Storage(queue, storage_options)
+    where = store.uri_of(QUEUE_YAML)
+    if not store.exists(QUEUE_YAML):
+        raise FileNotFoundError(
+            f"queue {store.uri} does not exist (no {where}); create it with: engram-ray "
+            f"queue init {store.uri} --config EXTRACT-CONFIG --run FIRST-RUN")
+    try:
+        raw = yaml.safe_load(store.read_bytes(QUEUE_YAML))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ValueError(f"{where} is not valid YAML{line}: "
+                         f"{getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{where} is not UTF-8 text") from None
+    return _spec(where, raw)
+
+
+def _spec(where: str, raw) -> QueueSpec:
+    """``raw`` (parsed YAML) checked key by key."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where} must be a mapping with keys config and run, got "
+                         f"{type(raw).__name__}")
+    known = [f.name for f in dataclasses.fields(QueueSpec)]
+    unknown = sorted(str(k) for k in raw if k not in known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {known})")
+    for key in ("config", "run"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise ValueError(f"{where}: key {key!r} must be a URI (a non-empty string), got "
+                             f"{raw.get(key)!r}")
+    trusted = raw.get("trust_factory")
+    if trusted is not None and (not isinstance(trusted, str) or not _FACTORY.fullmatch(trusted)):
+        raise ValueError(f"{where}: key 'trust_factory' must name the one trusted factory as "
+                         f"'pkg.module:callable' (as `engram-ray queue init --trust-factory` "
+                         f"records it), got {trusted!r}")
+    return QueueSpec(raw["config"], raw["run"], trusted)
+
+
+def init_queue(queue: str, config: str, run: str, *, trust_factory: bool = False,
+               force: bool = False, storage_options: Mapping | None = None) -> QueueSpec:
+    """Create ``queue`` (``engram-ray queue init``): check the config (it loads and
+    validates) and the run (committed), and write ``queue.yaml`` with ``requests/`` and
+    ``shards/``. A config whose model is a factory other than the built-in ones is refused
+    unless ``trust_factory``, which records that factory as the one the ticks may run. An
+    existing ``queue.yaml`` is replaced only with ``force`` (state, requests and results are
+    kept)."""
+    from engram_ray.apply import BUILTIN_FACTORIES
+    from engram_ray.config import absolute_uri, load_config
+    from engram_ray.io.store import open_run
+
+    store = Storage(absolute_uri(queue, "QUEUE"), storage_options)
+    config, run = absolute_uri(config, "--config"), absolute_uri(run, "--run")
+    if store.exists(QUEUE_YAML) and not force:
+        raise FileExistsError(f"queue {store.uri} already exists ({store.uri_of(QUEUE_YAML)}); "
+                              "pass --force to replace its queue.yaml (its state, requests and "
+                              "results are kept)")
+    factory = load_config(config).model.factory
+    open_run(run, storage_options)  # committed and intact, or a one-line error naming it
+    custom = factory if factory is not None and factory not in BUILTIN_FACTORIES else None
+    if custom is not None and not trust_factory:
+        raise PermissionError(
+            f"config {config} builds its model with factory {custom!r}: every tick of queue "
+            f"{store.uri} would import and run that code; pass --trust-factory if you trust it")
+    spec = QueueSpec(config, run, custom if trust_factory else None)
+    for folder in ("requests", "shards"):
+        store.makedirs(folder)
+    store.write_bytes(QUEUE_YAML, spec.to_yaml())
+    return spec
+
+
 def tick(queue: str, *, extract: Callable, map_fn: Callable | None = None,
-         storage_options: Mapping | None = None, lease_timeout_s: float = 3600.0,
-         log: TextIO | None = None) -> TickResult:
+         storage_options: Mapping | None = None, lease_timeout_s: float = DEFAULT_TIMEOUT_S,
+         break_lease: bool = False, log: TextIO | None = None) -> TickResult:
     """One tick of ``queue``. ``extract(cfg) -> run URI`` runs an extraction (the Ray or the
-    local executor); ``map_fn`` runs the batch's requests (see ``requests.run_batch``)."""
+    local executor); ``map_fn`` runs the batch's requests (see ``requests.run_batch``).
+    ``break_lease`` removes another holder's lease first (a holder known to be gone)."""
+    from engram_ray.io.heartbeat import Heartbeat
     from engram_ray.io.lease import Lease, LeaseHeld
 
+    spec = read_queue(queue, storage_options)  # a missing queue is not created by its lease
     store = Storage(queue, storage_options)
+    lease = Lease(store.child("_lease"), timeout_s=lease_timeout_s, what=f"queue {queue}")
     try:
-        lease = Lease(store.child("_lease"), timeout_s=lease_timeout_s)
+        if break_lease:
+            lease.break_()
         lease.acquire()
     except LeaseHeld as e:
         return TickResult(worked=False, message=f"another tick is working on {queue}: {e}")
     try:
-        state = _state(store)
-        result = TickResult(worked=True, run=state["run"])
-        new_run = _extend(store, state, extract, storage_options, log)
-        if new_run is not None:
-            result.run, result.extended = new_run, True
-        result.request_files = _run_requests(store, result.run, map_fn, storage_options)
-        _save_state(store, result.run, state)
-        result.message = (f"tick on {queue}: run {result.run}"
-                          + (" (extended with new shards)" if result.extended else "")
-                          + f", {len(result.request_files)} request file(s) done")
-        return result
+        with Heartbeat(lease) as beat:
+            return _work(store, spec, extract, map_fn, storage_options, beat, log)
     finally:
         lease.release()
 
 
-def _state(store: Storage) -> dict:
-    """The queue's current state (``state.json``, else the first run named in queue.yaml)."""
-    if store.exists(STATE):
-        return json.loads(store.read_bytes(STATE))
-    spec = yaml.safe_load(store.read_bytes(QUEUE_YAML)) or {}
-    if not isinstance(spec, Mapping) or "run" not in spec or "config" not in spec:
-        raise ValueError(f"{store.uri_of(QUEUE_YAML)} must name `config` (an extraction "
-                         "config with store.keep_statistics) and `run` (its first run)")
-    return {"run": spec["run"], "config": spec["config"], "ticks": 0}
-
-
-def _extend(store: Storage, state: dict, extract: Callable, storage_options,
-            log) -> str | None:
-    """Extend the current run with the queue's uncounted shards; ``None`` when none is new."""
+def _work(store: Storage, spec: QueueSpec, extract, map_fn, storage_options, beat,
+          log) -> TickResult:
+    """The tick's work under its lease: check the factory, extend, run requests, save."""
     from engram_ray.config import load_config
+
+    state = _state(store, spec)
+    cfg = load_config(spec.config)
+    _check_factory(cfg.model.factory, spec, store.uri)
+    result = TickResult(worked=True, run=state["run"])
+    new_run = _extend(store, state, cfg, extract)
+    if new_run is not None:
+        result.run, result.extended = new_run, True
+    beat.check()
+    _run_requests(store, state, result, spec, map_fn, storage_options)
+    beat.check()  # a tick that lost its lease does not move the queue on
+    _save_state(store, result.run, state)
+    failed = (f", {len(result.failed_files)} unreadable request file(s) recorded as failed "
+              f"({', '.join(result.failed_files)})" if result.failed_files else "")
+    result.message = (f"tick on {store.uri}: run {result.run}"
+                      + (" (extended with new shards)" if result.extended else "")
+                      + f", {len(result.request_files)} request file(s) done{failed}")
+    return result
+
+
+def _check_factory(factory: str | None, spec: QueueSpec, queue: str) -> None:
+    """Refuse a config factory the queue does not trust (see the module docstring)."""
+    from engram_ray.apply import BUILTIN_FACTORIES
+
+    if factory is None or factory in BUILTIN_FACTORIES or factory == spec.trust_factory:
+        return
+    trusted = (f"it trusts only {spec.trust_factory!r}" if spec.trust_factory
+               else "it trusts no factory")
+    raise PermissionError(
+        f"config {spec.config} builds its model with factory {factory!r}, which this tick "
+        f"would import and run, and queue {queue} does not trust it ({trusted}); if you trust "
+        f"it: engram-ray queue init {queue} --config {spec.config} --run {spec.run} "
+        "--trust-factory --force")
+
+
+def _state(store: Storage, spec: QueueSpec) -> dict:
+    """The queue's current state (``state.json``, else the first run named in queue.yaml)."""
+    if not store.exists(STATE):
+        return {"run": spec.run, "ticks": 0}
+    state = store.read_json(STATE)
+    if not isinstance(state, dict) or not isinstance(state.get("run"), str):
+        raise ValueError(f"{store.uri_of(STATE)}: key 'run' (the queue's current run) is "
+                         "missing; fix or remove the file (queue.yaml's run is used then)")
+    return state
+
+
+def _extend(store: Storage, state: dict, cfg, extract: Callable) -> str | None:
+    """Extend the current run with the queue's uncounted shards; ``None`` when none is new."""
     from engram_ray.incremental import prepare_extension
 
     if not store.exists("shards") or not store.ls("shards"):
         return None
-    cfg = load_config(state["config"], [f"store.extend={state['run']}"])
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, paths=[store.uri_of("shards")]),
-        store=dataclasses.replace(cfg.store, run_id=None, keep_statistics=True))
+        store=dataclasses.replace(cfg.store, run_id=None, keep_statistics=True,
+                                  extend=state["run"]))
     try:
         prepare_extension(cfg)
     except ValueError as e:
@@ -107,25 +265,101 @@ def _extend(store: Storage, state: dict, extract: Callable, storage_options,
     return extract(cfg)
 
 
-def _run_requests(store: Storage, run: str, map_fn, storage_options) -> list[str]:
-    """Every request file without a result, as one batch; each file's outcome beside it."""
-    from engram_ray.requests import read_requests, run_batch, write_summary
-
+def _pending(store: Storage, state: dict) -> list[str]:
+    """Request files without a result, and failed ones whose content changed since."""
     if not store.exists("requests"):
         return []
-    done = []
+    failed = state.get("failed_files") or {}
+    todo = []
     for name in sorted(store.ls("requests")):
-        stem = name.rsplit(".", 1)[0]
-        result = f"results/{stem}.parquet"
-        if store.exists(result):
+        if name.startswith((".", "_")):
             continue
-        requests = read_requests(store.uri_of("requests", name), storage_options,
-                                 default_run=run)
-        rows = run_batch(requests, storage_options=storage_options, map_fn=map_fn)
-        store.makedirs("results")
-        write_summary(rows, store.uri_of(result), requests, storage_options)
-        done.append(name)
-    return done
+        if not store.exists(_result_of(name)):
+            todo.append(name)
+        elif name in failed and _sha256(store, name) != failed[name]:
+            todo.append(name)  # fixed since it was recorded as unreadable: try again
+    return todo
+
+
+def _run_requests(store: Storage, state: dict, result: TickResult, spec: QueueSpec, map_fn,
+                  storage_options) -> None:
+    """Every pending request file as one batch; each file's outcome beside it. A file that
+    cannot be read is recorded as failed (with its sha256 in the state) and skipped."""
+    from engram_ray.requests import read_requests, write_summary
+
+    failed = dict(state.get("failed_files") or {})
+    store.makedirs("results")
+    for name in _pending(store, state):
+        try:
+            requests = read_requests(store.uri_of("requests", name), storage_options,
+                                     default_run=result.run)
+        except _FILE_ERRORS as e:
+            failed[name] = _sha256(store, name)
+            _write_failed(store, name, e)
+            result.failed_files.append(name)
+            continue
+        failed.pop(name, None)
+        rows = _run_trusted(requests, spec, map_fn, storage_options)
+        write_summary(rows, store.uri_of(_result_of(name)), requests, storage_options)
+        result.request_files.append(name)
+    state["failed_files"] = failed
+
+
+def _run_trusted(requests: list, spec: QueueSpec, map_fn, storage_options) -> list[dict]:
+    """``run_batch`` with the queue's trust: requests of runs built with the trusted factory
+    in one batch with ``trust_factory``, the others in one without; rows in request order."""
+    from engram_ray.requests import run_batch
+
+    trusted = _trusted_runs({r.run for r in requests}, spec, storage_options)
+    rows: list = [None] * len(requests)
+    for trust in (True, False):
+        idx = [i for i, r in enumerate(requests) if (r.run in trusted) == trust]
+        if idx:
+            done = run_batch([requests[i] for i in idx], storage_options=storage_options,
+                             trust_factory=trust, map_fn=map_fn)
+            for i, row in zip(idx, done):
+                rows[i] = row
+    return rows
+
+
+def _trusted_runs(runs: set[str], spec: QueueSpec, storage_options) -> set[str]:
+    """The runs whose recorded model factory is the one the queue trusts."""
+    from engram_ray.io.store import open_run
+
+    if spec.trust_factory is None:
+        return set()
+    out = set()
+    for uri in runs:
+        try:
+            model = (open_run(uri, storage_options).info.get("config") or {}).get("model")
+        except (ValueError, KeyError, OSError):
+            continue  # the batch reports it, without trust
+        if (model or {}).get("factory") == spec.trust_factory:
+            out.add(uri)
+    return out
+
+
+def _result_of(name: str) -> str:
+    return f"results/{name.rsplit('.', 1)[0]}.parquet"
+
+
+def _sha256(store: Storage, name: str) -> str | None:
+    try:
+        return hashlib.sha256(store.read_bytes(f"requests/{name}")).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _write_failed(store: Storage, name: str, error: BaseException) -> None:
+    """The result of a request file that could not be read: one failed row with the error."""
+    message = (str(error.args[0]) if isinstance(error, KeyError) and error.args
+               else str(error)).strip().splitlines() or [type(error).__name__]
+    table = pa.table({"request_id": pa.array([None], pa.string()), "status": ["failed"],
+                      "out": pa.array([None], pa.string()), "seconds": [0.0],
+                      "error": [message[0]], "requests_file": [store.uri_of("requests", name)]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    store.write_bytes(_result_of(name), sink.getvalue().to_pybytes())
 
 
 def _save_state(store: Storage, run: str, state: dict) -> None:

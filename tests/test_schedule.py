@@ -1,12 +1,17 @@
 """Scheduled ticks, on local disk and on the loopback S3 server: new shards extend the kept Σ
 (equal to one pass over every shard), pending requests run once with their outcome recorded,
-two concurrent ticks never both work, and a crashed tick's lease expires."""
+two concurrent ticks never both work, a live tick's lease is renewed and a dead one's broken,
+a queue's config runs no code the queue does not trust, and bad queue input is one line."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -15,12 +20,13 @@ import pytest
 import yaml
 from test_incremental import assert_same_engrams
 
+from engram_ray.cli import main
 from engram_ray.config import ExtractConfig
 from engram_ray.io.lease import Lease
 from engram_ray.io.storage import Storage
 from engram_ray.io.store import open_run
 from engram_ray.local import extract_from_config
-from engram_ray.schedule import tick
+from engram_ray.schedule import init_queue, read_queue, tick
 
 
 def shard(i: int) -> bytes:
@@ -39,10 +45,17 @@ def shard(i: int) -> bytes:
 def queue(request, tmp_path, tiny_llama_dir):
     """A queue with two shards counted by its first run, a config, and queue.yaml."""
     if request.param == "local":
-        root, opts = str(tmp_path / "queue"), None
-    else:
-        bucket = request.getfixturevalue("s3_bucket")
-        root, opts = f"{bucket.uri}/queue", bucket.storage_options
+        return make_queue(tmp_path, tiny_llama_dir, str(tmp_path / "queue"), None)
+    bucket = request.getfixturevalue("s3_bucket")
+    return make_queue(tmp_path, tiny_llama_dir, f"{bucket.uri}/queue", bucket.storage_options)
+
+
+@pytest.fixture()
+def local_queue(tmp_path, tiny_llama_dir):
+    return make_queue(tmp_path, tiny_llama_dir, str(tmp_path / "queue"), None)
+
+
+def make_queue(tmp_path, tiny_llama_dir, root, opts):
     q = Storage(root, opts)
     for d in ("shards", "requests"):
         q.makedirs(d)
@@ -118,3 +131,179 @@ def test_a_crashed_ticks_lease_expires(queue):
     Lease(q.child("_lease"), timeout_s=0).acquire()  # crashed, and its lease has expired
     done = tick(q.uri, extract=local_extract, storage_options=q.options)
     assert done.worked and done.run == first and not q.exists("_lease")
+
+
+# ------------------------------------------------------------------ issue 20: queues are data
+
+
+def _factory_config(tmp_path, raw, factory, marker) -> str:
+    """The queue's config with its model replaced by ``factory`` (``os:system`` touching
+    ``marker`` if it is ever called)."""
+    evil = {**raw, "model": {"factory": factory, "kwargs": {"command": f"touch {marker}"}}}
+    path = tmp_path / f"factory-{factory.replace(':', '-')}.yaml"
+    path.write_text(yaml.safe_dump(evil))
+    return str(path)
+
+
+def test_a_queue_config_factory_runs_only_when_the_queue_trusts_it(local_queue, tmp_path):
+    """A queue.yaml naming a config with ``factory: os:system`` made every tick import and run
+    it (``batch`` refused the same factory)."""
+    q, raw, first = local_queue
+    marker = tmp_path / "pwned"
+    evil = _factory_config(tmp_path, raw, "os:system", marker)
+    q.write_bytes("queue.yaml", yaml.safe_dump({"config": evil, "run": first}).encode())
+    q.write_bytes("shards/part-2.parquet", shard(2))
+    with pytest.raises(PermissionError, match="'os:system'") as err:
+        tick(q.uri, extract=local_extract)
+    assert "--trust-factory" in str(err.value) and not marker.exists()
+    assert not q.exists("state.json") and not q.exists("_lease")
+    # queue init refuses the factory unless trusted, and writes nothing then ...
+    fresh = str(tmp_path / "q2")
+    with pytest.raises(PermissionError, match="--trust-factory"):
+        init_queue(fresh, evil, first)
+    assert not os.path.exists(fresh)
+    # ... and with --trust-factory records exactly that factory
+    spec = init_queue(fresh, evil, first, trust_factory=True)
+    assert spec.trust_factory == "os:system" == read_queue(fresh).trust_factory
+    assert "trust_factory: os:system" in (tmp_path / "q2" / "queue.yaml").read_text()
+    # A trusted queue whose config later names another factory is refused again.
+    other = _factory_config(tmp_path, raw, "subprocess:getoutput", marker)
+    (tmp_path / "q2" / "queue.yaml").write_text(
+        (tmp_path / "q2" / "queue.yaml").read_text().replace(evil, other))
+    (tmp_path / "q2" / "shards" / "part-2.parquet").write_bytes(shard(2))
+    with pytest.raises(PermissionError, match="it trusts only 'os:system'"):
+        tick(fresh, extract=local_extract)
+    assert not marker.exists()
+
+
+def test_queue_init_cli_and_factories_that_need_no_trust(local_queue, tmp_path, capsys):
+    from engram_ray.apply import BUILTIN_FACTORIES
+    from engram_ray.schedule import QueueSpec, _check_factory
+
+    for factory in [None, *BUILTIN_FACTORIES]:
+        _check_factory(factory, QueueSpec("c.yaml", "run"), "q")
+    q, raw, first = local_queue
+    cfg = str(tmp_path / "extract.yaml")
+    fresh = str(tmp_path / "q4")
+    assert main(["queue", "init", fresh, "--config", cfg, "--run", first]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == fresh
+    assert read_queue(fresh).run == first and os.path.isdir(os.path.join(fresh, "requests"))
+    assert main(["queue", "init", fresh, "--config", cfg, "--run", first]) == 2
+    assert "already exists" in capsys.readouterr().err
+    # A path model has nothing to trust: --trust-factory records nothing.
+    assert main(["queue", "init", fresh, "--config", cfg, "--run", first, "--force",
+                 "--trust-factory"]) == 0
+    assert "nothing recorded" in capsys.readouterr().err
+    assert read_queue(fresh).trust_factory is None
+    assert "\ntrust_factory:" not in (tmp_path / "q4" / "queue.yaml").read_text()
+    assert main(["queue", "init", str(tmp_path / "q5"), "--config", cfg,
+                 "--run", str(tmp_path / "no-run")]) == 2
+    assert str(tmp_path / "no-run") in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "q5" / "queue.yaml")
+
+
+def test_tick_on_a_missing_queue_fails_naming_it_and_creates_nothing(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-queue")
+    with pytest.raises(FileNotFoundError, match="no-such-queue"):
+        tick(missing, extract=local_extract)
+    assert main(["tick", missing, "--local"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and missing in err[0] and "queue init" in err[0]
+    assert not os.path.exists(missing)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("config: [unclosed", "line 1"),
+    ("- a\n- b\n", "mapping"),
+    ("config: c.yaml\n", "'run'"),
+    ("config: c.yaml\nrun: r\ntrsut_factory: os:system\n", "'trsut_factory'"),
+    ("config: c.yaml\nrun: r\ntrust_factory: true\n", "'trust_factory'"),
+    ("config: 3\nrun: r\n", "'config'"),
+])
+def test_a_malformed_queue_yaml_is_one_line_naming_file_and_key(tmp_path, capsys, text, key):
+    root = tmp_path / "queue"
+    root.mkdir()
+    (root / "queue.yaml").write_text(text)
+    assert main(["tick", str(root), "--local"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(root / "queue.yaml") in err[0] and key in err[0], err
+    assert sorted(os.listdir(root)) == ["queue.yaml"]
+
+
+def test_a_malformed_request_file_is_recorded_and_the_others_run(local_queue):
+    """One unreadable request file made every tick exit 2, so the valid files never ran."""
+    q, _, first = local_queue
+    good = {"request_id": "g", "concepts": ["ada"], "out": q.uri_of("edited", "g")}
+    q.write_bytes("requests/a-broken.jsonl", b'{"request_id": "x", "concepts": [\n')
+    q.write_bytes("requests/b-bad-row.jsonl", json.dumps({"request_id": "y"}).encode())
+    q.write_bytes("requests/c-good.jsonl", json.dumps(good).encode())
+    done = tick(q.uri, extract=local_extract)
+    assert done.worked and done.request_files == ["c-good.jsonl"]
+    assert done.failed_files == ["a-broken.jsonl", "b-bad-row.jsonl"]
+    [row] = pq.read_table(io.BytesIO(q.read_bytes("results/c-good.parquet"))).to_pylist()
+    assert row["status"] == "done"
+    for name, why in (("a-broken", "cannot be read"), ("b-bad-row", "'concepts'")):
+        [row] = pq.read_table(io.BytesIO(q.read_bytes(f"results/{name}.parquet"))).to_pylist()
+        assert row["status"] == "failed" and why in row["error"]
+        assert f"requests/{name}.jsonl" in row["error"]
+    again = tick(q.uri, extract=local_extract)  # recorded: not retried while unchanged
+    assert again.request_files == [] and again.failed_files == []
+    fixed = {**good, "request_id": "y", "out": q.uri_of("edited", "y")}
+    q.write_bytes("requests/b-bad-row.jsonl", json.dumps(fixed).encode())
+    third = tick(q.uri, extract=local_extract)  # fixed: run now
+    assert third.request_files == ["b-bad-row.jsonl"] and third.failed_files == []
+    [row] = pq.read_table(io.BytesIO(q.read_bytes("results/b-bad-row.parquet"))).to_pylist()
+    assert row["status"] == "done" and row["request_id"] == "y"
+
+
+# --------------------------------------------------------- issue 20: the tick lease is alive
+
+
+def test_a_live_ticks_lease_is_renewed_past_its_timeout(queue):
+    """The tick lease was never renewed: a second tick broke a live one once its timeout had
+    passed, and both extended the run."""
+    q, _, _ = queue
+    q.write_bytes("shards/part-2.parquet", shard(2))
+    inside, release, results = threading.Event(), threading.Event(), []
+
+    def slow_extract(cfg):
+        inside.set()
+        release.wait(120)
+        return local_extract(cfg)
+
+    first = threading.Thread(target=lambda: results.append(
+        tick(q.uri, extract=slow_extract, storage_options=q.options, lease_timeout_s=2.0)))
+    first.start()
+    try:
+        assert inside.wait(120)
+        taken = json.loads(q.read_bytes("_lease"))
+        while time.time() < taken["expires"] + 1.0:  # the unrenewed lease would have expired
+            time.sleep(0.2)
+        second = tick(q.uri, extract=local_extract, storage_options=q.options,
+                      lease_timeout_s=2.0)
+        assert not second.worked and "another tick is working" in second.message
+        now = json.loads(q.read_bytes("_lease"))
+        assert now["token"] == taken["token"] and now["expires"] > taken["expires"]
+    finally:
+        release.set()
+        first.join()
+    assert results[0].worked and results[0].extended and not q.exists("_lease")
+
+
+def test_a_killed_ticks_lease_is_broken_at_once_on_the_same_host(local_queue):
+    """A killed tick left its lease for up to an hour. Its holder's PID is gone: the next tick
+    on the host takes the queue over at once, whatever the timeout."""
+    q, _, first = local_queue
+    q.write_bytes("shards/part-2.parquet", shard(2))
+    code = ("import time\nfrom engram_ray.schedule import tick\n"
+            "def extract(cfg):\n    print('inside', flush=True)\n    time.sleep(600)\n"
+            f"tick({q.uri!r}, extract=extract, lease_timeout_s=3600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"inside"
+        assert json.loads(q.read_bytes("_lease"))["pid"] == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+    done = tick(q.uri, extract=local_extract, lease_timeout_s=3600)
+    assert done.worked and done.extended and done.run != first
