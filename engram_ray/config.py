@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from engram_ray import uris
+from engram_ray import hub, uris
 from engram_ray.redaction import redact, redact_text
 
 __all__ = [
@@ -150,8 +150,11 @@ def _check_options(options: Any, key: str, locations: Sequence[str] = ()) -> dic
 class ModelSpec:
     """A model to load: an HF directory ``path``, or a ``factory`` with ``kwargs`` and ``weights``.
 
-    - ``path``: local directory or ``s3://`` URI of an HF checkpoint (``config.json``, tokenizer
-      files, ``model.safetensors`` or a sharded ``model.safetensors.index.json``).
+    - ``path``: local directory or URI (``s3://``, ``gs://``, ``file://``…) of an HF checkpoint
+      (``config.json``, tokenizer files, ``model.safetensors`` or a sharded
+      ``model.safetensors.index.json``), or a Hugging Face Hub id: ``org/name`` (when no such
+      local directory exists; recorded as ``hf://org/name``) or ``hf://org/name@revision``,
+      resolved through huggingface_hub's cache (:mod:`engram_ray.hub`).
     - ``factory``: ``"pkg.module:callable"`` returning an ``nn.Module`` when called with
       ``**kwargs``; ``weights`` (path or URI of a ``.safetensors`` state dict) fills it in, or
       the factory's own initialization is kept when ``weights`` is None.
@@ -170,6 +173,9 @@ class ModelSpec:
                 raise TypeError(f"ModelSpec.path must be a non-empty str, got {self.path!r}")
             if self.kwargs or self.weights is not None:
                 raise ValueError("ModelSpec: `kwargs` and `weights` go with `factory`, not `path`")
+            self.path = hub.normalize_model_path(uris.normalize(self.path))
+            if uris.is_remote(self.path):
+                uris.check_scheme(self.path)  # gs:// without gcsfs: refused, naming it
         else:
             f = self.factory
             if not isinstance(f, str) or f.count(":") != 1 or not all(f.split(":")):

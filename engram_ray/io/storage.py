@@ -55,6 +55,7 @@ from typing import Any
 
 import fsspec
 
+from engram_ray.hub import cached_snapshot
 from engram_ray.redaction import REDACTED, is_secret_key, one_line, redact, redact_text
 from engram_ray.uris import (
     StorageOptions,
@@ -246,6 +247,10 @@ class Storage:
                                f"{one_line(e)}") from e
 
     def exists(self, rel: str = "") -> bool:
+        """True when the object or prefix is there; a Hub model (``hf://org/name@rev``) also
+        when the Hugging Face cache holds it (offline, the Hub itself cannot be asked)."""
+        if self.scheme == "hf" and not rel and cached_snapshot(self.uri) is not None:
+            return True
         with self.errors("checking", rel):
             return self.fs.exists(self._at(rel))
 

@@ -1,6 +1,8 @@
 """Which model to load (:class:`ModelSpec`), and loading it whole in one process.
 
-A model is named either by an HF directory (local or ``s3://``), loaded with transformers'
+A model is named either by an HF directory (local, or a URI of any accepted storage scheme:
+``s3://``, ``gs://``…) or a Hugging Face Hub id (``org/name``, ``hf://org/name@revision``,
+resolved through huggingface_hub's cache: :mod:`engram_ray.hub`), loaded with transformers'
 ``AutoModelForCausalLM``, or by a ``"pkg.module:callable"`` factory plus keyword arguments and an
 optional ``.safetensors`` state dict (any ``nn.Module``: an ``nn.Sequential`` MLP, a CNN…). The
 spec is a small plain dataclass so it travels to remote workers, which then load what they need
@@ -10,22 +12,28 @@ Remote HF directories are copied into a local cache (``$ENGRAM_RAY_CACHE``, defa
 ``~/.cache/engram_ray``) because transformers and ``safe_open`` read local files; only
 safetensors weights are supported there.
 
+A ``model.path`` that is none of these (no such folder, no ``scheme://``, no Hub id the cache
+holds or the Hub serves) fails naming all three.
+
 Model directories are data, not code: every transformers ``Auto*`` call passes
 ``trust_remote_code=False``, so a directory whose ``config.json`` carries an ``auto_map`` to
-its own ``.py`` files loads the built-in class for its ``model_type``, or fails with
-transformers' error, and never runs that code nor stops to ask ``[y/N]`` on stdin (a remote
-worker has no one to answer).
+its own ``.py`` files loads the built-in class for its ``model_type``, and never runs that code
+nor stops to ask ``[y/N]`` on stdin (a remote worker has no one to answer). When there is no
+built-in class (a ``model_type`` transformers does not know), the error says so in one line:
+engram-ray has no flag to run a checkpoint's own code, on purpose (:func:`_hf_config`).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
+from engram_ray import hub
 from engram_ray.config import ModelSpec
 from engram_ray.io.storage import StorageOptions, filesystem, is_remote, join
 from engram_ray.models.weights import (
@@ -41,6 +49,7 @@ __all__ = [
     "as_dtype",
     "build_empty",
     "call_factory",
+    "check_model_path",
     "load_model",
     "load_model_config",
     "load_tokenizer",
@@ -98,16 +107,22 @@ def model_dir(
     """A local directory with the HF checkpoint at ``path`` (copied into the cache if remote).
 
     ``weights=False`` copies only the small files (config, tokenizer, index json): a stage reads
-    its own shards later through :class:`~engram_ray.models.weights.WeightFiles`.
+    its own shards later through :class:`~engram_ray.models.weights.WeightFiles`. A Hub id is
+    its snapshot in the Hugging Face cache (fetched there first when online).
     """
-    fs = filesystem(path, storage_options)
+    if hub.is_hub_path(path):
+        local = hub.snapshot(path, weights=weights)
+        if not os.path.exists(os.path.join(local, "config.json")):
+            raise FileNotFoundError(f"model path {path} (Hub snapshot {local}) has no config.json")
+        return local
     if not is_remote(path):
         local = os.path.abspath(os.path.expanduser(path))
         if not os.path.isdir(local):
-            raise FileNotFoundError(f"model path not found: {path}")
+            raise FileNotFoundError(_not_found(path, local))
         if not os.path.exists(os.path.join(local, "config.json")):
             raise FileNotFoundError(f"model path {path} has no config.json")
         return local
+    fs = filesystem(path, storage_options)
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
@@ -126,6 +141,27 @@ def model_dir(
     return local
 
 
+def _not_found(path: str, local: str) -> str:
+    return (f"model path {path!r} is neither a folder (no directory {local}), nor a URI "
+            "(scheme://bucket/path), nor a Hugging Face Hub id (org/name or "
+            f"hf://org/name@revision) held by the Hub cache {hub.cache_dir()}")
+
+
+def check_model_path(path: str, storage_options: StorageOptions | None = None) -> None:
+    """Fail early, in one line, when ``path`` names no model: a missing folder, an empty URI
+    prefix, a Hub id neither cached nor served (the small files are fetched into the cache when
+    online); the message names what was tried."""
+    if hub.is_hub_path(path):
+        hub.snapshot(path, weights=False)
+        return
+    if not is_remote(path):
+        local = os.path.abspath(os.path.expanduser(path))
+        if not os.path.exists(local):
+            raise FileNotFoundError(_not_found(path, local))
+    elif not filesystem(path, storage_options).exists(path):
+        raise FileNotFoundError(f"model path {path} does not exist")
+
+
 def load_model_config(spec: ModelSpec, storage_options: StorageOptions | None = None):
     """The HF config of a ``path`` spec (only the small files are fetched)."""
     if spec.path is None:
@@ -134,10 +170,33 @@ def load_model_config(spec: ModelSpec, storage_options: StorageOptions | None = 
 
 
 def _hf_config(local: str):
-    """``AutoConfig`` of a local directory, never running (or asking to run) its own code."""
+    """``AutoConfig`` of a local directory, never running (or asking to run) its own code.
+
+    A checkpoint whose ``model_type`` only its own code defines (``config.json`` ``auto_map``)
+    cannot be loaded: transformers then says to pass ``trust_remote_code=True``, a flag no
+    engram-ray command has (running a checkpoint's code on every Ray worker is not a choice a
+    config should make silently), so that advice is replaced by what the user can do."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(local, trust_remote_code=False)
+    try:
+        return AutoConfig.from_pretrained(local, trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        model_type = _config_json(local).get("model_type")
+        raise ValueError(
+            f"model {local} defines its architecture (model_type {model_type!r}) only in its "
+            "own custom code (config.json auto_map): transformers has no built-in class for "
+            "it, and engram-ray never runs a checkpoint's code; convert it to a transformers "
+            "architecture, or build it with a model.factory (apply: --trust-factory)") from None
+
+
+def _config_json(local: str) -> dict:
+    try:
+        with open(os.path.join(local, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def _auto_class(config):
@@ -170,6 +229,8 @@ def build_empty(
 def open_weights(spec: ModelSpec, storage_options: StorageOptions | None = None) -> WeightFiles:
     """The spec's safetensors weights as lazily read :class:`WeightFiles`."""
     if spec.path is not None:
+        if hub.is_hub_path(spec.path):  # the cache holds whole files: fetch them once
+            return WeightFiles(model_dir(spec.path, weights=True), storage_options)
         if not is_remote(spec.path):
             model_dir(spec.path)  # a clear FileNotFoundError for a missing directory
         return WeightFiles(spec.path, storage_options)
