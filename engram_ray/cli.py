@@ -558,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        _locations(args)
         result = args.fn(args)
     except Exception as e:  # noqa: BLE001 - reported in one line, or re-raised below
         rc = _report(args.command, e)
@@ -566,6 +567,23 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     print(result)
     return 0
+
+
+_LOCATION_ARGS = ("run", "store", "queue", "out", "config", "requests", "summary", "model",
+                  "extend", "gold", "forget_file")
+
+
+def _locations(args) -> None:
+    """Every location argument that is a URL checked before any work (a ``gs://`` without
+    gcsfs is refused naming the package, never written to a local ``gs:`` folder) and a
+    ``file://`` URL made its local path (``engram_ray.uris``)."""
+    from engram_ray.uris import check_scheme, normalize
+
+    for name in _LOCATION_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and "://" in value:
+            check_scheme(value)
+            setattr(args, name, normalize(value))
 
 
 def _report(command: str, exc: Exception) -> int | None:

@@ -211,3 +211,24 @@ def test_memory_scheme_holds_data_runs_and_outputs_end_to_end(tiny_llama_dir, tm
     finally:
         fs.rm(f"/{prefix}", recursive=True)
     assert _scheme_folders(tmp_path) == [] and _scheme_folders(os.getcwd()) == []
+
+
+@pytest.mark.parametrize("argv", [["show", "gs://b/runs/r"], ["list", "gs://b/runs"],
+                                  ["tick", "gs://b/queue", "--local"]])
+def test_every_command_refuses_a_missing_implementation(no_gcsfs, argv, tmp_path, monkeypatch,
+                                                        capsys):
+    from engram_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert "pip install gcsfs" in capsys.readouterr().err
+    assert _scheme_folders(tmp_path) == []
+
+
+def test_file_url_arguments_are_local_paths(tmp_path, monkeypatch, capsys):
+    from engram_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["show", f"file://{tmp_path}/runs/r"]) == 2
+    assert f"{tmp_path}/runs/r" in capsys.readouterr().err
+    assert _scheme_folders(tmp_path) == []
