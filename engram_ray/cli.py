@@ -66,7 +66,13 @@ def _concepts(text: str | None, path: str | None, storage_options: dict | None =
         return _csv(text)
     from engram_ray.io.storage import Storage
 
-    raw = Storage(path, storage_options).read_bytes().decode("utf-8")
+    data = Storage(path, storage_options).read_bytes()
+    try:
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"concepts file {path}, line {line}: not UTF-8 text (byte "
+                         f"{data[e.start]:#04x}); save it as UTF-8") from None
     return [ln for ln in raw.splitlines() if ln.strip()]
 
 

@@ -84,6 +84,14 @@ def _corrupt(data):
     return "part-1.parquet"
 
 
+def _no_concepts(data):
+    """Every row's concept null (issue 20: such data committed a run of 0 engrams, exit 0)."""
+    table = pq.read_table(data / "part-0.parquet")
+    nulls = pa.nulls(table.num_rows, pa.string())
+    pq.write_table(table.set_column(table.column_names.index("author"), "author", nulls),
+                   data / "part-0.parquet")
+
+
 @pytest.mark.parametrize(
     "case, override, expect",
     [
@@ -92,6 +100,7 @@ def _corrupt(data):
         ("no concept column", ["data.concept_column=writer"], "'writer'"),
         ("model path", ["model.path=/nonexistent/model"], "/nonexistent/model"),
         ("corrupt shard", [], "part-1.parquet"),
+        ("no concept in any row", [], "'author' (concept_column) is null or empty in every row"),
     ],
 )
 def test_bad_input_exits_nonzero_names_culprit_commits_nothing(workspace, capsys, case, override,
@@ -99,6 +108,8 @@ def test_bad_input_exits_nonzero_names_culprit_commits_nothing(workspace, capsys
     tmp, cfg, data = workspace
     if case == "corrupt shard":
         _corrupt(data)
+    if case == "no concept in any row":
+        _no_concepts(data)
     rc, out, err = run_cli(capsys, "extract", str(cfg), *sum([["--set", o] for o in override], []))
     assert rc == 2
     assert expect in err, err

@@ -109,3 +109,13 @@ def test_batch_default_summary_never_overwrites_a_file_it_did_not_write(tiny_run
     assert str(tmp / "other.summary.parquet") in line and "--summary" in line
     assert not os.path.exists(tmp / "out-2")
     assert (tmp / "other.summary.parquet").read_bytes() == b"not ours either"
+
+
+def test_a_concepts_file_that_is_not_utf8_names_file_and_line(tiny_run, capsys):
+    tmp, run = tiny_run
+    concepts = tmp / "forget.txt"
+    concepts.write_bytes(b"ada\nb\xf6\n")  # latin-1, not UTF-8
+    line = one_line_error(capsys, ["apply", "--run", run, "--forget-file", str(concepts),
+                                   "--out", str(tmp / "edited-2")])
+    assert f"concepts file {concepts}, line 2: not UTF-8" in line
+    assert not os.path.exists(tmp / "edited-2")
