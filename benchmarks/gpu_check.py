@@ -43,6 +43,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -82,6 +83,7 @@ class Report:
         self.parts: dict[str, str] = {}
         self.checks: list[dict] = []
         self.errors: dict[str, str] = {}
+        self.current: str | None = None  # the part running now
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -112,6 +114,7 @@ class Report:
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
+        self.current = name
         try:
             yield True
             self.parts.setdefault(name, "ok")
@@ -424,7 +427,7 @@ def stats_pass(rep: Report, big: Big, ours: dict, gram: str) -> None:
                   t_stats / t_fwd <= 1.5)
 
 
-def extract_k(rep: Report, big: Big, tmp: str, ours: dict, k: int) -> None:
+def extract_k(rep: Report, big: Big, tmp: str, ours: dict, k: int, until: float) -> None:
     """Extraction end to end with the first ``k`` authors labelled (the others count in
     Σ_total only), every module; skipped when its bytes (scaled from a smaller run) would not
     fit on the disk."""
@@ -436,6 +439,12 @@ def extract_k(rep: Report, big: Big, tmp: str, ours: dict, k: int) -> None:
         rep.add("b", f"extraction, {k} concepts", None,
                 note=f"skipped: would write ~{per * k / 2**30:.0f} GiB, the disk has "
                      f"{shutil.disk_usage(tmp).free / 2**30:.0f} GiB free")
+        return
+    guess = max((v["wall_s"] for key, v in ours.items() if isinstance(key, int)),
+                default=None)  # a run of every module costs about the same for any k
+    if guess is not None and guess > rep.left(until) + 30:
+        rep.add("b", f"extraction, {k} concepts", None,
+                note=f"skipped: would take ~{guess:.0f}s, {max(0, rep.left(until)):.0f}s left")
         return
     uri = os.path.join(tmp, f"b-{k}")
     if device.startswith("cuda"):
@@ -460,7 +469,7 @@ def part_b_extra(rep: Report, big: Big, tmp: str, ours: dict, until: float) -> N
     s = big.s
     for k in sorted(s["peer"])[:-1]:
         if rep.left(until) > 0:
-            extract_k(rep, big, tmp, ours, k)
+            extract_k(rep, big, tmp, ours, k, until)
     if rep.left(until) > 0:
         stats_pass(rep, big, ours, "float32")
     k = s["forget"]
@@ -544,7 +553,16 @@ def _all_authors(rep: Report, big: Big, tmp: str, smoke: bool, until: float,
                 fit_mem = max(1, int(0.6 * torch.cuda.mem_get_info()[0] // per_layer_sigma))
             per_layer_disk = max(1, nbytes // done)
             fit_disk = max(1, int(0.6 * shutil.disk_usage(tmp).free // per_layer_disk))
-            chunk = 1 if smoke else min(n_layers - done, fit_mem, fit_disk)
+            # time: a chunk run pays a fixed part (the forward, the fingerprint) plus its layers
+            fixed = ours.get("forward_s", 0.0) + 2.0
+            per_layer_s = max(0.1, (wall / chunks) - fixed)
+            fit_time = int((rep.left(until) - fixed) // per_layer_s)
+            if fit_time < 1 and not smoke:
+                rep.add("b", "all authors: next chunk", None,
+                        note=f"skipped: a layer takes ~{per_layer_s:.0f}s, "
+                             f"{max(0, rep.left(until)):.0f}s left")
+                break
+            chunk = 1 if smoke else min(n_layers - done, fit_mem, fit_disk, max(1, fit_time))
             if chunks == 1:
                 rep.add("b", f"all {len(big.authors)} authors: layers per further chunk", chunk,
                         note=f"Σ of one layer for every author ≈ {per_layer_sigma / 2**30:.1f} "
@@ -635,7 +653,7 @@ def part_c(rep: Report, big: Big, peer: dict, until: float) -> None:
             if getattr(big, "s_forward", None) else "")
     per = peer["per_concept_s"] = []
     for c in big.authors[: max(s["peer"])]:
-        if rep.left(until) <= 0:
+        if rep.left(until) <= (sum(per) / len(per) if per else 0):
             break
         enc = [e for e, r in zip(encoded, big.rows) if r["author"] == c]
         t = time.perf_counter()
@@ -727,6 +745,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--budget-s", type=float, default=450.0,
                     help="seconds for all parts; the table is written whatever is left")
+    ap.add_argument("--hard-s", type=float, default=None,
+                    help="write the table and exit 3 at this many seconds whatever is running "
+                         "(default: the budget + 100)")
     ap.add_argument("--tmp", default=None, help="scratch directory (default: a new temp dir)")
     args = ap.parse_args(argv)
     device = "cpu" if args.cpu_smoke else args.device
@@ -737,6 +758,18 @@ def main(argv=None) -> int:
     rep = Report(args.budget_s, device)
     env = environment(device)
     tmp = tempfile.mkdtemp(prefix="gpu-check-", dir=args.tmp)
+    hard_s = args.hard_s if args.hard_s is not None else args.budget_s + 100
+
+    def hard_stop() -> None:  # a part that overran everything: the table still comes back
+        rep.parts[rep.current or "?"] = f"killed: the hard limit ({hard_s:.0f}s) passed"
+        try:
+            write(args.out, rep, args, env)
+        finally:
+            os._exit(3)
+
+    timer = threading.Timer(hard_s, hard_stop)
+    timer.daemon = True
+    timer.start()
     ours: dict = {}
     peer: dict = {}
     try:
@@ -756,7 +789,7 @@ def main(argv=None) -> int:
                     ours["all"] = _all_authors(rep, big, tmp, args.cpu_smoke, 0.54, ours)
             with rep.part("b-peer-count", 0.66) as go:
                 if go:
-                    extract_k(rep, big, tmp, ours, max(big.s["peer"]))
+                    extract_k(rep, big, tmp, ours, max(big.s["peer"]), 0.66)
             with rep.part("c", 0.84) as go:
                 if go:
                     part_c(rep, big, peer, 0.84)
@@ -767,6 +800,7 @@ def main(argv=None) -> int:
                 if go:
                     compare(rep, big, ours, peer)
     finally:
+        timer.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
         write(args.out, rep, args, env)
     return 0 if not rep.errors else 1

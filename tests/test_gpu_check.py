@@ -2,7 +2,8 @@
 
 The script is run once, on a GPU machine that has no Ray, so this is its only rehearsal: every
 part must finish, write its table, and never import Ray (``ray`` is made unimportable in the
-subprocess, so any import of it on the path fails the part that made it). When the ai-engram
+subprocess, so any import of it on the path fails the part that made it), nor s3fs or boto,
+which that machine does not have either. When the ai-engram
 wheel the device run carries is here (``.whl/``, ignored by git), part (c) runs it too.
 """
 
@@ -18,7 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RUN = """
 import runpy, sys
-sys.modules["ray"] = None  # `import ray` raises ImportError from here on
+# `import ray` raises ImportError from here on; so do the packages the device machine lacks
+for name in ("ray", "s3fs", "boto3", "botocore", "aiobotocore", "moto"):
+    sys.modules[name] = None
 sys.argv = ["gpu_check.py", "--cpu-smoke", "--out", sys.argv[1], "--tmp", sys.argv[2]]
 try:
     runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
