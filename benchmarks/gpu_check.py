@@ -25,10 +25,11 @@ Each part runs under a time budget (``--budget-s``, default 450 s for the whole)
 its own exceptions, so the table (``DIR/gpu_check.md``, ``DIR/gpu_check.json``) is always
 written; a part that ran out of time or failed says so in its row.
 
-Σ for 200 concepts of every layer does not fit on one GPU at this size (each author's
-~1,000 answer tokens are kept as rows: 1000 × (3·2048 + 8192) × 4 B ≈ 57 MB per layer, so
-≈ 12 GB per layer for 200 authors); the 200-author extraction is measured in chunks of
-layers, each committed, measured and removed before the next.
+Σ for 200 concepts of every layer does not fit on one GPU at this size (each author's ~600
+answer tokens are kept as rows: 600 × (3·2048 + 8192) × 4 B ≈ 34 MB per layer, so ≈ 7 GB per
+layer and ≈ 110 GB for 16 layers, with the model, the forward's activations and Σ_total
+beside them); the 200-author extraction is measured in chunks of layers sized to the GPU's
+free memory and the disk, each committed, measured and removed before the next.
 """
 
 from __future__ import annotations
@@ -186,9 +187,10 @@ def build_model(s: dict, device: str, dtype: torch.dtype, path: str | None, seed
 
 def make_rows(s: dict, seed: int = 0) -> list[dict]:
     """``s["rows"]`` QA rows over ``s["authors"]`` authors (consecutive rows per author, as
-    TOFU): BOS, a prompt of ~40 % of ``s["tokens"]`` tokens, then the answer; token ids drawn
-    half from a band of the author's own and half from the whole vocabulary, so authors
-    differ in their statistics. ``prompt`` is the prompt's length (answer = the rest)."""
+    TOFU): BOS, a prompt of 70 % of ~``s["tokens"]`` tokens, then the answer (30 counted
+    answer tokens a row at 100: docs/scaling.md's TOFU workload, ~600 per author); token ids
+    drawn half from a band of the author's own and half from the whole vocabulary, so
+    authors differ in their statistics. ``prompt`` is the prompt's length."""
     g = torch.Generator().manual_seed(seed)
     n, a, t, v = s["rows"], s["authors"], s["tokens"], s["vocab"]
     per = -(-n // a)
@@ -197,7 +199,7 @@ def make_rows(s: dict, seed: int = 0) -> list[dict]:
     for i in range(n):
         author = i // per
         length = max(6, int(t * (0.8 + 0.4 * torch.rand(1, generator=g).item())))
-        prompt = max(2, int(0.4 * length))
+        prompt = max(2, int(0.7 * length))
         lo = 3 + (author * band) % max(1, v - 3 - band)
         own = torch.randint(lo, lo + band, (length,), generator=g)
         anyv = torch.randint(3, v, (length,), generator=g)
