@@ -232,3 +232,27 @@ def test_file_url_arguments_are_local_paths(tmp_path, monkeypatch, capsys):
     assert main(["show", f"file://{tmp_path}/runs/r"]) == 2
     assert f"{tmp_path}/runs/r" in capsys.readouterr().err
     assert _scheme_folders(tmp_path) == []
+
+
+def test_config_and_the_neutral_modules_import_nothing_from_io():
+    """config.py validates locations with engram_ray.uris; the arrow never runs back up."""
+    import ast
+    import pathlib
+
+    pkg = pathlib.Path(__file__).resolve().parents[1] / "engram_ray"
+    for name in ("config.py", "uris.py", "redaction.py", "hub.py"):
+        tree = ast.parse((pkg / name).read_text())
+        mods = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        mods += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        bad = [m for m in mods if m.startswith(("engram_ray.io", "engram_ray.models",
+                                                 "engram_ray.distributed"))]
+        assert not bad, (name, bad)
+
+
+def test_listings_of_memory_name_their_files_as_given():
+    st = Storage(f"memory://listing-{os.urandom(4).hex()}")
+    st.write_bytes("a/x.parquet", b"1")
+    try:
+        assert st.to_uri(st.fs.find(st.root)[0]) == f"{st.uri}/a/x.parquet"
+    finally:
+        st.rm()

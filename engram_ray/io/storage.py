@@ -225,7 +225,9 @@ class Storage:
     def to_uri(self, fs_path: str) -> str:
         """A path this location's fs returned (a listing) as a URI: the scheme put back."""
         if self.remote and "://" not in fs_path:
-            return self.uri.split("://", 1)[0] + "://" + fs_path
+            # memory:// spells its paths from "/": memory://a/b, not memory:///a/b
+            path = fs_path.lstrip("/") if self.scheme == "memory" else fs_path
+            return self.uri.split("://", 1)[0] + "://" + path
         return fs_path
 
     @contextlib.contextmanager
