@@ -1,6 +1,7 @@
 """Declared pipelines: each module builds its configs as data and runs them (``digits`` is the
-embedded demo behind ``make demo``); ``configs/`` holds YAML configs for ``engram-ray extract``
-(``tofu_forget10.yaml``: the paper's LLM setting).
+embedded demo behind ``make demo``; ``tofu`` is TOFU end to end in OpenUnlearning's format,
+``engram-ray tofu``, whose demo runs it on synthetic TOFU-layout data); ``configs/`` holds
+YAML configs for ``engram-ray extract`` (``tofu_forget10.yaml``: the paper's LLM setting).
 
 :data:`PIPELINES` names each runnable pipeline's entry point as ``"module:function"`` so that
 importing this registry imports neither torch nor Ray; :func:`get_pipeline` imports the one
@@ -17,6 +18,7 @@ __all__ = ["PIPELINES", "get_pipeline"]
 
 PIPELINES: dict[str, str] = {
     "digits": "pipelines.digits:run_demo",
+    "tofu": "pipelines.tofu:run_demo",
 }
 
 

@@ -36,5 +36,5 @@ def test_demo_with_unknown_pipeline_exits_2_naming_known_ones(capsys, tmp_path):
     out, err = capsys.readouterr()
     assert rc == 2 and out == ""
     assert err.strip().splitlines() == [
-        "engram-ray demo: error: unknown pipeline 'nope' (known: digits)"]
+        f"engram-ray demo: error: unknown pipeline 'nope' (known: {', '.join(sorted(PIPELINES))})"]
     assert not (tmp_path / "demo").exists()
