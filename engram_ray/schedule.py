@@ -46,7 +46,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import TextIO
@@ -300,7 +302,8 @@ def _run_requests(store: Storage, state: dict, result: TickResult, spec: QueueSp
             continue
         failed.pop(name, None)
         rows = _run_trusted(requests, spec, map_fn, storage_options)
-        write_summary(rows, store.uri_of(_result_of(name)), requests, storage_options)
+        _publish(store, _result_of(name), lambda uri, rows=rows, requests=requests:
+                 write_summary(rows, uri, requests, storage_options))
         result.request_files.append(name)
     state["failed_files"] = failed
 
@@ -359,10 +362,29 @@ def _write_failed(store: Storage, name: str, error: BaseException) -> None:
                       "error": [message[0]], "requests_file": [store.uri_of("requests", name)]})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    store.write_bytes(_result_of(name), sink.getvalue().to_pybytes())
+    data = sink.getvalue().to_pybytes()
+    _publish(store, _result_of(name), lambda uri: Storage(uri, store.options).write_bytes("", data))
+
+
+def _publish(store: Storage, rel: str, write: Callable[[str], object]) -> None:
+    """Write ``rel`` whole or not at all with ``write(uri)``: a result or state that a killed
+    tick left half-written would be taken for done (a result) or fail every later tick (the
+    state). An object store's PUT is atomic; locally the file is written beside its name and
+    renamed over it."""
+    if store.remote:
+        write(store.uri_of(rel))
+        return
+    tmp = f"{rel}.tmp-{secrets.token_hex(4)}"
+    try:
+        write(store.uri_of(tmp))
+        os.replace(store.path(tmp), store.path(rel))
+    finally:
+        if os.path.exists(store.path(tmp)):
+            os.unlink(store.path(tmp))
 
 
 def _save_state(store: Storage, run: str, state: dict) -> None:
     new = {**state, "run": run, "ticks": int(state.get("ticks", 0)) + 1,
            "last_tick": time.time()}
-    store.write_bytes(STATE, json.dumps(new, indent=2, sort_keys=True).encode())
+    data = json.dumps(new, indent=2, sort_keys=True).encode()
+    _publish(store, STATE, lambda uri: Storage(uri, store.options).write_bytes("", data))

@@ -307,3 +307,33 @@ def test_a_killed_ticks_lease_is_broken_at_once_on_the_same_host(local_queue):
         proc.wait()
     done = tick(q.uri, extract=local_extract, lease_timeout_s=3600)
     assert done.worked and done.extended and done.run != first
+
+
+class Killed(BaseException):
+    """What a kill -9 does to the writer: it stops mid-write, no handler runs its course."""
+
+
+def test_a_tick_killed_while_writing_a_result_redoes_that_file(local_queue, monkeypatch):
+    """A result written in place and cut short by a kill was taken for done by every later
+    tick (the request file never ran again); results and state.json are published whole."""
+    import engram_ray.requests as requests_mod
+
+    q, _, _ = local_queue
+    out = q.uri_of("edited", "k")
+    q.write_bytes("requests/k.jsonl", json.dumps(
+        {"request_id": "k", "concepts": ["ada"], "out": out}).encode())
+    real = requests_mod.write_summary
+
+    def dies_half_way(rows, uri, requests, storage_options=None):
+        Storage(uri, storage_options).write_bytes("", b"PAR1 half a table")
+        raise Killed
+
+    monkeypatch.setattr(requests_mod, "write_summary", dies_half_way)
+    with pytest.raises(Killed):
+        tick(q.uri, extract=local_extract)
+    monkeypatch.setattr(requests_mod, "write_summary", real)
+    assert not q.exists("results/k.parquet") and not q.exists("state.json")
+    done = tick(q.uri, extract=local_extract)
+    assert done.request_files == ["k.jsonl"]
+    [row] = pq.read_table(io.BytesIO(q.read_bytes("results/k.parquet"))).to_pylist()
+    assert row["status"] in ("done", "skipped") and row["request_id"] == "k"
