@@ -4,7 +4,8 @@ A head is started with ``ray start --head --block`` (the job server comes from `
 the ``cluster`` extra) on free ports, with its own ``RAY_TMPDIR`` and its own auth token, so
 it never meets the test session's Ray or another Ray on the machine. An extraction is
 submitted with a working dir holding the config and a Parquet shard, and its committed run is
-opened at the URI the job printed last. The head's processes — and only those — are stopped
+found as docs/cluster.md says (the submission id is the run id; the log's ``{"run"`` line) and
+opened. The head's processes — and only those — are stopped
 by process id afterwards (``ray stop`` would stop every Ray on the machine).
 """
 
@@ -213,15 +214,18 @@ def job_stdout(head: Head, job_id: str) -> str:
 
 
 def test_submitted_extraction_commits_a_run(head, job_dir):
-    from engram_ray.io.store import open_run
+    """docs/cluster.md, "Locally": the submission id is the run id, and
+    ``ray job logs ID | grep '^{"run"'`` finds the run."""
+    from engram_ray import open_run  # bound to the run's model: engrams are formed on read
 
     sub = ray_job(head, "submit", "--submission-id", "extract-ok", "--working-dir",
-                  str(job_dir), "--", *extract_entrypoint("store.run_id=job"), timeout=180)
+                  str(job_dir), "--", *extract_entrypoint(), timeout=180)
     assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-4000:]
     assert job_status(head, "extract-ok") == "SUCCEEDED"
-    logs = job_stdout(head, "extract-ok")
-    uri = [ln for ln in logs.splitlines() if ln.strip()][-1].strip()
-    assert uri == str(job_dir.parent / "runs" / "job"), logs[-2000:]
+    logs = ray_job(head, "logs", "extract-ok").stdout
+    found = [json.loads(ln) for ln in logs.splitlines() if ln.startswith('{"run"')]
+    uri = str(job_dir.parent / "runs" / "extract-ok")
+    assert found == [{"run": uri, "run_id": "extract-ok", "job": "extract-ok"}], logs[-2000:]
     run = open_run(uri)
     assert run.concepts == ["ada", "bo"]
     name = "model.layers.0.mlp.down_proj"
