@@ -67,7 +67,10 @@ def test_cpu_smoke_writes_the_table_without_ray(tmp_path):
     assert any(w.startswith("solve by group width") for w in whats)
     done = next(r for r in doc["rows"] if r["what"].startswith("extraction end to end, 2"))
     assert done["bytes"] > 0 and done["solve_s"] is not None
+    assert "extraction end to end, 1 concepts, every module" in whats
     if wheels:
         assert "ai-engram end to end, 2 concepts" in whats
+        assert "ai-engram end to end, 1 concepts" in whats
+        assert checks["2 concepts: ours vs ai-engram on the same device"]["met"] is not None
     assert "| target | measured | met |" in md
     assert not os.listdir(scratch)  # scratch (models, runs) removed
