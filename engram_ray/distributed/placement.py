@@ -162,10 +162,11 @@ def _shortfall(bundles: Sequence[dict]) -> str:
     return f"needs {describe(need)} ({_summary(bundles)}), {lack}; {_cluster_now()}"
 
 
-def solver_bundles(slots: int, bundle: dict) -> int:
-    """Solver bundles to ask for now: the ``slots`` the cores allow, cut to what is free at
-    this moment (so a busy cluster is not asked for more than it has), at least one."""
-    free = ray.available_resources()
+def solver_bundles(slots: int, bundle: dict, free: dict | None = None) -> int:
+    """Solver bundles to ask for now: the ``slots`` the cores allow, cut to what is ``free``
+    (default: free at this moment, so a busy cluster is not asked for more than it has), at
+    least one (an autoscaler adds a node for it)."""
+    free = ray.available_resources() if free is None else free
     fit = min((math.floor(free.get(k, 0.0) / v + 1e-9) for k, v in bundle.items()),
               default=slots)
     return max(1, min(slots, fit))

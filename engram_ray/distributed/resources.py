@@ -144,20 +144,17 @@ def check_schedulable(p: ParallelConfig, nodes: Sequence[Mapping[str, float]],
     if r.total_gpus > cap["GPU"] + _EPS:
         problems.append(f"{r.actors} stage actors × {r.actor_gpus:g} GPUs = {r.total_gpus:g} "
                         f"GPUs, but the cluster has {_has(cap['GPU'], node_types)} (lower "
-                        f"parallel.num_gpus{_hint(node_types)})")
+                        "parallel.num_gpus)")
     if problems:
+        hint = "" if node_types else (f"; if an autoscaler may add nodes, name its node types "
+                                      f"in {_TYPES_KEY}")
         raise ResourceError("this config can never be scheduled on this cluster: "
-                            + "; ".join(problems))
+                            + "; ".join(problems) + hint)
     return r
 
 
 def _has(amount: float, node_types: Sequence[NodeType]) -> str:
     return f"{amount:g}" + (" with every node its autoscaler may add" if node_types else "")
-
-
-def _hint(node_types: Sequence[NodeType]) -> str:
-    """The fix for an autoscaling cluster whose node types were not known."""
-    return "" if node_types else f", or name an autoscaler's node types in {_TYPES_KEY}"
 
 
 def _capacity(key: str, nodes: Sequence[Mapping[str, float]], node_types: Sequence[NodeType],
@@ -181,12 +178,12 @@ def _fit_problem(what: str, need: Mapping[str, float], shapes: Sequence[Mapping[
     if any(all(float(s.get(k, 0.0)) + _EPS >= v for k, v in need.items()) for s in shapes):
         return None
     where = "the largest node" + (" or node type" if typed else "")
-    for k, v in sorted(need.items()):
-        most = max((float(s.get(k, 0.0)) for s in shapes), default=0.0)
-        if v > most + _EPS:
-            hint = _hint(()) if k == "GPU" and not typed else ""
-            return (f"{what} needs {v:g} {k}s but {where} has {most:g} (lower {keys[k]}"
-                    f"{hint})")
+    most = {k: max((float(s.get(k, 0.0)) for s in shapes), default=0.0) for k in need}
+    over = sorted(k for k, v in need.items() if v > most[k] + _EPS)
+    if over:
+        return (f"{what} needs " + " and ".join(f"{need[k]:g} {k}s" for k in over)
+                + f" but {where} has " + " and ".join(f"{most[k]:g}" for k in over)
+                + " (lower " + " or ".join(keys[k] for k in over) + ")")
     return (f"{what} needs {describe(need)} on one node but no node"
             f"{' or node type' if typed else ''} has all of it (lower "
             + " or ".join(keys[k] for k in sorted(need)) + ")")
