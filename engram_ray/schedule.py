@@ -60,7 +60,8 @@ import yaml
 from engram_ray.io.lease import DEFAULT_TIMEOUT_S
 from engram_ray.io.storage import Storage
 
-__all__ = ["QUEUE_YAML", "STATE", "QueueSpec", "TickResult", "init_queue", "read_queue", "tick"]
+__all__ = ["QUEUE_YAML", "STATE", "QueueSpec", "TickResult", "extension_id", "init_queue",
+           "read_queue", "tick"]
 
 STATE, QUEUE_YAML = "state.json", "queue.yaml"
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
@@ -249,8 +250,15 @@ def _state(store: Storage, spec: QueueSpec) -> dict:
 
 
 def _extend(store: Storage, state: dict, cfg, extract: Callable) -> str | None:
-    """Extend the current run with the queue's uncounted shards; ``None`` when none is new."""
+    """Extend the current run with the queue's uncounted shards; ``None`` when none is new.
+
+    The new run's id is a digest of the base run and the new shards (:func:`extension_id`),
+    so a tick killed after the extension committed but before ``state.json`` moved on adopts
+    that run when it is rerun instead of extracting a second copy, and one killed during the
+    extraction redoes it under the same id (the run's own lease and staging take care of the
+    dead writer's leftovers): a rerun converges to what an uninterrupted tick makes."""
     from engram_ray.incremental import prepare_extension
+    from engram_ray.io.store import run_exists
 
     if not store.exists("shards") or not store.ls("shards"):
         return None
@@ -259,12 +267,24 @@ def _extend(store: Storage, state: dict, cfg, extract: Callable) -> str | None:
         store=dataclasses.replace(cfg.store, run_id=None, keep_statistics=True,
                                   extend=state["run"]))
     try:
-        prepare_extension(cfg)
+        extension = prepare_extension(cfg)
     except ValueError as e:
         if "nothing to add" in str(e):
             return None
         raise
+    run_id = extension_id(state["run"], extension.new_files)
+    cfg = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, run_id=run_id))
+    uri = cfg.store.run_uri(run_id)
+    if run_exists(uri, cfg.store.storage_options):
+        return uri  # committed by a tick that was killed before it saved the state
     return extract(cfg)
+
+
+def extension_id(base_run: str, new_shards) -> str:
+    """The run id of ``base_run`` extended with ``new_shards``: ``tick-`` and 16 hex digits of
+    their sha256, the same for the same extension whenever it is attempted."""
+    key = json.dumps([base_run.rstrip("/"), sorted(new_shards)]).encode()
+    return "tick-" + hashlib.sha256(key).hexdigest()[:16]
 
 
 def _pending(store: Storage, state: dict) -> list[str]:

@@ -337,3 +337,25 @@ def test_a_tick_killed_while_writing_a_result_redoes_that_file(local_queue, monk
     assert done.request_files == ["k.jsonl"]
     [row] = pq.read_table(io.BytesIO(q.read_bytes("results/k.parquet"))).to_pylist()
     assert row["status"] in ("done", "skipped") and row["request_id"] == "k"
+
+
+def test_a_tick_killed_after_its_extension_committed_adopts_that_run(local_queue):
+    """A tick killed between the extension's commit and state.json extended the same shards
+    again on its rerun: a second run, the first orphaned. The extension's run id is a digest
+    of the base run and the new shards, so the rerun finds and adopts it."""
+    q, _, first = local_queue
+    q.write_bytes("shards/part-2.parquet", shard(2))
+
+    def extract_then_die(cfg):
+        local_extract(cfg)
+        raise Killed
+
+    with pytest.raises(Killed):
+        tick(q.uri, extract=extract_then_die)
+    assert not q.exists("state.json")
+    calls = []
+    done = tick(q.uri, extract=lambda cfg: calls.append(cfg) or local_extract(cfg))
+    assert done.worked and done.extended and calls == []
+    assert sorted(r for r in q.ls("runs") if not r.startswith("_")) == sorted(
+        [first.rsplit("/", 1)[-1], done.run.rsplit("/", 1)[-1]])
+    assert json.loads(q.read_bytes("state.json"))["run"] == done.run
