@@ -45,7 +45,14 @@ from engram_ray.io.export import (
 from engram_ray.io.storage import Storage
 from engram_ray.models.loading import ModelSpec, build_empty, load_model, model_dir, tied_aliases
 from engram_ray.runinfo import VERSION
-from engram_ray.runs import BUILTIN_FACTORIES, check_trusted, open_run, run_model_spec
+from engram_ray.runs import (
+    BUILTIN_FACTORIES,
+    bind_module,
+    check_trusted,
+    open_run,
+    run_dtype,
+    run_model_spec,
+)
 
 __all__ = ["BUILTIN_FACTORIES", "MARKER", "Edit", "apply_many", "apply_run", "check_trusted",
            "run_model_spec"]
@@ -65,21 +72,28 @@ def apply_run(
     adapter_rtol: float | None = None,
     adapter_exact_dense: bool = False,
     solver: SolverConfig | Mapping | Sequence[str] | None = None,
+    allow_other_weights: bool = False,
 ) -> str:
     """Write the model with ``forget`` edited out of it to ``out``; returns ``out``.
 
     ``format="peft"`` writes the edit as a PEFT LoRA adapter instead (``io/adapter.py``):
     exact for low-rank engrams, a truncated SVD within ``adapter_rtol`` for dense ones.
     ``solver``: other solver options than the run's (a :class:`SolverConfig`, or overrides
-    of the run's own such as ``["rtol=1e-4"]``), applied to its stored spectrum."""
+    of the run's own such as ``["rtol=1e-4"]``), applied to its stored spectrum.
+    ``allow_other_weights``: edit ``model`` although its weights differ from the run's
+    (recorded in ``edit.json``); by default such a model is refused, naming the module."""
     if format not in ("full", "peft"):
         raise ValueError(f"format must be 'full' or 'peft', got {format!r}")
     dest = Storage(out, storage_options)
     check_output(dest)
     run = open_run(run_uri, storage_options, model=model, solver=solver,
-                   trust_factory=trust_factory)
+                   trust_factory=trust_factory, allow_other_weights=allow_other_weights)
     spec = run_model_spec(run, model)
     check_trusted(spec, run.uri, given=model is not None, trust_factory=trust_factory)
+    net = None
+    if spec.path is None and format == "full":  # a factory model: built once, edited in memory
+        net = load_model(spec, storage_options, dtype=run_dtype(run))
+        bind_module(run, net, f"factory {spec.factory}").weights.allow_other = allow_other_weights
     if format == "peft":
         from engram_ray.io.adapter import write_peft_adapter
 
@@ -92,11 +106,11 @@ def apply_run(
     provenance = _provenance(run, spec, plan, scale, modules)
     if not dest.remote:
         with staged_local(out) as stage:
-            _write(stage, spec, plan, provenance, storage_options)
+            _write(stage, spec, plan, provenance, storage_options, net)
         return out
     tmp = tempfile.mkdtemp(prefix="engram-apply-")
     try:
-        _write(tmp, spec, plan, provenance, storage_options)
+        _write(tmp, spec, plan, provenance, storage_options, net)
         check_output(dest)  # again: someone may have written there meanwhile
         upload_dir(tmp, dest, MARKER)
     finally:
@@ -105,14 +119,16 @@ def apply_run(
 
 
 def _write(stage: str, spec: ModelSpec, plan: EditPlan, provenance: dict,
-           storage_options) -> None:
-    """The edited model into the empty directory ``stage``, then ``edit.json`` last."""
+           storage_options, net=None) -> None:
+    """The edited model into the empty directory ``stage``, then ``edit.json`` last; ``net``:
+    the factory model built already (the one the run is bound to)."""
     if spec.path is not None:
         src = model_dir(spec.path, storage_options)
         aliases = tied_aliases(build_empty(spec, storage_options))
         write_edited_files(src, stage, plan, aliases)
     else:
-        _write_factory_model(stage, spec, plan, storage_options)
+        _write_factory_model(stage, net if net is not None else load_model(spec, storage_options),
+                             plan)
     _write_marker(stage, plan, provenance)
 
 
@@ -304,11 +320,10 @@ def _write_marker(stage: str, plan: EditPlan, provenance: dict) -> None:
         json.dump(provenance, f, indent=1, sort_keys=True)
 
 
-def _write_factory_model(stage: str, spec: ModelSpec, plan: EditPlan, storage_options) -> None:
+def _write_factory_model(stage: str, net, plan: EditPlan) -> None:
     """A factory model, edited in memory, as ``stage/model.safetensors`` (tied tensors once)."""
     from safetensors.torch import save_file
 
-    net = load_model(spec, storage_options)
     apply_edit(net, plan)
     state, seen = {}, set()
     for k, v in net.state_dict().items():
@@ -332,5 +347,7 @@ def _provenance(run, spec: ModelSpec, plan: EditPlan, scale, modules) -> dict:
         "base_model": {"spec": spec.to_dict(),
                        "fingerprint": (run.info.get("model") or {}).get("fingerprint")},
         "solver": _source_run(plan.source).solver.to_dict(),
+        "allow_other_weights": bool(getattr(_source_run(plan.source).weights, "allow_other",
+                                            False)),
         "engram_ray_version": VERSION,
     }

@@ -118,7 +118,7 @@ def cmd_apply(args) -> str:
         model=args.model,
         storage_options=storage, trust_factory=args.trust_factory, format=args.format,
         adapter_rtol=args.adapter_rtol, adapter_exact_dense=args.adapter_exact_dense,
-        solver=args.solver or None,
+        solver=args.solver or None, allow_other_weights=args.allow_other_weights,
     )
 
 
@@ -390,6 +390,9 @@ def _add_apply(sub) -> None:
     a.add_argument("--solver", action="append", metavar="KEY=VALUE", default=[],
                    help="re-solve the run's stored spectrum with this solver option (rtol, "
                         "condition_cap, rank_fraction, ridge; repeatable; default the run's)")
+    a.add_argument("--allow-other-weights", action="store_true",
+                   help="with --model: edit it although its weights differ from those the run "
+                        "was extracted from (e.g. a float16 copy); recorded in edit.json")
     a.add_argument("--trust-factory", action="store_true",
                    help="import and run the model factory the run names (it runs code: only "
                         "for runs whose config you trust)")

@@ -36,7 +36,8 @@ from engram_ray.config import ModelSpec, SolverConfig
 from engram_ray.core.layers import weight_matrix
 from engram_ray.io.store import Run
 
-__all__ = ["BUILTIN_FACTORIES", "ModelBinder", "check_trusted", "open_run", "run_model_spec"]
+__all__ = ["BUILTIN_FACTORIES", "ModelBinder", "bind_module", "check_trusted", "open_run",
+           "run_dtype", "run_model_spec"]
 
 # Factories shipped with engram-ray that only construct a module from numbers: running them
 # runs no code a run.json could choose. Any other factory needs the user's consent.
@@ -80,6 +81,8 @@ def check_trusted(spec: ModelSpec, run_uri: str, *, given: bool, trust_factory: 
 class _ModuleWeights:
     """Weights of an in-memory model."""
 
+    allow_other = False  # True: not checked against the run's digests (--allow-other-weights)
+
     def __init__(self, model: nn.Module, where: str) -> None:
         self.model, self.where = model, where
 
@@ -94,6 +97,8 @@ class _ModuleWeights:
 class _CheckpointWeights:
     """Weights of an HF checkpoint, read tensor by tensor and cast to the dtype the
     extraction's model held them in (module docstring)."""
+
+    allow_other = False
 
     def __init__(self, spec: ModelSpec, storage_options, dtype) -> None:
         from engram_ray.models.loading import build_empty, open_weights, tied_aliases
@@ -122,16 +127,37 @@ class _CheckpointWeights:
         return weight_matrix(sub, bias)
 
 
+def run_dtype(run: Run) -> str | None:
+    """The dtype the run's extraction loaded its model in (``parallel.dtype``; None: the
+    model's own)."""
+    return ((run.info.get("config") or {}).get("parallel") or {}).get("dtype")
+
+
+def bind_module(run: Run, model: nn.Module, where: str = "the given model") -> Run:
+    """Bind ``run`` to an in-memory model now (e.g. the factory model an apply is about to
+    edit, built once); its weights are checked like any other's."""
+    return run.bind(_ModuleWeights(model, where))
+
+
 class ModelBinder:
     """Binds a run to its base model on first use (picklable: Ray tasks reopen runs by URI and
-    rebind there). ``model``: None (the run's own), a path/URI/factory string, or a module."""
+    rebind there). ``model``: None (the run's own), a path/URI/factory string, or a module.
+    ``allow_other_weights``: the given model's weights are used although they differ from the
+    run's (e.g. a float16 copy): the engrams are then formed with them, unchecked."""
 
     def __init__(self, model: str | nn.Module | None = None, *, trust_factory: bool = False,
-                 storage_options: Mapping | None = None) -> None:
+                 storage_options: Mapping | None = None,
+                 allow_other_weights: bool = False) -> None:
         self.model, self.trust_factory = model, trust_factory
         self.storage_options = storage_options
+        self.allow_other_weights = allow_other_weights
 
     def __call__(self, run: Run):
+        weights = self._weights(run)
+        weights.allow_other = self.allow_other_weights
+        return weights
+
+    def _weights(self, run: Run):
         if isinstance(self.model, nn.Module):
             return _ModuleWeights(self.model, "the given model")
         spec = run_model_spec(run, self.model)
@@ -139,7 +165,7 @@ class ModelBinder:
                       trust_factory=self.trust_factory)
         options = self.storage_options if self.storage_options is not None \
             else run.storage_options
-        dtype = ((run.info.get("config") or {}).get("parallel") or {}).get("dtype")
+        dtype = run_dtype(run)
         if spec.path is not None:
             return _CheckpointWeights(spec, options, dtype)
         from engram_ray.models.loading import load_model
@@ -150,14 +176,19 @@ class ModelBinder:
 def open_run(uri: str, storage_options: Mapping | None = None, *,
              model: str | nn.Module | None = None,
              solver: SolverConfig | Mapping | Sequence[str] | None = None,
-             trust_factory: bool = False) -> Run:
+             trust_factory: bool = False, allow_other_weights: bool = False) -> Run:
     """Open the committed run at ``uri`` (local path or ``s3://``), bound to its base model
     (module docstring; loaded on the first engram). ``solver`` re-solves the stored spectrum
     with other options: a :class:`SolverConfig`, or overrides of the run's own (``{"rtol":
-    1e-4}``, ``["rtol=1e-4"]``); default the run's."""
+    1e-4}``, ``["rtol=1e-4"]``); default the run's. ``allow_other_weights`` (only with a
+    ``model``) skips the weight check: the engrams are formed with the given weights."""
+    if allow_other_weights and model is None:
+        raise ValueError("allow_other_weights needs a model (--model): the run's own model is "
+                         "the one it was extracted from, or it has changed")
     run = Run(uri, storage_options,
               binder=ModelBinder(model, trust_factory=trust_factory,
-                                 storage_options=storage_options))
+                                 storage_options=storage_options,
+                                 allow_other_weights=allow_other_weights))
     if solver is not None and not isinstance(solver, SolverConfig):
         solver = run.run_solver.updated(solver)
     return run.with_solver(solver)

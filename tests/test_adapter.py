@@ -27,7 +27,6 @@ from engram_ray.io.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_META,
     ADAPTER_WEIGHTS,
-    read_factors,
     write_peft_adapter,
 )
 from engram_ray.models.loading import ModelSpec, load_model
@@ -139,7 +138,7 @@ def test_reported_errors_are_float64_errors_against_plan_delta(llama_run, tmp_pa
         err = _rel(_stored_change(out, m, info["kind"], info["shape"]), -dw)
         assert abs(err - s["rel_error"]) < 1e-6, (m, err, s["rel_error"])
         assert 1e-4 < s["rel_error"] < 1e-2  # bfloat16 rounding, no more
-    a, b, bias = read_factors(run, "a", run.modules[0])
+    a, b, bias = run.factors("a", run.modules[0])
     assert _rel(a.double() @ b.double(), run.engram("a", run.modules[0])) < 1e-6
     assert bias is None  # Llama has no biases
 

@@ -5,6 +5,7 @@ in a hostile review; every refusal is exit 2 and one line naming the culprit."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -227,6 +228,11 @@ def test_alpha_that_overflows_the_checkpoint_dtype_is_refused(llama_run, tmp_pat
     out = tmp_path / "out"
     rc, _, err = run_cli(capsys, "apply", "--run", llama_run.uri, "--forget", "ada",
                          "--alpha", "1e30", "--model", half, "--out", out)
+    # a float16 copy is other weights than the run's: refused, naming the module and the way
+    assert_one_line_refusal(rc, err, "sha256 differs", "--allow-other-weights")
+    rc, _, err = run_cli(capsys, "apply", "--run", llama_run.uri, "--forget", "ada",
+                         "--alpha", "1e30", "--model", half, "--allow-other-weights",
+                         "--out", out)
     assert_one_line_refusal(rc, err, "non-finite", "float16")
     assert not out.exists() and not siblings(out)
 
@@ -237,7 +243,7 @@ def test_in_memory_edit_that_would_overflow_leaves_the_model_untouched(tmp_path)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     run = extract(model, [Batch(torch.randn(40, 6), ["a", None] * 20)], uri=str(tmp_path / "r"))
-    model = model.half()
+    model = copy.deepcopy(model).half()  # the run stays bound to the float32 model it saw
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="non-finite"):
         apply_edit(model, plan_edit(run, ["a"], alpha=1e30))

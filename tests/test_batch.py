@@ -173,31 +173,40 @@ def test_cli_refuses_a_bad_request_before_any_work(tmp_path, run_uri, capsys):
     assert sorted(os.listdir(tmp_path)) == ["requests.jsonl"]
 
 
-def test_engrams_are_read_once_per_module_for_the_whole_batch(tmp_path, run_uri, monkeypatch):
-    """Requests on one run share their engram reads (issue 10): three requests forgetting
-    {ada}, {bo} and {ada, bo} read each (concept, module) engram once — 2 per module — where
-    request by request they would read 4 per module; every output still equals its single
-    apply."""
+def _count_group_halves(monkeypatch) -> list[tuple]:
+    """Every union's group half (``X_U Σ⁺`` or ``Σ_U Σ⁺``) a run forms: where a batch's work on
+    the run's statistics is done (each reads its concepts' rows or blocks from the store)."""
     from engram_ray.io.store import Run
 
-    reads: list[tuple[str, str]] = []
-    real = Run.engram
+    real, calls = Run._right_uncached, []
 
-    def counted(self, concept, module, *a, **k):
-        reads.append((concept, module))
-        return real(self, concept, module, *a, **k)
+    def counted(self, group, concepts, factors):
+        calls.append((group, concepts, factors))
+        return real(self, group, concepts, factors)
+
+    monkeypatch.setattr(Run, "_right_uncached", counted)
+    return calls
+
+
+def test_union_work_is_done_once_per_group_for_the_whole_batch(tmp_path, run_uri, monkeypatch):
+    """Requests on one run share their work (issues 10, 19): three requests forgetting {ada},
+    {bo} and {ada, bo} form each input group's half of each union once — 3 per group — and
+    no per-concept engram; every output still equals its single apply."""
+    from engram_ray.io.store import Run
 
     specs = [["ada"], ["bo"], ["ada", "bo"]]
     reqs = read_requests(write_requests(tmp_path / "requests.jsonl", [
         {"request_id": f"r{i}", "run": run_uri, "concepts": c, "out": str(tmp_path / f"r{i}")}
         for i, c in enumerate(specs)]))
-    monkeypatch.setattr(Run, "engram", counted)
+    calls = _count_group_halves(monkeypatch)
+    engrams = []
+    monkeypatch.setattr(Run, "engram", lambda *a: engrams.append(a))
     rows = run_batch(reqs)
     assert [r["status"] for r in rows] == ["done"] * 3, rows
-    n_modules = len({m for _, m in reads})
-    assert sorted(reads) == sorted(set(reads)), "an engram was read twice"
-    assert len(reads) == 2 * n_modules
-    monkeypatch.setattr(Run, "engram", real)
+    groups = {g for g, _, _ in calls}
+    assert sorted(calls) == sorted(set(calls)), "a union's group half was formed twice"
+    assert len(calls) == 3 * len(groups) and not engrams
+    monkeypatch.undo()
     for i, c in enumerate(specs):
         single = apply_run(run_uri, c, out=str(tmp_path / f"single{i}"))
         a = load_file(os.path.join(tmp_path / f"r{i}", "model.safetensors"))
@@ -225,47 +234,25 @@ def test_cli_batch_on_ray_runs_each_run_as_one_task(ray_cluster, tmp_path, run_u
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _count_row_group_reads(monkeypatch) -> list[int]:
-    """Every payload row group read from the store, by any path (``Run.engram``, the adapter's
-    factor reader): ``pq.ParquetFile.read_row_group`` is where the bytes are fetched."""
-    real, reads = pq.ParquetFile.read_row_group, []
-
-    def counted(self, i, *a, **k):
-        reads.append(i)
-        return real(self, i, *a, **k)
-
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
-    return reads
-
-
-def _row_groups(run_uri, concepts) -> int:
-    """How many payload row groups hold these concepts' engrams (one pass reads each once)."""
-    from engram_ray.io.store import open_run
-
-    run = open_run(run_uri)
-    return len({(run.record(c, m)["payload"], run.record(c, m)["row_group"])
-                for c in concepts for m in run.modules})
-
-
 @pytest.mark.parametrize("scale", ["uniform", "weight_norm"])
-def test_store_reads_do_not_grow_with_the_number_of_requests(tmp_path, run_uri, monkeypatch,
-                                                             scale):
-    """Issue 10: "engrams are read once per module and shared by the requests that need them".
-    Counted where the bytes leave the store: six requests (three full, three peft) read each
-    payload row group once per pass — the full checkpoints' pass and the adapters' pass, plus
-    one pass for per-layer scales (``weight_norm``) that every request shares — so at most 2
-    (3) times, where request by request it would be 6 (12) times. Every output equals its
-    single apply."""
+def test_store_work_does_not_grow_with_the_number_of_requests(tmp_path, run_uri, monkeypatch,
+                                                              scale):
+    """Issue 10: work on the run is shared by the requests that need it. Six requests (three
+    full, three peft) on three forget sets form each group's half of each union once per
+    pass over the modules — the write pass, plus one pass for per-layer scales
+    (``weight_norm``) that every request shares — where request by request it would be 6
+    (12) times. Every output equals its single apply."""
     specs = [["ada"], ["bo"], ["ada", "bo"]]
     rows = [{"request_id": f"{fmt}{i}", "run": run_uri, "concepts": c, "scale": scale,
              "format": fmt, "out": str(tmp_path / f"{fmt}{i}")}
             for fmt in ("full", "peft") for i, c in enumerate(specs)]
     reqs = read_requests(write_requests(tmp_path / "requests.jsonl", rows))
-    groups = _row_groups(run_uri, ["ada", "bo"])
-    reads = _count_row_group_reads(monkeypatch)
+    calls = _count_group_halves(monkeypatch)
     assert [r["status"] for r in run_batch(reqs)] == ["done"] * 6
-    passes = 2 if scale == "uniform" else 3
-    assert 0 < len(reads) <= passes * groups, (len(reads), groups)
+    distinct = len(set(calls))
+    assert distinct == 3 * len({g for g, _, _ in calls})
+    passes = 2 if scale == "uniform" else 3  # full checkpoints, adapters (+ the scales)
+    assert len(calls) <= passes * distinct, (len(calls), distinct)
     monkeypatch.undo()
     for i, c in enumerate(specs):
         single = apply_run(run_uri, c, scale=scale, out=str(tmp_path / f"single{i}"))
@@ -287,7 +274,7 @@ def test_plan_edits_equals_plan_edit_number_for_number(run_uri):
     module) gives exactly ``plan_edit``'s scales for every scale spelling; an edit that
     cannot be planned gets its error in its place and the others are planned."""
     from engram_ray.core.edit import SharedEngrams, plan_edit, plan_edits
-    from engram_ray.io.store import open_run
+    from engram_ray.runs import open_run
 
     run = open_run(run_uri)
     scales = ["uniform", "weight_norm", "effective_rank", "weight_norm*effective_rank",

@@ -110,7 +110,7 @@ def test_commit_layout_staging_and_lease_are_cleaned(tmp_path):
     store = tmp_path / "runs"
     run = extract(mlp(), batches(), uri=str(store / "r1"))
     assert sorted(os.listdir(run.uri)) == ["_COMMITTED", "manifest.parquet", "payload",
-                                           "run.json"]
+                                           "run.json", "statistics"]
     marker = json.loads(open(os.path.join(run.uri, "_COMMITTED")).read())
     assert marker["generation"] == "" and len(marker["run_json_sha256"]) == 64
     assert os.listdir(store / "_staging") == [] and os.listdir(store / "_leases") == []
@@ -140,8 +140,9 @@ def test_overwrite_failing_after_staging_keeps_the_old_run(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="killed"):
         extract(mlp(1), batches(1), uri=uri, overwrite=True)
     monkeypatch.undo()
-    assert same(engrams(open_run(uri)), old)
-    assert sorted(os.listdir(uri)) == ["_COMMITTED", "manifest.parquet", "payload", "run.json"]
+    assert same(engrams(open_run(uri, model=mlp(0))), old)
+    assert sorted(os.listdir(uri)) == ["_COMMITTED", "manifest.parquet", "payload", "run.json",
+                                       "statistics"]
     assert os.listdir(tmp_path / "runs" / "_staging") == []
 
 
@@ -160,9 +161,9 @@ def test_overwrite_failing_while_publishing_keeps_the_old_run(place, monkeypatch
     with pytest.raises(RuntimeError, match="killed"):
         extract(mlp(1), batches(1), uri=uri, overwrite=True, storage_options=opts)
     monkeypatch.undo()
-    assert same(engrams(open_run(uri, opts)), old)
+    assert same(engrams(open_run(uri, opts, model=mlp(0))), old)
     assert sorted(Storage(uri, opts).ls()) == ["_COMMITTED", "manifest.parquet", "payload",
-                                               "run.json"]  # the abort removed what it published
+                                               "run.json", "statistics"]  # abort removed the rest
 
 
 def test_overwrite_killed_without_cleanup_keeps_old_run_until_the_next_commit(tmp_path,
@@ -184,7 +185,7 @@ def test_overwrite_killed_without_cleanup_keeps_old_run_until_the_next_commit(tm
         extract(mlp(1), batches(1), uri=uri, overwrite=True)
     monkeypatch.undo()
     assert any(n.startswith("v-") for n in os.listdir(uri))  # the new files, published aside
-    assert same(engrams(open_run(uri)), old)
+    assert same(engrams(open_run(uri, model=mlp(0))), old)
     with pytest.raises(LeaseHeld, match=r"locked by .* pid \d+ .*break_lease"):
         extract(mlp(1), batches(1), uri=uri, overwrite=True)
     run_lease(uri, break_lease=True).release()  # the documented way out
@@ -192,7 +193,7 @@ def test_overwrite_killed_without_cleanup_keeps_old_run_until_the_next_commit(tm
     run = extract(mlp(1), batches(1), uri=uri, overwrite=True)
     assert same(engrams(run), engrams(new_run)) and not same(engrams(run), old)
     left = sorted(os.listdir(uri))
-    assert left == ["_COMMITTED", "manifest.parquet", "payload", "run.json"] or (
+    assert left == ["_COMMITTED", "manifest.parquet", "payload", "run.json", "statistics"] or (
         left[0] == "_COMMITTED" and len(left) == 2 and left[1].startswith("v-"))
     assert os.listdir(tmp_path / "runs" / "_staging") == []
 
@@ -203,11 +204,12 @@ def test_overwrite_alternates_generations_and_collects_the_old_one(place):
     names = []
     for i in range(3):
         got = engrams(extract(mlp(i), batches(i), uri=uri, overwrite=True, storage_options=opts))
-        run = open_run(uri, opts)
+        run = open_run(uri, opts, model=mlp(i))
         assert same(engrams(run), got)
         names.append(sorted(Storage(uri, opts).ls()))
         assert run.marker["generation"] == ("" if i % 2 == 0 else names[-1][1])
-    assert names[0] == names[2] == ["_COMMITTED", "manifest.parquet", "payload", "run.json"]
+    assert names[0] == names[2] == ["_COMMITTED", "manifest.parquet", "payload", "run.json",
+                                    "statistics"]
     assert len(names[1]) == 2 and names[1][1].startswith("v-")  # the flat files collected
 
 
@@ -221,9 +223,9 @@ def test_second_writer_fails_at_once_naming_the_holder(place):
         extract(mlp(1), batches(1), uri=uri, storage_options=opts)
     with pytest.raises(LeaseHeld):
         RunWriter(uri, opts, overwrite=True)
-    rows = first.write_records(*_records())
+    rows = _solve_into(first)
     assert first.commit(rows, {"note": "A"}) == uri
-    run = open_run(uri, opts)
+    run = open_run(uri, opts, model=mlp(2))
     assert run.info["note"] == "A"
     for c, m in engrams(run):  # every payload matches A's manifest
         run.engram(c, m)
@@ -252,25 +254,22 @@ def test_concurrent_writers_exactly_one_commits_a_consistent_run(place):
         t.join()
     ok = [r for r in results if r[0] == "ok"]
     assert len(ok) == 1 and len(results) == 3, results
-    run = open_run(uri, opts)  # the winner's manifest with the winner's payloads
+    run = open_run(uri, opts, model=inputs[ok[0][1]][0])  # the winner's manifest and payloads
     oracle = extract(mlp(ok[0][1]), batches(ok[0][1]), uri=f"{store}/oracle",
                      storage_options=opts)
     assert same(engrams(run), engrams(oracle))
 
 
-def _records():
+def _solve_into(writer):
+    """mlp(2)'s run solved into ``writer``'s staging area; its manifest rows."""
     from engram_ray.core.capture import collect_statistics
     from engram_ray.core.layers import weight_matrix
-    from engram_ray.core.solve import solve_group
+    from engram_ray.local import solve_statistics
 
     model = mlp(2)
     stats = collect_statistics(model, batches(2))
-    recs = []
-    for g, mom in stats.groups.items():
-        members = stats.members(g)
-        w = {i.name: weight_matrix(model.get_submodule(i.name), i.bias) for i in members}
-        recs += list(solve_group(mom, members, w))
-    return stats.modules, recs
+    w = {n: weight_matrix(model.get_submodule(n), i.bias) for n, i in stats.modules.items()}
+    return solve_statistics(stats, w, writer)
 
 
 def test_live_writer_renews_its_lease_and_a_broken_one_cannot_commit(tmp_path):
@@ -279,12 +278,12 @@ def test_live_writer_renews_its_lease_and_a_broken_one_cannot_commit(tmp_path):
     time.sleep(3.5)
     with pytest.raises(LeaseHeld):
         RunWriter(uri, lease_timeout_s=2.0)
-    rows = a.write_records(*_records())
+    rows = _solve_into(a)
     b = RunWriter(uri, break_lease=True)  # the documented way out (here: wrongly used)
     with pytest.raises(LeaseHeld, match="lost the lease"):
         a.commit(rows, {"note": "A"})
     a.abort()
-    b.commit(b.write_records(*_records()), {"note": "B"})
+    b.commit(_solve_into(b), {"note": "B"})
     assert open_run(uri).info["note"] == "B"
     assert os.listdir(tmp_path / "runs" / "_leases") == []
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -16,8 +15,9 @@ from engram_ray import Batch, open_run
 from engram_ray.core.capture import collect_statistics
 from engram_ray.core.layers import weight_matrix
 from engram_ray.core.moments import Moments, pack_symmetric, unpack_symmetric
-from engram_ray.core.solve import EngramRecord, FactoredEngram, solve_group
+from engram_ray.core.solve import engram_matrix, pseudo_inverse
 from engram_ray.io.store import RunWriter
+from engram_ray.local import solve_statistics
 
 
 def small_stats(seed=0):
@@ -28,44 +28,66 @@ def small_stats(seed=0):
     return model, collect_statistics(model, [Batch(x, labels)])
 
 
-def all_records(model, stats):
-    out = []
-    for g, mom in stats.groups.items():
-        members = stats.members(g)
-        weights = {i.name: weight_matrix(model.get_submodule(i.name), i.bias) for i in members}
-        out += list(solve_group(mom, members, weights))
-    return out
+def weights_of(model, stats):
+    return {n: weight_matrix(model.get_submodule(n), i.bias) for n, i in stats.modules.items()}
 
 
-def write_run(tmp_path, name="run"):
-    model, stats = small_stats()
-    recs = all_records(model, stats)
+def oracle(model, stats, concept, module):
+    """W Σ_c Σ⁺ in float64 straight from the statistics (the formula, not the store)."""
+    info = stats.modules[module]
+    mom = stats.groups[info.group]
+    w = weight_matrix(model.get_submodule(module), info.bias)
+    return engram_matrix(w, mom.sigma(concept), pseudo_inverse(mom.total))
+
+
+def as_matrix(run, concept, module, kind="linear"):
+    w = run.engram(concept, module).double()
+    w = w.T if kind == "conv1d" else w.reshape(w.shape[0], -1)
+    b = run.bias(concept, module)
+    return w if b is None else torch.cat([w, b.double()[:, None]], 1)
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def write_run(tmp_path, name="run", model_stats=None, keep=False):
+    model, stats = model_stats or small_stats()
     uri = str(tmp_path / name)
     w = RunWriter(uri)
-    rows = w.write_records(stats.modules, recs)
+    rows = solve_statistics(stats, weights_of(model, stats), w)
     w.commit(rows, {"note": "test"})
-    return uri, recs, stats
+    return uri, model, stats
 
 
-def test_round_trip_is_bit_identical(tmp_path):
-    uri, recs, _ = write_run(tmp_path)
-    run = open_run(uri)
+def test_engrams_on_read_equal_the_formula(tmp_path):
+    """Format 3 stores statistics; what a bound run forms on read is W Σ_c Σ⁺ within float32
+    rounding, for every concept and module (bias included)."""
+    uri, model, stats = write_run(tmp_path)
+    run = open_run(uri, model=model)
     assert run.concepts == ["a", "b"] and run.modules == ["0", "2"]
-    for r in recs:
-        assert torch.equal(run.engram(r.concept, r.module), r.dense())
-        b = run.bias(r.concept, r.module)
-        assert (b is None) == (r.bias is None)
-        if b is not None:
-            assert torch.equal(b, r.bias)
+    for c in run.concepts:
+        for m in run.modules:
+            assert rel(as_matrix(run, c, m), oracle(model, stats, c, m)) < 1e-6
     row = run.record("a", "0")
     assert row["n"] == 10 and row["N"] == 40 and row["shape"] == [6, 5] and row["layer"] is None
     assert len(row["sha256"]) == 64 and row["rel_norm"] > 0
+    w0 = weight_matrix(model.get_submodule("0"))
+    assert row["rel_norm"] == pytest.approx(
+        float(torch.linalg.norm(oracle(model, stats, "a", "0")) / torch.linalg.norm(w0)))
+
+
+def test_unbound_run_names_the_way_to_bind(tmp_path):
+    uri, _, _ = write_run(tmp_path)
+    with pytest.raises(ValueError, match="model"):
+        open_run(uri).engram("a", "0")
 
 
 @pytest.mark.parametrize("row_group_bytes", [1, 700, 1 << 30])
-def test_row_groups_hold_several_engrams_and_each_reads_back(tmp_path, monkeypatch, row_group_bytes):
-    """Rows are buffered into row groups of about ROW_GROUP_BYTES (one engram when larger);
-    the manifest's (row_group, row) finds every engram, dense and factored alike."""
+def test_row_groups_hold_several_concepts_and_each_reads_back(tmp_path, monkeypatch,
+                                                              row_group_bytes):
+    """A group's concepts are buffered into row groups of about ROW_GROUP_BYTES (one concept
+    when larger); the manifest's (row_group, row) finds every concept, rows and blocks alike."""
     import engram_ray.io.store as store
 
     monkeypatch.setattr(store, "ROW_GROUP_BYTES", row_group_bytes)
@@ -73,28 +95,27 @@ def test_row_groups_hold_several_engrams_and_each_reads_back(tmp_path, monkeypat
     model = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3))
     labels = [f"c{i % 7}" for i in range(28)] + ["big"] * 30 + [None] * 12
     stats = collect_statistics(model, [Batch(torch.randn(70, 12), labels)])
-    recs = all_records(model, stats)
-    uri = str(tmp_path / "run")
-    w = RunWriter(uri)
-    w.commit(w.write_records(stats.modules, recs), {})
-    run = open_run(uri)
-    assert {run.record(r.concept, r.module)["form"] for r in recs} == {"dense", "factored"}
-    for r in recs:
-        assert torch.equal(run.engram(r.concept, r.module), r.dense())
+    uri, _, _ = write_run(tmp_path, model_stats=(model, stats))
+    run = open_run(uri, model=model)
+    assert {run.record(c, "0")["form"] for c in run.concepts} == {"dense", "factored"}
+    for c in run.concepts:
+        for m in run.modules:
+            assert rel(as_matrix(run, c, m), oracle(model, stats, c, m)) < 1e-6
     groups = pq.ParquetFile(os.path.join(uri, "payload", "0.parquet")).num_row_groups
-    assert groups == {1: 8, 700: 3, 1 << 30: 1}[row_group_bytes]  # rows of 312 B
+    assert groups == {1: 8, 700: 3, 1 << 30: 1}[row_group_bytes]  # 208 B rows, a 728 B block
 
 
 def test_manifest_has_one_row_per_concept_and_module(tmp_path):
-    uri, recs, _ = write_run(tmp_path)
+    uri, _, _ = write_run(tmp_path)
     table = pq.read_table(os.path.join(uri, "manifest.parquet"))
-    assert table.num_rows == len(recs) == 4
-    for col in ("concept", "module", "layer", "shape", "n", "N", "rel_norm", "payload", "sha256"):
+    assert table.num_rows == 4  # 2 concepts × 2 modules
+    for col in ("concept", "module", "layer", "shape", "n", "N", "rel_norm", "payload", "sha256",
+                "spectrum", "spectrum_sha256", "weight_sha256", "dtype"):
         assert col in table.column_names
 
 
 def _flip_first_float(path, column, concept):
-    """Rewrite a payload file with the concept's first float of ``column`` changed."""
+    """Rewrite a payload file with one bit of the concept's ``column`` cell flipped."""
     import pyarrow as pa
 
     t = pq.read_table(path)
@@ -102,7 +123,7 @@ def _flip_first_float(path, column, concept):
     cells = t.column(column).to_pylist()
     i = t.column("concept").to_pylist().index(concept)
     raw = bytearray(cells[i])
-    raw[0:4] = (np.frombuffer(bytes(raw[0:4]), "<f4") + 1.0).astype("<f4").tobytes()
+    raw[-1] ^= 0x01  # one bit of the last value (rows or a packed float64 block alike)
     cells[i] = bytes(raw)
     t = t.set_column(t.schema.get_field_index(column), column, pa.array(cells, pa.binary()))
     writer = pq.ParquetWriter(path, pf.schema_arrow)
@@ -114,24 +135,36 @@ def _flip_first_float(path, column, concept):
     writer.close()
 
 
-@pytest.mark.parametrize("column", ["weight", "bias", "factor_a", "factor_b"])
-def test_tampered_payload_is_refused(tmp_path, column):
-    if column.startswith("factor"):  # a concept with fewer tokens than D/2: factored payloads
-        model = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3))
-        x = torch.randn(40, 12)
-        stats = collect_statistics(model, [Batch(x, ["a"] * 4 + ["b"] * 20 + [None] * 16)])
-        recs = all_records(model, stats)
-        uri = str(tmp_path / "run")
-        w = RunWriter(uri)
-        w.commit(w.write_records(stats.modules, recs), {})
-        assert open_run(uri).record("a", "0")["form"] == "factored"
-    else:
-        uri, recs, _ = write_run(tmp_path)
-    _flip_first_float(os.path.join(uri, "payload", "0.parquet"), column, "a")
-    run = open_run(uri)
+@pytest.mark.parametrize("form", ["dense", "factored"])
+def test_tampered_payload_is_refused(tmp_path, form):
+    model = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(40, 12)
+    n_a = 4 if form == "factored" else 10  # D = 13: up to 6 tokens stay rows
+    stats = collect_statistics(model, [Batch(x, ["a"] * n_a + ["b"] * 20 + [None] * (20 - n_a))])
+    uri, _, _ = write_run(tmp_path, model_stats=(model, stats))
+    assert open_run(uri).record("a", "0")["form"] == form
+    _flip_first_float(os.path.join(uri, "payload", "0.parquet"), "data", "a")
+    run = open_run(uri, model=model)
     with pytest.raises(ValueError, match="sha256"):
         run.engram("a", "0")
-    assert torch.equal(run.engram("a", "2"), [r for r in recs if (r.concept, r.module) == ("a", "2")][0].dense())
+    assert rel(as_matrix(run, "a", "2"), oracle(model, stats, "a", "2")) < 1e-6
+
+
+def test_tampered_spectrum_is_refused(tmp_path):
+    uri, model, _ = write_run(tmp_path)
+    path = os.path.join(uri, "statistics", "0.safetensors")
+    blob = bytearray(open(path, "rb").read())
+    blob[-8:] = bytes(8)  # the last eigenvector entry
+    open(path, "wb").write(bytes(blob))
+    with pytest.raises(ValueError, match="0.safetensors fails its sha256 check"):
+        open_run(uri, model=model).engram("a", "0")
+
+
+def test_other_weights_are_refused_naming_the_module(tmp_path):
+    uri, model, _ = write_run(tmp_path)
+    other = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3, bias=False))
+    with pytest.raises(ValueError, match="module '0' of the given model is not the weight"):
+        open_run(uri, model=other).engram("a", "0")
 
 
 def test_uncommitted_run_is_refused(tmp_path):
@@ -161,36 +194,9 @@ def test_abort_leaves_nothing(tmp_path):
     model, stats = small_stats()
     uri = str(tmp_path / "aborted")
     w = RunWriter(uri)
-    w.write_records(stats.modules, all_records(model, stats))
+    solve_statistics(stats, weights_of(model, stats), w)
     w.abort()
     assert not os.path.exists(uri)
-
-
-def test_factored_payload_round_trip(tmp_path):
-    model, stats = small_stats()
-    recs = all_records(model, stats)
-    torch.manual_seed(1)
-    items = []
-    expect = {}
-    for r in recs:
-        info = stats.modules[r.module]
-        if r.module == "0":  # a rank-2 factored engram for the Linear with bias
-            a, b = torch.randn(6, 2), torch.randn(2, 5)
-            w = (a @ b).contiguous()
-            items.append(EngramRecord(r.concept, r.module, None, r.bias, r.n, r.n_total, 0.1,
-                                      1.0, factors=FactoredEngram(a, b, "linear", (6, 5))))
-            expect[(r.concept, r.module)] = w
-        else:
-            items.append(r)
-            expect[(r.concept, r.module)] = r.dense()
-        assert info.weight_shape == tuple(r.dense().shape)
-    uri = str(tmp_path / "fac")
-    w = RunWriter(uri)
-    w.commit(w.write_records(stats.modules, items), {})
-    run = open_run(uri)
-    assert run.record("a", "0")["form"] == "factored" and run.record("a", "0")["rank"] == 2
-    for key, w in expect.items():
-        assert torch.allclose(run.engram(*key), w, atol=1e-6)
 
 
 def test_unknown_payload_version_is_refused(tmp_path):
@@ -308,9 +314,6 @@ def test_kept_statistics_extend_a_run_without_rereading_old_shards(tmp_path):
     merging statistics that cover a shard twice is refused."""
     from engram_ray import extract
     from engram_ray.core.capture import collect_statistics
-    from engram_ray.core.layers import weight_matrix
-    from engram_ray.local import solve_statistics
-
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
     old = Batch(torch.randn(30, 5), ["a"] * 10 + [None] * 20)
@@ -326,7 +329,7 @@ def test_kept_statistics_extend_a_run_without_rereading_old_shards(tmp_path):
     w = RunWriter(str(tmp_path / "extended"))
     weights = {n: weight_matrix(model.get_submodule(n), i.bias) for n, i in merged.modules.items()}
     w.commit(solve_statistics(merged, weights, w), {})
-    extended = open_run(str(tmp_path / "extended"))
+    extended = open_run(str(tmp_path / "extended"), model=model)
     both = extract(model, [old, new], uri=str(tmp_path / "both"))
     for c in ("a", "b"):
         for mod in ("0", "2"):

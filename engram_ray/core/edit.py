@@ -117,10 +117,10 @@ class SharedEngrams:
         key = ("union", tuple(concepts))
         return self._cached(module, key, lambda: union_engram(self.source, concepts, module))
 
-    def union_parts(self, concepts: Sequence[str], module: str):
-        key = ("parts", tuple(concepts))
+    def union_parts(self, concepts: Sequence[str], module: str, factors: bool = False):
+        key = ("parts", tuple(concepts), factors)
         return self._cached(module, key,
-                            lambda: self.source.union_parts(list(concepts), module))
+                            lambda: self.source.union_parts(list(concepts), module, factors))
 
     def engram(self, concept: str, module: str) -> torch.Tensor:
         return self.union([concept], module)[0]

@@ -63,6 +63,7 @@ __all__ = [
     "SolverConfig",
     "default_rtol",
     "engram_matrix",
+    "apply_right",
     "group_update",
     "inverse_from_spectrum",
     "pseudo_inverse",
@@ -72,6 +73,7 @@ __all__ = [
     "spectral_inverse",
     "spectrum",
     "to_weight_shape",
+    "union_right",
     "weight_layout",
 ]
 
@@ -154,27 +156,46 @@ def row_factors(w: torch.Tensor, x: torch.Tensor,
     return w.to(pinv.device, torch.float64) @ x.T, x @ pinv
 
 
-def group_update(w: torch.Tensor, rows: Sequence[torch.Tensor], blocks: Sequence[torch.Tensor],
-                 pinv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``Σ_{c∈U} W⁺_c = W Σ_U Σ⁺`` for a set U of concepts of one input group, float64: the
-    update of an edit, formed once from the union's statistics, never concept by concept.
+def union_right(rows: Sequence[torch.Tensor], blocks: Sequence[torch.Tensor],
+                pinv: torch.Tensor, *, factors: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The half of a union's update that every module of the input group shares, float64.
 
-    ``rows``: the feature rows of U's concepts kept as rows; ``blocks``: the Σ_c blocks of the
-    others. While U has only rows and fewer than D/2 of them, the update is returned as exact
-    factors ``(W X_Uᵀ, X_U Σ⁺)`` (rank n_U); otherwise as ``(dense (out, D), None)``, with
-    ``Σ_U = X_Uᵀ X_U + Σ blocks``: linearity in Σ_c is what makes both equal the sum of the
-    concepts' engrams.
+    For a set U of concepts (``rows``: feature rows of those kept as rows; ``blocks``: the Σ_c
+    blocks of the others): ``(X_U, X_U Σ⁺)`` while U has only rows and fewer than D/2 of them
+    (the update ``(W X_Uᵀ)(X_U Σ⁺)`` has rank n_U), else ``(Σ_U Σ⁺, None)`` with ``Σ_U = X_Uᵀ X_U
+    + Σ blocks``. Linearity in Σ_c is what makes both the sum of the concepts' engrams.
+    ``factors=True`` keeps the factored form whenever U has only rows, however many (an adapter
+    is exact at rank n_U; the D/2 switch only picks the cheaper form for a dense edit).
     """
     d = pinv.shape[0]
     x = torch.cat([r.to(pinv.device, torch.float64) for r in rows]) if rows else None
-    if not blocks and x is not None and 2 * x.shape[0] < d:
-        return row_factors(w, x, pinv)
+    if not blocks and x is not None and (factors or 2 * x.shape[0] < d):
+        return x, x @ pinv
     sigma = torch.zeros(d, d, dtype=torch.float64, device=pinv.device)
     for b in blocks:
         sigma += b.to(pinv.device, torch.float64)
     if x is not None:
         sigma += x.T @ x
-    return engram_matrix(w.to(pinv.device), sigma, pinv), None
+    return sigma @ pinv, None
+
+
+def apply_right(w: torch.Tensor, right: tuple[torch.Tensor, torch.Tensor | None]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One module's update from :func:`union_right`'s half: ``(W X_Uᵀ, X_U Σ⁺)`` (factors) or
+    ``(W Σ_U Σ⁺, None)`` (dense, out·D² flops: ``Σ_U Σ⁺`` was formed once for the group)."""
+    first, second = right
+    w = w.to(first.device, torch.float64)
+    return (w @ first, None) if second is None else (w @ first.T, second)
+
+
+def group_update(w: torch.Tensor, rows: Sequence[torch.Tensor], blocks: Sequence[torch.Tensor],
+                 pinv: torch.Tensor, *, factors: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``Σ_{c∈U} W⁺_c = W Σ_U Σ⁺`` for a set U of concepts of one input group: the update of an
+    edit, formed once from the union's statistics, never concept by concept; as factors or
+    dense (:func:`union_right`)."""
+    return apply_right(w, union_right(rows, blocks, pinv, factors=factors))
 
 
 def weight_layout(mat: torch.Tensor, kind: str, shape: Sequence[int]) -> torch.Tensor:

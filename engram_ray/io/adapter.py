@@ -464,7 +464,7 @@ def _low_rank_union(source, forget: Sequence[str], name: str, k: float, has_bias
     parts = getattr(source, "union_parts", None)
     if not callable(parts):
         return None
-    a, b = parts(list(forget), name)
+    a, b = parts(list(forget), name, True)
     if b is None:
         return None
     bias = (a @ b[:, -1]).float() * k if has_bias else None

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -98,10 +99,11 @@ from engram_ray.core.moments import (
 )
 from engram_ray.core.solve import (
     GroupSolution,
-    group_update,
+    apply_right,
     inverse_from_spectrum,
     row_factors,
     to_weight_shape,
+    union_right,
     weight_layout,
 )
 from engram_ray.io.lease import Lease, LeaseHeld
@@ -693,6 +695,9 @@ class Run:
         self._pinv = lru_cache(maxsize=2)(self._inverse)
         self._matrix = lru_cache(maxsize=1)(self._weight_matrix)
         self._load = lru_cache(maxsize=2)(self._load_uncached)
+        # A union's group half: X_U Σ⁺ (n_U × D) or Σ_U Σ⁺ (D × D). An edit walks the modules
+        # of a layer's ~4 input groups in turn, a batch with a few forget sets at a time.
+        self._right = lru_cache(maxsize=12)(self._right_uncached)
         self._row_group = lru_cache(maxsize=2)(self._read_row_group)
 
     def __repr__(self) -> str:
@@ -824,8 +829,12 @@ class Run:
             return "rows", _bytes_tensor(data, row["dtype"], (row["rank"], dim))
         return "block", unpack_symmetric(_bytes_tensor(data, row["dtype"], (-1,)), dim)
 
-    def _dim(self, row: dict) -> int:
-        return int(self.info["groups"][row["group"]]["dim"])
+    @staticmethod
+    def _dim(row: dict) -> int:
+        """The input width D of a manifest row's module (bias column included)."""
+        shape = row["shape"]
+        width = {"conv1d": shape[0], "conv2d": math.prod(shape[1:])}.get(row["kind"], shape[-1])
+        return int(width) + (1 if row["has_bias"] else 0)
 
     # --- engrams on read ----------------------------------------------------------------------
     def _weight_matrix(self, module: str) -> torch.Tensor:
@@ -833,12 +842,16 @@ class Run:
         digest recorded at extraction: an engram formed with other weights is refused."""
         row = self.module_info(module)
         w = self.weights.matrix(module, row["has_bias"]).double()
-        if w.shape[1] != self._dim(row) or weight_digest(w) != row["weight_sha256"]:
+        if w.shape[1] != self._dim(row):
+            raise ValueError(f"module {module!r}: weight width {w.shape[1] - row['has_bias']} "
+                             f"does not match run {self.uri} ({self._dim(row) - row['has_bias']})")
+        if not getattr(self.weights, "allow_other", False) \
+                and weight_digest(w) != row["weight_sha256"]:
             where = getattr(self.weights, "where", "the bound model")
             raise ValueError(
                 f"module {module!r} of {where} is not the weight run {self.uri} was extracted "
                 "from (its sha256 differs): engrams formed with other weights would be wrong; "
-                "bind the model the run recorded")
+                "bind the model the run recorded, or pass --allow-other-weights with --model")
         return w
 
     def engram(self, concept: str, module: str) -> torch.Tensor:
@@ -865,15 +878,26 @@ class Run:
             bias = a @ b[:, -1] if info.bias else None
         return w.float(), None if bias is None else bias.float()
 
-    def union_parts(self, concepts: Sequence[str], module: str):
+    def union_parts(self, concepts: Sequence[str], module: str, factors: bool = False):
         """``(W X_Uᵀ, X_U Σ⁺)`` (float64, rank n_U) while the union is rows only and narrower
-        than D/2, else ``(dense (out, D), None)``."""
+        than D/2 (or rows only at all, with ``factors``), else ``(dense (out, D), None)``.
+        The group's half (``X_U Σ⁺`` or ``Σ_U Σ⁺``) is formed once for every module of the
+        group (``core.solve.union_right``, cached); each module adds its ``W_m``."""
+        concepts = tuple(dict.fromkeys(concepts))
+        rows = [self.record(c, module) for c in concepts]
+        # The form follows from the manifest alone (so both spellings share one cache entry):
+        # factors iff every concept is kept as rows and (asked for, or n_U < D/2).
+        low = all(r["form"] == "factored" for r in rows) and (
+            factors or 2 * sum(r["rank"] for r in rows) < self._dim(rows[0]))
+        right = self._right(rows[0]["group"], concepts, low)
+        return apply_right(self._matrix(module), right)
+
+    def _right_uncached(self, group: str, concepts: tuple[str, ...], factors: bool):
         rows, blocks = [], []
-        for c in dict.fromkeys(concepts):
-            form, t = self._concept(c, module)
+        for c in concepts:
+            form, t = self._concept(c, self._group_row(c, group)["module"])
             (rows if form == "rows" else blocks).append(t)
-        pinv = self._pinv(self.record(concepts[0], module)["group"])[0]
-        return group_update(self._matrix(module), rows, blocks, pinv)
+        return union_right(rows, blocks, self._pinv(group)[0], factors=factors)
 
     def factors(self, concept: str, module: str):
         """``(A (out × r), B (r × in_flat), bias | None)``, float32, of a concept kept as rows
