@@ -12,10 +12,12 @@ from engram_ray.io.lease import Lease, LeaseHeld
 from engram_ray.io.storage import Storage
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "memory"])
 def where(request, tmp_path):
     if request.param == "local":
         return Storage(str(tmp_path / "q" / "_lease"))
+    if request.param == "memory":
+        return Storage(f"memory://{tmp_path.name}/q/_lease")
     bucket = request.getfixturevalue("s3_bucket")
     return Storage(f"{bucket.uri}/q/_lease", bucket.storage_options)
 
