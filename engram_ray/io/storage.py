@@ -234,11 +234,13 @@ class Storage:
     def errors(self, op: str, rel: str = "", keep: tuple = ()) -> Iterator[None]:
         """Re-raise what a storage call raises as a one-line :class:`StorageError` naming the
         operation and the URI; the errors a caller decides on (missing, existing, refused,
-        bad argument, and ``keep``) pass through unchanged."""
+        bad argument, and ``keep``) pass through as their own type, a remote missing bucket
+        or refused credentials reworded to name the URI and the cause (s3fs's messages name
+        neither)."""
         try:
             yield
         except (FileNotFoundError, PermissionError) as e:
-            said = _diagnosis(e)
+            said = _diagnosis(e) if self.remote else ""
             if not said or isinstance(e, tuple(keep)) or self.uri_of(rel) in str(e):
                 raise
             raise type(e)(f"{op} {self.uri_of(rel)} failed: {said}{one_line(e)}") from e
