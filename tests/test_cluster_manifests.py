@@ -360,6 +360,19 @@ def scheduled_args(job: dict):
     return build_parser().parse_args(["tick", *rest]), own.gc_keep, own.result_file
 
 
+def check_queue_file() -> None:
+    """cluster/queue.yaml as the tick reads it (``schedule.read_queue``, every key checked)."""
+    import tempfile
+
+    from engram_ray.schedule import QUEUE_YAML, read_queue
+
+    (key,) = QUEUES
+    with tempfile.TemporaryDirectory() as d:
+        (pathlib.Path(d) / QUEUE_YAML).write_text((ROOT / key.split("#")[0]).read_text())
+        spec = read_queue(d)
+    assert (spec.config, spec.run) == (QUEUES[key]["config"], QUEUES[key]["run"])
+
+
 def test_scheduled_path_is_a_tick_with_retention():
     """The RayCronJob runs ``engram-ray tick`` on a queue and then ``gc --keep N``; the
     queue's config is the one mounted on its head, its first run the one-off RayJob's."""
@@ -374,6 +387,7 @@ def test_scheduled_path_is_a_tick_with_retention():
     assert raw["store"].get("keep_statistics") is True, "the first run must keep its Σ"
     (queue,) = QUEUES.values()
     assert queue["run"] == first_run
+    check_queue_file()
     for cron in crons:
         job = cron["spec"]["jobTemplate"]
         tick, keep, result_file = scheduled_args(job)
