@@ -41,13 +41,21 @@ from collections.abc import Iterable, Mapping
 
 from engram_ray.io.catalog import describe_run
 from engram_ray.io.storage import Storage
-from engram_ray.io.store import COMMIT_MARKER, LeaseHeld, open_run, run_exists, run_lease
+from engram_ray.io.store import (
+    COMMIT_MARKER,
+    GENERATION_PREFIX,
+    RUN_FILES,
+    LeaseHeld,
+    open_run,
+    run_exists,
+    run_lease,
+)
 
 __all__ = ["GcResult", "gc", "plan_gc"]
 
-# What a committed run's prefix may hold (io/store.py's layout): anything else is not ours.
-RUN_NAMES = frozenset({"payload", "statistics", "manifest.parquet", "run.json", COMMIT_MARKER})
-GENERATION_PREFIX = "v-"
+# What a committed run's prefix may hold (io/store.py's layout, taken from it so the two never
+# drift): one generation's files, superseded generations, the marker. Anything else is not ours.
+RUN_NAMES = frozenset({*RUN_FILES, COMMIT_MARKER})
 
 
 @dataclasses.dataclass
