@@ -159,3 +159,19 @@ def test_real_extension_chain(tmp_path, shards, tiny_llama_dir, capsys):  # noqa
     summary = json.loads(capsys.readouterr()[0].strip().splitlines()[-1])
     assert ids(summary["deleted"]) == ["r0", "r1"] and ids(summary["kept"]) == ["r2"]
     assert open_run(new.uri).concepts == ["ada", "bo", "cy"]
+
+
+def test_forks_other_stores_and_self_references(tmp_path):
+    """Two extensions of one run both supersede it; a run extending a run of another store,
+    or naming itself, proves nothing here."""
+    uri, other = str(tmp_path / "runs"), str(tmp_path / "elsewhere")
+    a = commit(uri, "a", None)
+    commit(uri, "b", None, extends=a)
+    commit(uri, "c", None, extends=a)
+    x = commit(other, "x", None)
+    commit(uri, "y", None, extends=x)
+    commit(uri, "z", None, extends=f"{uri}/z")
+    plan = plan_gc(uri, 1)
+    assert ids(plan.delete) == ["a"] and ids(plan.keep) == ["b", "c", "y", "z"]
+    assert ids(plan.extended_by[a]) == ["b", "c"]
+    assert plan_gc(other, 1).delete == []
