@@ -72,16 +72,33 @@ def flops(m: dict, w: dict) -> dict[str, float]:
     gram = 2 * sum(d * d for d in groups(m).values()) * w["rows"] * w["counted"]
     eigh = sum(9 * d ** 3 for d in groups(m).values())
     n_c = w["per_concept"] * w["concepts"]
-    factor = sum((o + d) * d for _, o, d in mods) * n_c
-    return {"forward": fwd, "gram": gram, "eigh": eigh, "factors": factor}
+    # The norms of every (concept, module) engram at extraction: W X_cᵀ (out·D·n_c) and
+    # X_c Σ⁺ (D²·n_c) per group, then (out·n_c²) per module (solve.py's Gram identities).
+    norms = sum(2 * o * d * n_c + 2 * o * n_c * w["per_concept"] for _, o, d in mods) \
+        + sum(2 * d * d * n_c for d in groups(m).values())
+    return {"forward": fwd, "gram": gram, "eigh": eigh, "norms": norms}
 
 
 def payload_bytes(m: dict, w: dict) -> float:
-    """Engrams written: rank-n_c factors (out + D)·n_c, or dense out·D, float32."""
+    """Run format 2 (before statistics runs): every (concept, module) engram written, as
+    rank-n_c factors (out + D)·n_c, or dense out·D, float32."""
     mods = modules(m)
     per = [sum((o + d) * w["per_concept"] if w["per_concept"] <= d // 2 else o * d
                for _, o, d in mods)]
     return 4 * per[0] * w["concepts"]
+
+
+def run_bytes(m: dict, w: dict, row_bytes: int = 4) -> float:
+    """Run format 3 (``io/store.py``): per input group, Σ_total's eigendecomposition (float64
+    eigenvectors D² and eigenvalues D) and each concept's rows n_c·D in the captured dtype
+    (``row_bytes``: 4 for float32 models, 2 for bf16) or its packed float64 Σ_c block;
+    nothing per module."""
+    out = 0.0
+    for d in groups(m).values():
+        out += 8 * d * (d + 1)
+        per = w["per_concept"]
+        out += w["concepts"] * (row_bytes * per * d if per <= d // 2 else 8 * d * (d + 1) // 2)
+    return out
 
 
 def stage_memory(m: dict, w: dict, stages: int, replicas: int, batch_tokens: int) -> float:
@@ -103,8 +120,8 @@ def time_s(m: dict, w: dict, gpu: dict, replicas: int, stages: int) -> dict[str,
     part = (s["total"] + s["blocks"] + s["rows"]) / stages
     reduce = math.ceil(math.log2(replicas)) * part * (1 / NET["link"] + 2 / NET["store_copy"]) \
         if replicas > 1 else 0.0
-    solve = (f["eigh"] / gpu["eigh"] + f["factors"] / gpu["fp64"]) / gpus
-    write = payload_bytes(m, w) / (NET["write"] * max(1, gpus // 8))
+    solve = (f["eigh"] / gpu["eigh"] + f["norms"] / gpu["fp64"]) / gpus
+    write = run_bytes(m, w, 2) / (NET["write"] * max(1, gpus // 8))
     return {"startup": STARTUP_S, "stream": stream, "reduce": reduce, "solve": solve,
             "write": write, "total": STARTUP_S + stream + reduce + solve + write}
 
@@ -120,13 +137,16 @@ def _gb(x: float) -> str:
 
 def report() -> str:
     out = ["| model | workload | Σ_total per replica GB | concept Σ GB (blocks + rows) | "
-           "engram payload GB | hidden-state bytes per token per hop | stage hops, S = 4, GB |",
-           "|---|---|---|---|---|---|---|"]
+           "format-2 engrams GB | run GB, float32 rows | run GB, bf16 rows | "
+           "hidden-state bytes per token per hop | stage hops, S = 4, GB |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for mn, m in MODELS.items():
         for wn, w in WORKLOADS.items():
             s = sigma_bytes(m, w)
+            old, f32, bf16 = payload_bytes(m, w), run_bytes(m, w, 4), run_bytes(m, w, 2)
             out.append(f"| {mn} | {wn} | {_gb(s['total'])} | {_gb(s['blocks'] + s['rows'])} | "
-                       f"{_gb(payload_bytes(m, w))} | {4 * m['H'] + 9:,} | "
+                       f"{_gb(old)} | {_gb(f32)} ({old / f32:.1f}× smaller) | "
+                       f"{_gb(bf16)} ({old / bf16:.1f}×) | {4 * m['H'] + 9:,} | "
                        f"{_gb(hop_bytes(m, w, 4))} |")
     out += ["", "| model | workload | GPU | R × S | stage memory GB | stream s | reduce s | "
             "solve s | write s | total s |", "|---|---|---|---|---|---|---|---|---|---|"]
