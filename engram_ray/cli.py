@@ -598,15 +598,17 @@ def _locations(args) -> None:
 def _report(command: str, exc: Exception) -> int | None:
     """Print ``exc`` (unwrapped from Ray's wrappers) as one line; the exit status, or
     ``None`` for an unexpected error (a bug: its traceback is worth more than a line)."""
+    from engram_ray.redaction import redact_text  # no URL password or token in any message
+
     inner = _unwrap(exc)
     if isinstance(inner, USER_ERRORS):
         msg = inner.args[0] if isinstance(inner, KeyError) and inner.args else inner
-        print(f"engram-ray {command}: error: {msg}", file=sys.stderr)
+        print(f"engram-ray {command}: error: {redact_text(str(msg))}", file=sys.stderr)
         return 2
     from_client = type(inner).__module__.split(".")[0] in CLIENT_PACKAGES
     if inner is exc and not isinstance(inner, RUN_ERRORS) and not from_client:
         return None
-    lines = str(inner).strip().splitlines() or [""]
+    lines = redact_text(str(inner)).strip().splitlines() or [""]
     print(f"engram-ray {command}: error: {type(inner).__name__}: {lines[0]}", file=sys.stderr)
     return 1
 

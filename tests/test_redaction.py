@@ -96,3 +96,11 @@ def test_refused_credentials_are_named_with_the_uri(s3_bucket, iam_enforced):
                            ) as e:
             op()
         assert SENTINEL not in str(e.value)
+
+
+def test_the_cli_never_prints_a_url_password(tmp_path, capsys):
+    from engram_ray.cli import main
+
+    assert main(["show", f"cache::s3://user:{SENTINEL}@bucket/runs/r"]) == 2  # quotes the URI
+    err = capsys.readouterr().err
+    assert err.startswith("engram-ray show: error:") and SENTINEL not in err
