@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from engram_ray.cli import main
-from engram_ray.io.store import open_run
+from engram_ray.runs import open_run
 
 
 @pytest.fixture()

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from engram_ray.config import ExtractConfig
-from engram_ray.io.store import open_run
 from engram_ray.local import extract_from_config
+from engram_ray.runs import open_run
 
 pytestmark = pytest.mark.ray
 

@@ -20,9 +20,9 @@ import yaml
 
 from engram_ray.cli import main
 from engram_ray.config import ConfigError, ExtractConfig
-from engram_ray.io.store import open_run
 from engram_ray.local import extract_from_config
 from engram_ray.models.tiny import save_tiny_llama
+from engram_ray.runs import open_run
 
 
 @pytest.fixture()

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from engram_ray.apply import apply_run
 from engram_ray.config import ExtractConfig
 from engram_ray.io.storage import filesystem
-from engram_ray.io.store import open_run
 from engram_ray.local import extract_from_config
+from engram_ray.runs import open_run
 
 pytestmark = pytest.mark.ray
 

@@ -185,8 +185,8 @@ def test_memory_scheme_holds_data_runs_and_outputs_end_to_end(tiny_llama_dir, tm
     from safetensors.torch import load
 
     from engram_ray.apply import apply_run
-    from engram_ray.io.store import open_run
     from engram_ray.local import extract_from_config
+    from engram_ray.runs import open_run
 
     prefix = f"e2e-{os.urandom(4).hex()}"
     data = _shards_to_memory(prefix)

@@ -122,7 +122,7 @@ def s3_workspace(s3_bucket, tmp_path):
 def test_local_extract_to_s3_writes_no_secret(s3_bucket, s3_workspace, tiny_llama_dir, tmp_path,
                                               capfd):
     from engram_ray.cli import main
-    from engram_ray.io.store import open_run
+    from engram_ray.runs import open_run
 
     path = tmp_path / "extract.yaml"
     path.write_text(yaml.safe_dump(s3_workspace(tiny_llama_dir, "local")))
@@ -141,7 +141,7 @@ def test_local_extract_to_s3_writes_no_secret(s3_bucket, s3_workspace, tiny_llam
 def test_ray_extract_to_s3_writes_no_secret(ray_cluster, s3_bucket, s3_workspace, tiny_llama_dir,
                                             capfd):
     from engram_ray.distributed.runner import run_extract
-    from engram_ray.io.store import open_run
+    from engram_ray.runs import open_run
 
     uri = run_extract(ExtractConfig.from_dict(s3_workspace(tiny_llama_dir, "ray")))
     out, err = capfd.readouterr()

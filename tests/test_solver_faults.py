@@ -25,8 +25,8 @@ from ray import cloudpickle  # Ray's own copy: the one that pickles the step for
 from engram_ray.config import ExtractConfig
 from engram_ray.distributed.errors import unwrap
 from engram_ray.extraction import GroupSolve, Plan, prepare, run_extraction
-from engram_ray.io.store import open_run
 from engram_ray.local import extract_from_config
+from engram_ray.runs import open_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -17,7 +17,7 @@ import yaml
 from engram_ray.cli import main
 from engram_ray.config import ConfigError, ExtractConfig, StoreConfig
 from engram_ray.distributed.store_location import StoreLocationError, check_store_location
-from engram_ray.io.store import open_run
+from engram_ray.runs import open_run
 
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
