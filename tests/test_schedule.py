@@ -24,8 +24,8 @@ from engram_ray.cli import main
 from engram_ray.config import ExtractConfig
 from engram_ray.io.lease import Lease
 from engram_ray.io.storage import Storage
-from engram_ray.io.store import open_run
 from engram_ray.local import extract_from_config
+from engram_ray.runs import open_run
 from engram_ray.schedule import init_queue, read_queue, tick
 
 
