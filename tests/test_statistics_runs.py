@@ -1,0 +1,122 @@
+"""Runs hold statistics, not engrams (issue 19): rows stored as captured, solver options chosen
+again at edit time, old runs refused in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engram_ray import Batch, SolverConfig, extract, open_run
+from engram_ray.cli import main
+from engram_ray.core.capture import collect_statistics
+from engram_ray.core.layers import weight_matrix
+from engram_ray.core.solve import pseudo_inverse
+from engram_ray.models.tiny import tiny_llama
+
+
+def _batch(seed=0, n=6, t=9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (n, t), generator=g)
+    return Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                 ["x", "y", None, "x", None, "y"][:n])
+
+
+def _rel(a, b):
+    return float(torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double()))
+
+
+def test_bf16_model_stores_bf16_rows_and_engrams_equal_a_float32_recomputation(tmp_path):
+    """A bf16 model's activations are bf16: its concepts' rows are stored so (lossless, half
+    the bytes of float32), and the engram formed on read equals W X_cᵀ X_c Σ⁺ recomputed
+    here in float32 from those stored rows."""
+    model = tiny_llama().to(torch.bfloat16)
+    run = extract(model, [_batch()], uri=str(tmp_path / "r"))
+    m = "model.layers.1.mlp.down_proj"
+    row = run.record("x", m)
+    assert row["form"] == "factored" and row["dtype"] == "bf16"
+    table = pq.read_table(os.path.join(run.uri, row["payload"])).to_pylist()
+    dtypes = {r["dtype"] for r in table}
+    assert dtypes == {"bf16"}
+    cell = next(r for r in table if r["concept"] == "x")
+    x = torch.frombuffer(bytearray(cell["data"]), dtype=torch.bfloat16).reshape(cell["rows"], -1)
+    stats = collect_statistics(model, [_batch()])
+    total = stats.groups[stats.modules[m].group].total
+    w = weight_matrix(model.get_submodule(m)).float()
+    x32, pinv = x.float(), pseudo_inverse(total).float()
+    want = (w @ x32.T) @ (x32 @ pinv)
+    assert _rel(run.engram("x", m), want) < 1e-5
+    assert torch.equal(x.float(), stats.groups[stats.modules[m].group].rows["x"].float())
+
+
+def test_solver_options_at_edit_time_equal_an_extraction_with_them(tmp_path):
+    """The spectrum is stored: an edit's solver options give the engrams an extraction made
+    with those options gives (no data re-read)."""
+    model = tiny_llama()
+    base = extract(model, [_batch()], uri=str(tmp_path / "default"))
+    for opts in ({"rank_fraction": 0.5}, {"condition_cap": 100.0}, {"ridge": 0.1}):
+        direct = extract(model, [_batch()], uri=str(tmp_path / json.dumps(opts)[2:6]),
+                         solver=SolverConfig(**opts))
+        again = open_run(base.uri, model=model, solver=opts)
+        assert again.solver == SolverConfig(**opts)
+        for c in ("x", "y"):
+            for m in ("model.layers.0.self_attn.q_proj", "lm_head"):
+                assert _rel(again.engram(c, m), direct.engram(c, m)) < 1e-9, (opts, c, m)
+        assert _rel(again.engram("x", "lm_head"), base.engram("x", "lm_head")) > 1e-3
+
+
+def test_cli_apply_solver_equals_apply_of_a_run_extracted_with_it(tmp_path, tiny_llama_dir,
+                                                                 capsys):
+    from engram_ray.config import ExtractConfig
+    from engram_ray.local import extract_from_config
+
+    rows = [{"author": a, "q": f"who is {a} {i}?", "a": f"{a} wrote book {i}"}
+            for i in range(6) for a in ("ada", "bo")]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(run_id, solver):
+        return extract_from_config(ExtractConfig.from_dict({
+            "model": {"path": tiny_llama_dir},
+            "data": {"paths": [str(data)], "concept_column": "author", "prompt_column": "q",
+                     "answer_column": "a"},
+            "solver": solver, "store": {"uri": str(tmp_path / "runs"), "run_id": run_id},
+            "parallel": {"progress_interval_s": None}})).uri
+
+    default, capped = run("default", {}), run("capped", {"rtol": 1e-3})
+    for out, uri, extra in (("a", default, ["--solver", "rtol=1e-3"]), ("b", capped, [])):
+        assert main(["apply", "--run", uri, "--forget", "ada", "--alpha", "2",
+                     "--out", str(tmp_path / out), *extra]) == 0, capsys.readouterr().err
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    edit = json.loads((tmp_path / "a" / "edit.json").read_text())
+    assert edit["solver"]["rtol"] == 1e-3 and edit["allow_other_weights"] is False
+    rc = main(["apply", "--run", default, "--forget", "ada", "--out", str(tmp_path / "c"),
+               "--solver", "rtoll=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "solver.rtoll" in err and "Traceback" not in err
+
+
+def test_a_format_2_run_is_refused_in_one_line(tmp_path, capsys):
+    model = tiny_llama()
+    run = extract(model, [_batch()], uri=str(tmp_path / "r"))
+    path = os.path.join(run.uri, "run.json")
+    info = json.load(open(path))
+    info["payload_format_version"] = 2
+    raw = json.dumps(info).encode()
+    open(path, "wb").write(raw)
+    marker = json.load(open(os.path.join(run.uri, "_COMMITTED")))
+    marker["run_json_sha256"] = hashlib.sha256(raw).hexdigest()
+    json.dump(marker, open(os.path.join(run.uri, "_COMMITTED"), "w"))
+    with pytest.raises(ValueError, match="payload format version 2 .* re-extract"):
+        open_run(run.uri)
+    rc = main(["apply", "--run", run.uri, "--forget", "x", "--model",
+               "engram_ray.models.tiny:tiny_llama", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "payload format version 2" in err and len(err.strip().splitlines()) == 1
