@@ -324,9 +324,7 @@ class SolverConfig:
         if not isinstance(overrides, Mapping):
             overrides = dict(_key_value("--solver", item) for item in overrides)
         _reject_unknown(overrides, self.to_dict(), "solver.")
-        for key, v in overrides.items():
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise ConfigError(f"solver.{key} must be a number or null, got {v!r}")
+        overrides = {k: _number(f"solver.{k}", v) for k, v in overrides.items()}
         if "ridge" in overrides and overrides["ridge"] is not None:
             base = {}  # ridge damps instead of cutting: it replaces the run's cut options
         else:
@@ -560,6 +558,19 @@ def _build(name: str, typ, values: Mapping[str, Any]):
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config section {name!r}: {e}") from e
+
+
+def _number(key: str, value: Any) -> float | None:
+    """A numeric option: a number, null, or a string spelling one (YAML 1.1 reads ``1e-3``,
+    without a dot, as a string)."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key} must be a number or null, got {value!r}")
 
 
 def _key_value(flag: str, item: str) -> tuple[str, Any]:
