@@ -63,6 +63,12 @@ SIZES = {
         "big": dict(vocab=128256, hidden=2048, inter=8192, layers=16, heads=32, kv=8,
                     rows=4000, authors=200, tokens=100, batch=32, forget=20, peer=(5, 20)),
     },
+    "medium": {  # a CPU rehearsal of the full run's paths (chunk sizing, time guards)
+        "small": dict(vocab=128, hidden=32, inter=64, layers=2, heads=4, kv=2, rows=48,
+                      authors=4, tokens=16, batch=16, forget=2),
+        "big": dict(vocab=2000, hidden=128, inter=256, layers=4, heads=4, kv=2, rows=400,
+                    authors=40, tokens=40, batch=16, forget=4, peer=(2, 4)),
+    },
     "smoke": {  # every code path, seconds on a CPU: the suite runs it (tests/test_gpu_check.py)
         "small": dict(vocab=64, hidden=16, inter=32, layers=1, heads=2, kv=1, rows=12,
                       authors=3, tokens=12, batch=6, forget=2),
@@ -551,7 +557,7 @@ def _all_authors(rep: Report, big: Big, tmp: str, smoke: bool, until: float,
     per_layer_sigma = sigma_bytes(big.counts, big.layer_dims)
     done, wall, stats_s, solve_s, commit_s, nbytes, groups = 0, 0.0, 0.0, 0.0, 0.0, 0, []
     peak, chunks = 0.0, 0
-    while done < n_layers and rep.left(until) > 0:
+    while done < n_layers and (done == 0 or rep.left(until) > 0):  # chunk 0 always
         if done == 0:
             chunk = 1
         else:
@@ -660,7 +666,7 @@ def part_c(rep: Report, big: Big, peer: dict, until: float) -> None:
             if getattr(big, "s_forward", None) else "")
     per = peer["per_concept_s"] = []
     for c in big.authors[: max(s["peer"])]:
-        if rep.left(until) <= (sum(per) / len(per) if per else 0):
+        if per and rep.left(until) <= sum(per) / len(per):  # the first always runs
             break
         enc = [e for e, r in zip(encoded, big.rows) if r["author"] == c]
         t = time.perf_counter()
@@ -754,6 +760,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="the whole script on the CPU at a tiny size (a test runs it)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", choices=sorted(SIZES), default=None,
+                    help="model and data sizes (default: full; smoke with --cpu-smoke)")
     ap.add_argument("--budget-s", type=float, default=450.0,
                     help="seconds for all parts; the table is written whatever is left")
     ap.add_argument("--hard-s", type=float, default=None,
@@ -765,7 +773,7 @@ def main(argv=None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --cpu-smoke for the CPU run)", file=sys.stderr)
         return 2
-    sizes = SIZES["smoke" if args.cpu_smoke else "full"]
+    sizes = SIZES[args.size or ("smoke" if args.cpu_smoke else "full")]
     rep = Report(args.budget_s, device)
     env = environment(device)
     tmp = tempfile.mkdtemp(prefix="gpu-check-", dir=args.tmp)
@@ -788,23 +796,25 @@ def main(argv=None) -> int:
             if go:
                 part_a(rep, sizes, device, tmp)
         big = None
-        with rep.part("b-model", 0.18) as go:
+        with rep.part("b-model", 0.5) as go:  # a start limit: parts b and c need it
             if go:
                 big = Big(sizes, device, tmp, rep)
         if big is not None:  # parts in the order of the targets they decide
-            with rep.part("b-core", 0.28) as go:
+            # rep.part(name, x): the part starts only before x of the budget; the fraction
+            # passed inside bounds its optional steps (a first step always runs)
+            with rep.part("b-core", 0.5) as go:
                 if go:
                     part_b_core(rep, big, tmp, ours, 0.28)
-            with rep.part("b-all", 0.54) as go:
+            with rep.part("b-all", 0.7) as go:
                 if go:
                     ours["all"] = _all_authors(rep, big, tmp, args.cpu_smoke, 0.54, ours)
-            with rep.part("b-peer-count", 0.66) as go:
+            with rep.part("b-peer-count", 0.8) as go:
                 if go:
                     extract_k(rep, big, tmp, ours, max(big.s["peer"]), 0.66)
             with rep.part("c", 0.84) as go:
                 if go:
                     part_c(rep, big, peer, 0.84)
-            with rep.part("compare", 1.0) as go:
+            with rep.part("compare", 2.0) as go:  # instant: whatever was measured
                 if go:
                     compare(rep, big, ours, peer, [max(big.s["peer"])])
             with rep.part("b-extra", 0.96) as go:
