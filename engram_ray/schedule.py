@@ -47,11 +47,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -64,7 +62,6 @@ __all__ = ["QUEUE_YAML", "STATE", "QueueSpec", "TickResult", "extension_id", "in
            "read_queue", "tick"]
 
 STATE, QUEUE_YAML = "state.json", "queue.yaml"
-_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 # Errors of reading one request file (bad JSON or Parquet, a bad row, the file gone since it
 # was listed): recorded as that file's failure; anything else fails the tick.
 _FILE_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, pa.ArrowException)
@@ -135,11 +132,22 @@ def _spec(where: str, raw) -> QueueSpec:
             raise ValueError(f"{where}: key {key!r} must be a URI (a non-empty string), got "
                              f"{raw.get(key)!r}")
     trusted = raw.get("trust_factory")
-    if trusted is not None and (not isinstance(trusted, str) or not _FACTORY.fullmatch(trusted)):
+    if trusted is not None and not _is_factory(trusted):
         raise ValueError(f"{where}: key 'trust_factory' must name the one trusted factory as "
                          f"'pkg.module:callable' (as `engram-ray queue init --trust-factory` "
                          f"records it), got {trusted!r}")
     return QueueSpec(raw["config"], raw["run"], trusted)
+
+
+def _is_factory(name) -> bool:
+    """Whether ``name`` is a factory as a config's ``model.factory`` may name one."""
+    from engram_ray.config import ModelSpec
+
+    try:
+        ModelSpec(factory=name)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def init_queue(queue: str, config: str, run: str, *, trust_factory: bool = False,
@@ -176,7 +184,7 @@ def init_queue(queue: str, config: str, run: str, *, trust_factory: bool = False
 
 def tick(queue: str, *, extract: Callable, map_fn: Callable | None = None,
          storage_options: Mapping | None = None, lease_timeout_s: float = DEFAULT_TIMEOUT_S,
-         break_lease: bool = False, log: TextIO | None = None) -> TickResult:
+         break_lease: bool = False) -> TickResult:
     """One tick of ``queue``. ``extract(cfg) -> run URI`` runs an extraction (the Ray or the
     local executor); ``map_fn`` runs the batch's requests (see ``requests.run_batch``).
     ``break_lease`` removes another holder's lease first (a holder known to be gone)."""
@@ -194,13 +202,13 @@ def tick(queue: str, *, extract: Callable, map_fn: Callable | None = None,
         return TickResult(worked=False, message=f"another tick is working on {queue}: {e}")
     try:
         with Heartbeat(lease) as beat:
-            return _work(store, spec, extract, map_fn, storage_options, beat, log)
+            return _work(store, spec, extract, map_fn, storage_options, beat)
     finally:
         lease.release()
 
 
-def _work(store: Storage, spec: QueueSpec, extract, map_fn, storage_options, beat,
-          log) -> TickResult:
+def _work(store: Storage, spec: QueueSpec, extract, map_fn, storage_options,
+          beat) -> TickResult:
     """The tick's work under its lease: check the factory, extend, run requests, save."""
     from engram_ray.config import load_config
 
