@@ -352,7 +352,7 @@ def cmd_tofu(args) -> str:
         local=args.local, overrides=args.set or [], storage_options=_storage(args.storage_option),
         eval_only=args.eval_only, keep_models=args.keep_models, scale=args.scale,
         max_length=args.max_length, batch_size=args.batch_size, gen_margin=args.gen_margin,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, tokens=args.tokens,
     )
 
 
@@ -539,6 +539,8 @@ def _add_tofu(sub) -> None:
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override an extraction config key, e.g. --set parallel.stages=2")
     t.add_argument("--scale", default="uniform")
+    t.add_argument("--tokens", choices=("answer", "all"), default="answer",
+                   help="tokens Σ counts: the answers' (default) or every token of a QA row")
     t.add_argument("--keep-models", action="store_true", help="keep the edited checkpoints")
     t.add_argument("--max-length", type=int, default=512)
     t.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")

@@ -564,21 +564,28 @@ def _write_report(out: str, results: Mapping) -> str:
 
 
 def run_demo(out: str = "tofu-demo", *, stages: int = 2, quick: bool = False) -> str:
-    """``engram-ray demo --pipeline tofu``: synthetic TOFU-layout data (4 authors, forget01 =
-    the last one), a tiny Llama trained on ``full.json`` and a retain model on
-    ``retain99.json``, the retain model's log, then the pipeline (single process) with an α
-    sweep. Returns the report path. ``stages`` is unused (one process); ``quick``: 2 α."""
+    """``engram-ray demo --pipeline tofu``: synthetic TOFU-layout data (8 authors; forget01 =
+    the last one, forget05 = the last two), a tiny Llama trained on ``full.json`` and retain
+    models on ``retain99.json`` / ``retain95.json``, their logs (``--eval-only``), then the
+    pipeline (single process) with an α sweep over both splits. Returns the report path.
+    ``stages`` is unused (one process); ``quick``: forget01 only, α = 1."""
+    from engram_ray.eval.train_lm import torch_threads
     from pipelines.tofu_synth import train_models, write_synthetic_tofu
 
     del stages
     out = _check_out(out)
     data = os.path.join(out, "data")
-    write_synthetic_tofu(data, n_authors=4, extras=True)
-    models = train_models(data, os.path.join(out, "models"), ("retain99",))
-    run_tofu(data, models["retain99"], os.path.join(out, "retain-eval"), splits=["forget01"],
-             eval_only=True)
-    return run_tofu(data, models["full"], os.path.join(out, "tofu"), splits=["forget01"],
-                    alphas=[0.5, 1.0] if quick else [0.25, 0.5, 1.0, 2.0],
-                    retain_logs={"forget01": os.path.join(out, "retain-eval",
-                                                          "TOFU_EVAL.json")},
-                    local=True)
+    splits = ["forget01"] if quick else ["forget01", "forget05"]
+    retain = {"forget01": "retain99", "forget05": "retain95"}
+    with torch_threads(1):  # tiny models: one thread is fastest
+        write_synthetic_tofu(data, n_authors=8, extras=True)
+        models = train_models(data, os.path.join(out, "models"),
+                              tuple(retain[s] for s in splits))
+        logs = {}
+        for s in splits:
+            run_tofu(data, models[retain[s]], os.path.join(out, f"{retain[s]}-eval"),
+                     splits=[s], eval_only=True)
+            logs[s] = os.path.join(out, f"{retain[s]}-eval", "TOFU_EVAL.json")
+        return run_tofu(data, models["full"], os.path.join(out, "tofu"), splits=splits,
+                        alphas=[1.0] if quick else [0.5, 1.0, 1.5, 2.0], retain_logs=logs,
+                        local=True)

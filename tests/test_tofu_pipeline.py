@@ -189,15 +189,17 @@ def test_tofu_end_to_end_on_synthetic_data(synth, tmp_path, capsys):
     0.0123, model utility 0.965 → 0.936 at α = 1 with ridge 0.1): the edit raises the forget-set
     answer loss at least 5×, raises forget quality, and keeps model utility within 0.05 of the
     unedited model's."""
-    models = train_models(str(synth / "data"), str(tmp_path / "models"), ("retain99",))
-    data = str(synth / "data")
-    assert main(["tofu", "--data", data, "--model", models["retain99"], "--split", "forget01",
-                 "--eval-only", "--out", str(tmp_path / "retain-eval")]) == 0
+    from engram_ray.eval.train_lm import torch_threads
+
+    data, out = str(synth / "data"), tmp_path / "out"
     log = str(tmp_path / "retain-eval" / "TOFU_EVAL.json")
-    out = tmp_path / "out"
-    assert main(["tofu", "--data", data, "--model", models["full"], "--split", "forget01",
-                 "--alpha", "1.0", "--retain-logs", log, "--local",
-                 "--set", "solver.ridge=0.1", "--out", str(out)]) == 0
+    with torch_threads(1):  # tiny models: one thread is fastest (train_lm.torch_threads)
+        models = train_models(data, str(tmp_path / "models"), ("retain99",))
+        assert main(["tofu", "--data", data, "--model", models["retain99"], "--split",
+                     "forget01", "--eval-only", "--out", str(tmp_path / "retain-eval")]) == 0
+        assert main(["tofu", "--data", data, "--model", models["full"], "--split", "forget01",
+                     "--alpha", "1.0", "--retain-logs", log, "--local",
+                     "--set", "solver.ridge=0.1", "--out", str(out)]) == 0
     report = capsys.readouterr().out.strip().splitlines()[-1]
     assert report == str(out / "report.md") and os.path.getsize(out / "tofu.png") > 10_000
     summary = json.loads((out / "TOFU_SUMMARY.json").read_text())
