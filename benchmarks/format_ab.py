@@ -1,6 +1,6 @@
 """Run format 3 (statistics) against a base commit's format, side by side: the CLI as users run it.
 
-    python benchmarks/format_ab.py --base 5fa2193 [--repeat 3] [--rows 1200] [--out docs/benchmarks.md]
+    python benchmarks/format_ab.py --base 5fa2193 [--head REV] [--repeat 3] [--rows 1200] [--out F]
 
 On the workload of ``workload.py`` (a Llama of hidden 384, 6 layers, 50 authors as concepts,
 1,200 QA rows), each repeat runs, from a temporary ``git worktree`` of ``--base`` and from this
@@ -73,8 +73,7 @@ def one(config: str, tree: str, work: str) -> dict:
     run = out.strip().splitlines()[-1]
     info = json.load(open(os.path.join(run, "run.json")))
     total = float(re.findall(r"committed .* in ([0-9.]+)s", err)[-1])
-    authors = sorted(info["concepts"]) if isinstance(info["concepts"], list) else \
-        sorted(info["concepts"])
+    authors = sorted(info["concepts"])
     row = {"run_mb": tree_bytes(run) / 1e6,
            "solve_commit_s": total - info["timings"]["statistics_s"]}
     row["apply_s"] = cli(tree, "apply", "--run", run, "--forget", authors[0],
@@ -90,18 +89,24 @@ def one(config: str, tree: str, work: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True, help="git revision to compare against")
+    ap.add_argument("--head", default=None,
+                    help="a git revision for the new arm too (default: the working tree)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rows", type=int, default=1200)
     ap.add_argument("--out", default=None, help="append a markdown table here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="engram-format-ab-") as tmp:
-        base = os.path.join(tmp, "base")
-        subprocess.run(["git", "-C", ROOT, "worktree", "add", "-q", "--detach", base, args.base],
-                       check=True)
+        base, head = os.path.join(tmp, "base"), os.path.join(tmp, "head")
+        for where, rev in ((base, args.base), (head, args.head)):
+            if rev is not None:
+                subprocess.run(["git", "-C", ROOT, "worktree", "add", "-q", "--detach", where,
+                                rev], check=True)
         try:
             config = os.path.abspath(
                 build(os.path.join(tmp, "data"), rows=args.rows, concepts=50)["config"])
-            trees = {f"base {args.base}": base, "working tree": ROOT}
+            trees = {f"base {args.base}": base,
+                     f"head {args.head}" if args.head else "working tree":
+                         head if args.head else ROOT}
             got: dict[str, list[dict]] = {k: [] for k in trees}
             for rep in range(args.repeat):
                 for name in (list(trees) if rep % 2 == 0 else list(trees)[::-1]):
@@ -110,7 +115,9 @@ def main() -> None:
                     print(name, {k: round(v, 2) for k, v in got[name][-1].items()},
                           file=sys.stderr, flush=True)
         finally:
-            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base])
+            for where in (base, head):
+                if os.path.exists(where):
+                    subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", where])
     text = table(got, args)
     print(text)
     if args.out:
@@ -122,7 +129,8 @@ def table(got: dict[str, list[dict]], args) -> str:
     med = {name: {c: statistics.median(r[c] for r in rows) for c in COLUMNS}
            for name, rows in got.items()}
     (bname, b), (wname, w) = med.items()
-    lines = [f"Command: `python benchmarks/format_ab.py --base {args.base} --repeat "
+    head = f" --head {args.head}" if args.head else ""
+    lines = [f"Command: `python benchmarks/format_ab.py --base {args.base}{head} --repeat "
              f"{args.repeat} --rows {args.rows}` (medians of {args.repeat}, trees alternating)",
              "", "| tree | run MB | extract --local solve + commit s | apply s | "
              "apply --format peft s | batch of 20 --local s |", "|---|---|---|---|---|---|"]
