@@ -55,6 +55,7 @@ def test_cpu_smoke_writes_the_table_without_ray(tmp_path):
     # (a) on one device against itself: the comparison machinery, exact
     assert checks["engrams on cpu equal CPU engrams"]["met"] is True
     assert checks["edit applied on cpu equals the CPU edit"]["met"] is True
+    assert checks["engrams on cpu equal CPU engrams (float64 model: the engine alone)"]["met"]
     whats = [r["what"] for r in doc["rows"]]
     for expected in ("plain bf16 forward of every row (no hooks)",
                      "statistics pass, Gram sums in float64 (2 concepts labelled)",
