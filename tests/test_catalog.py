@@ -61,6 +61,8 @@ def test_list_shows_good_runs_and_marks_a_tampered_one_with_its_reason(tmp_path,
     """Issue 20: one run whose run.json was edited made ``list`` fail, hiding every good run."""
     import json
 
+    import pytest
+
     from engram_ray.cli import main
 
     torch.manual_seed(0)
@@ -81,3 +83,5 @@ def test_list_shows_good_runs_and_marks_a_tampered_one_with_its_reason(tmp_path,
     assert main(["list", str(tmp_path / "store"), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["run_id"] for r in listed] == ["r1", "r3", "r2"] and listed[2]["error"]
+    with pytest.raises(ValueError, match="is a file, not a store"):  # was an empty listing
+        list_runs(str(info))

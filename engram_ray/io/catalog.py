@@ -51,6 +51,8 @@ def list_runs(uri: str, storage_options: Mapping | None = None) -> list[dict]:
     store = Storage(uri, storage_options)
     if not store.exists():
         raise FileNotFoundError(f"store {uri} does not exist")
+    if not store.fs.isdir(store.root):
+        raise ValueError(f"store {uri} is a file, not a store (a folder of runs)")
     good, bad = [], []
     for name in sorted(store.ls()):
         run_uri = store.uri_of(name)
