@@ -65,6 +65,18 @@ def test_batch_to_and_module_device():
     assert module_device(torch.nn.Module()) == torch.device("cpu")
 
 
+def test_partition_equals_one_nonzero_per_concept():
+    g = torch.Generator().manual_seed(3)
+    for n in (0, 1, 7, 50):
+        index = torch.randint(-1, 5, (n,), generator=g)
+        want = [(k, (index == k).nonzero().squeeze(1))
+                for k in torch.unique(index).tolist() if k >= 0]
+        got = partition(index)
+        assert [k for k, _ in got] == [k for k, _ in want]
+        for (_, a), (_, b) in zip(got, want):
+            assert torch.equal(a, b)
+
+
 def _add_oracle(m: Moments, x, index, names, dtype):
     """Moments.add as written before the index gather (a boolean mask of the rest)."""
     x = x.float()

@@ -289,9 +289,22 @@ def fold_rows(concepts: dict[str, torch.Tensor], rows: dict[str, torch.Tensor],
 
 
 def partition(concept_index: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """``[(k, row indices with concept_index == k)]`` for every labelled concept ``k ≥ 0``."""
-    return [(k, (concept_index == k).nonzero().squeeze(1))
-            for k in torch.unique(concept_index).tolist() if k >= 0]
+    """``[(k, row indices with concept_index == k)]`` for every labelled concept ``k ≥ 0``,
+    ``k`` ascending, each index list ascending.
+
+    One stable sort and one read of the run lengths, whatever the number of concepts: on CUDA
+    a ``nonzero`` per concept would wait for the GPU once per concept and batch.
+    """
+    if concept_index.numel() == 0:
+        return []
+    order = torch.argsort(concept_index, stable=True)
+    ks, counts = torch.unique_consecutive(concept_index[order], return_counts=True)
+    out, start = [], 0
+    for k, n in zip(ks.tolist(), counts.tolist()):
+        if k >= 0:
+            out.append((k, order[start:start + n]))
+        start += n
+    return out
 
 
 def _gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
