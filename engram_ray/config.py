@@ -377,8 +377,8 @@ class ParallelConfig:
     # CPUs an autoscaler may still add (e.g. KubeRay maxReplicas × worker CPUs): counted by the
     # schedulability check made before any actor starts (distributed/resources.py).
     autoscale_max_cpus: float = 0.0
-    # The worker types an autoscaler may add, when Ray does not report them (it does with
-    # autoscaler v2): {name: {CPU: n, GPU: m, <custom>: k, max_workers: N}}, as a cluster
+    # The worker types an autoscaler may add (Ray's own autoscalers do not publish them):
+    # {name: {CPU: n, GPU: m, <custom>: k, max_workers: N}}, as a cluster
     # YAML's available_node_types (docs/cluster.md). Each actor and task must fit one of them
     # or an alive node, else the run fails at once (distributed/resources.py).
     autoscale_node_types: dict[str, dict[str, float]] | None = None

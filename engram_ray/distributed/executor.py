@@ -285,9 +285,9 @@ def _reserve_actors(cfg: ExtractConfig, plan: Plan, log: TextIO | None) -> Place
     r = check_schedulable(p, [n["Resources"] for n in alive], max_extra_cpus=p.autoscale_max_cpus,
                           node_types=types, may_grow=grows)
     if grows:
-        say(log, "an autoscaler runs but its node types are unknown (Ray reports them with "
-                 "autoscaler v2): name them in parallel.autoscale_node_types to refuse a request "
-                 "no node could hold at once instead of after parallel.schedule_timeout_s")
+        say(log, "an autoscaler runs but its node types are unknown (Ray does not publish "
+                 "them): name them in parallel.autoscale_node_types to refuse a request no node "
+                 "could hold at once instead of after parallel.schedule_timeout_s")
     check_store_location(plan.store, len({n.get("NodeManagerAddress") for n in alive}),
                          may_grow=p.autoscale_max_cpus > 0 or bool(types) or grows)
     strategy = "SPREAD" if p.placement == "spread" else "PACK"

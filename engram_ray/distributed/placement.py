@@ -50,10 +50,11 @@ class ScheduleTimeout(TimeoutError):
 
 def autoscaler_view(p: ParallelConfig) -> tuple[list[NodeType], bool]:
     """(the node types an autoscaler may add, whether an autoscaler of unknown node types
-    runs). ``parallel.autoscale_node_types`` when set, else what Ray reports: autoscaler v2
-    publishes its node groups in the GCS (``ClusterConfig``); v1 (``ray start
-    --autoscaling-config``, KubeRay's default) publishes only a status, which tells that it
-    runs but not what it may add."""
+    runs). ``parallel.autoscale_node_types`` when set, else the node groups some platforms
+    publish in the GCS (Ray's ``ClusterConfig``, which Ray Train and Ray Data read too). Ray's
+    open-source autoscalers (v1: ``ray start --autoscaling-config``, KubeRay's default; v2, as
+    of Ray 2.60) publish no such thing, only a status, which tells that one runs but not what
+    it may add."""
     if p.autoscale_node_types:
         return node_types_from_config(p.autoscale_node_types), False
     types = _reported_node_types()

@@ -4,8 +4,8 @@ and what its autoscaler may add.
 A Ray actor or task that asks for more than any node offers waits forever: ``ray status``
 shows ``{'CPU': 1.0}: 2+ pending`` and the stream never moves. So before starting anything the
 driver adds up what the pipeline reserves and compares it with the node *shapes* it may ever
-get: the alive nodes, plus the node types an autoscaler may add (Ray reports them with
-autoscaler v2; ``parallel.autoscale_node_types`` names them otherwise, ``placement.py``):
+get: the alive nodes, plus the node types an autoscaler may add (``parallel.autoscale_node_types``,
+or the GCS where a platform publishes them: ``placement.py``):
 
 - one stage actor (``parallel.num_cpus`` / ``num_gpus``), one read/encode task
   (``parallel.encode_num_cpus``) and one solver task (``parallel.solver_num_cpus`` /
