@@ -184,9 +184,18 @@ def test_cuda_engrams_equal_cpu_engrams(tmp_path):
         mask[:, 5:] = True
         batches.append(Batch(inputs={"input_ids": ids}, concepts=["a", "b", None, "c"][: 4],
                              mask=mask))
-    cpu_run = extract(model, batches, uri=str(tmp_path / "cpu"))
-    gpu_run = extract(model.cuda(), batches, uri=str(tmp_path / "gpu"))
-    assert module_device(model).type == "cuda"
+    import copy
+
+    import engram_ray
+
+    gpu_model = copy.deepcopy(model).cuda()
+    extract(model, batches, uri=str(tmp_path / "cpu"))
+    gpu = extract(gpu_model, batches, uri=str(tmp_path / "gpu"))
+    assert gpu.info.get("device", "cuda:0").startswith("cuda")
+    # both runs' engrams formed from the same host weights: what differs is Σ and its
+    # eigendecomposition, computed on the GPU for one of them
+    cpu_run = engram_ray.open_run(str(tmp_path / "cpu"), model=model)
+    gpu_run = engram_ray.open_run(str(tmp_path / "gpu"), model=model)
     worst = 0.0
     for c in cpu_run.concepts:
         for m in cpu_run.modules:
