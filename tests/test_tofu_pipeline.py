@@ -215,3 +215,25 @@ def test_tofu_end_to_end_on_synthetic_data(synth, tmp_path, capsys):
     assert summary["forget_Q_A_Prob"] < base["forget_Q_A_Prob"]
     assert not (out / "models").exists()  # edited checkpoints removed unless --keep-models
     assert "| retain model (log) | 1 |" in (out / "report.md").read_text()
+
+
+def test_files_and_retain_log_are_read_from_s3(synth, s3_bucket):
+    """A bucket copy of TOFU's files (and of a retain log) reads as the local one does."""
+    from engram_ray.eval.openunlearning import read_retain_logs
+
+    for f in os.listdir(synth / "data"):
+        s3_bucket.client.put_object(Bucket=s3_bucket.name, Key=f"tofu/{f}",
+                                    Body=(synth / "data" / f).read_bytes())
+    log = {"forget_truth_ratio": {"value_by_index": {str(i): {"score": 0.5} for i in range(20)}}}
+    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="logs/TOFU_EVAL.json",
+                                Body=json.dumps(log).encode())
+    remote = load_tofu(f"{s3_bucket.uri}/tofu", ["forget01", "forget05"],
+                       s3_bucket.storage_options)
+    local = load_tofu(str(synth / "data"), ["forget01", "forget05"])
+    assert remote.full == local.full and remote.forget_authors == local.forget_authors
+    assert remote.forget_perturbed == local.forget_perturbed
+    assert remote.holdout == local.holdout and remote.real_authors == local.real_authors
+    assert read_retain_logs(f"{s3_bucket.uri}/logs/TOFU_EVAL.json", s3_bucket.storage_options,
+                            20) == log
+    with pytest.raises(FileNotFoundError, match=f"{s3_bucket.uri}/nope/full.json: missing"):
+        load_tofu(f"{s3_bucket.uri}/nope", ["forget01"], s3_bucket.storage_options)
