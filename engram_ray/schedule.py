@@ -325,6 +325,9 @@ def _run_requests(store: Storage, state: dict, result: TickResult, spec: QueueSp
                                      default_run=result.run)
         except _FILE_ERRORS as e:
             failed[name] = _sha256(store, name)
+            # The state first: a tick killed before its end still knows the file failed (and
+            # retries it once changed); killed before the result, the file is still pending.
+            _write_state(store, {**state, "failed_files": failed})
             _write_failed(store, name, e)
             result.failed_files.append(name)
             continue
@@ -412,7 +415,10 @@ def _publish(store: Storage, rel: str, write: Callable[[str], object]) -> None:
 
 
 def _save_state(store: Storage, run: str, state: dict) -> None:
-    new = {**state, "run": run, "ticks": int(state.get("ticks", 0)) + 1,
-           "last_tick": time.time()}
-    data = json.dumps(new, indent=2, sort_keys=True).encode()
+    _write_state(store, {**state, "run": run, "ticks": int(state.get("ticks", 0)) + 1,
+                         "last_tick": time.time()})
+
+
+def _write_state(store: Storage, state: dict) -> None:
+    data = json.dumps(state, indent=2, sort_keys=True).encode()
     _publish(store, STATE, lambda uri: Storage(uri, store.options).write_bytes("", data))

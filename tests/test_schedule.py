@@ -241,7 +241,7 @@ def test_a_malformed_request_file_is_recorded_and_the_others_run(local_queue):
     assert done.worked and done.request_files == ["c-good.jsonl"]
     assert done.failed_files == ["a-broken.jsonl", "b-bad-row.jsonl"]
     [row] = pq.read_table(io.BytesIO(q.read_bytes("results/c-good.parquet"))).to_pylist()
-    assert row["status"] == "done"
+    assert row["status"] == "done", row["error"]
     for name, why in (("a-broken", "cannot be read"), ("b-bad-row", "'concepts'")):
         [row] = pq.read_table(io.BytesIO(q.read_bytes(f"results/{name}.parquet"))).to_pylist()
         assert row["status"] == "failed" and why in row["error"]
@@ -359,3 +359,26 @@ def test_a_tick_killed_after_its_extension_committed_adopts_that_run(local_queue
     assert sorted(r for r in q.ls("runs") if not r.startswith("_")) == sorted(
         [first.rsplit("/", 1)[-1], done.run.rsplit("/", 1)[-1]])
     assert json.loads(q.read_bytes("state.json"))["run"] == done.run
+
+
+def test_an_unreadable_request_file_is_retried_once_fixed_even_after_a_kill(local_queue,
+                                                                            monkeypatch):
+    """The failure's record (the file's sha256) is saved before its result: a tick killed
+    before its end must not leave a failed result that a fixed file never gets past."""
+    import engram_ray.schedule as schedule
+
+    q, _, _ = local_queue
+    q.write_bytes("requests/r.jsonl", b"{not json\n")
+
+    def killed(*args):
+        raise Killed
+
+    monkeypatch.setattr(schedule, "_save_state", killed)  # dies at the very end
+    with pytest.raises(Killed):
+        tick(q.uri, extract=local_extract)
+    monkeypatch.undo()
+    assert q.exists("results/r.parquet")
+    q.write_bytes("requests/r.jsonl", json.dumps(
+        {"request_id": "r", "concepts": ["ada"], "out": q.uri_of("edited", "r")}).encode())
+    done = tick(q.uri, extract=local_extract)
+    assert done.request_files == ["r.jsonl"] and done.failed_files == []
