@@ -351,6 +351,19 @@ def test_null_text_and_non_utf8_name_file_row_and_column(tmp_path, tok, ext, pro
             read_table(path, _pa_cfg([path]), row_groups=[1])
 
 
+@pytest.mark.parametrize("values, expect", [
+    ([["1.0", "2.0"], ["3.5", "4.0"]], "expected a list of numbers"),
+    ([[1.0, 2.0], [1.0, 2.0], [3.0]], "row 2: a feature vector of length 1, row 0 has 2"),
+])
+def test_bad_feature_vectors_name_file_row_and_column(tmp_path, values, expect):
+    """Strings or ragged vectors failed in the encoder with numpy's message and no file."""
+    path = str(tmp_path / "f.parquet")
+    write([{"concept": "a", "x": v} for v in values], path)
+    with pytest.raises(DataError, match=expect) as err:
+        read_table(path, DataConfig(paths=[path], features_column="x"))
+    assert path in str(err.value) and "'x' (features_column)" in str(err.value)
+
+
 # ------------------------------------------------------------------------------ s3 (no Ray)
 
 

@@ -214,11 +214,28 @@ def _check_values(path: str, table: pa.Table, cfg: DataConfig, row) -> None:
         if key not in ("concept_column", "features_column") and len(col) \
                 and not _is_text(col.type):
             raise DataError(f"{where}: expected text (strings), got {col.type}")
+        if key == "features_column" and len(col):
+            _check_features(where, col, row)
         if _is_text(col.type):
             bad = _first_invalid_utf8(col)
             if bad is not None:
                 raise DataError(f"{where}, row {row(bad)}: not valid UTF-8 text (re-encode "
                                 "the file as UTF-8)")
+
+
+def _check_features(where: str, col: pa.ChunkedArray, row) -> None:
+    """A features column holds lists of numbers, all of one length (in this file)."""
+    typ = col.type
+    if not (pa.types.is_list(typ) or pa.types.is_large_list(typ)
+            or pa.types.is_fixed_size_list(typ)) or not (
+            pa.types.is_integer(typ.value_type) or pa.types.is_floating(typ.value_type)):
+        raise DataError(f"{where}: expected a list of numbers per row, got {typ}")
+    lengths = pc.list_value_length(col)
+    first = lengths[0].as_py()
+    differs = pc.index(pc.not_equal(lengths, first), True).as_py()
+    if differs >= 0:
+        raise DataError(f"{where}, row {row(differs)}: a feature vector of length "
+                        f"{lengths[differs].as_py()}, row {row(0)} has {first}")
 
 
 def _first_invalid_utf8(col: pa.ChunkedArray) -> int | None:
