@@ -53,7 +53,10 @@ def cores() -> int:
 
 
 def _gpus() -> int:
-    """GPUs Ray gave this worker (0 outside a Ray worker)."""
+    """GPUs Ray gave this worker (0 outside one: ``ray.get_gpu_ids`` would start or join a
+    Ray there)."""
+    if not ray.is_initialized():
+        return 0
     try:
         return len(ray.get_gpu_ids())
     except Exception:  # noqa: BLE001 - not in a worker: no GPUs given
