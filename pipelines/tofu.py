@@ -273,12 +273,28 @@ def _alpha_tag(a: float) -> str:
     return f"alpha_{a:g}"
 
 
-def _check_out(out: str) -> str:
+def _check_out(out: str) -> tuple[str, bool]:
+    """``out`` made absolute and created; refused if it is a file or a non-empty directory.
+    Also returns whether it was created here (what :func:`_discard` may remove)."""
     out = os.path.abspath(out)
     if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
         raise FileExistsError(f"--out {out}: exists and is not empty")
+    created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
-    return out
+    return out, created
+
+
+def _discard(out: str, created: bool) -> None:
+    """After a failure: remove what was written under ``out`` (it was new or empty)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 
 def _retain_logs(retain_logs: Mapping[str, str] | None, data: TofuData, storage_options):
@@ -446,68 +462,72 @@ def run_tofu(
         raise ValueError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
     tofu = load_tofu(data, splits, storage_options, qa_per_author)
     ref_logs = _retain_logs(retain_logs, tofu, storage_options)
-    out = _check_out(out)
-    _say(f"{data}: {tofu.n_authors} authors; " + ", ".join(
-        f"{s}: {len(tofu.forget_authors[s])} authors" for s in splits))
-    scorer = _Scorer(tofu, None, batch_size, gen_margin, device, dtype)
-    base, tok = scorer.load(model, storage_options)
-    template = template_for(tok, template_args)
-    scorer.template = template
-    scorer.kw["template"] = template
-    results: dict[str, Any] = {"data": data, "model": model, "splits": splits,
-                               "alphas": [] if eval_only else alphas,
-                               "template": {"chat": template.chat,
-                                            "system_prompt": template.system_prompt,
-                                            "date_string": template.date_string,
-                                            "prompt": template.prompt},
-                               "rows": [], "retain": {}}
-    _say("scoring the unedited model")
-    base_logs = scorer.logs(base, tok, splits, ref_logs)
-    del base
-    for split in splits:
-        write_logs(os.path.join(out, split, "base"), base_logs[split])
-        results["rows"].append(_row(split, None, base_logs[split]))
-        if split in ref_logs:
-            mu = (ref_logs[split].get("model_utility") or {}).get("agg_value")
-            results["retain"][split] = {"forget_quality": 1.0, "model_utility": mu,
-                                        "log": retain_logs[split]}
-    headline = base_logs[splits[0]]
-    if not eval_only:
-        from engram_ray.apply import Edit, apply_many
+    out, created = _check_out(out)
+    try:
+        _say(f"{data}: {tofu.n_authors} authors; " + ", ".join(
+            f"{s}: {len(tofu.forget_authors[s])} authors" for s in splits))
+        scorer = _Scorer(tofu, None, batch_size, gen_margin, device, dtype)
+        base, tok = scorer.load(model, storage_options)
+        template = template_for(tok, template_args)
+        scorer.template = template
+        scorer.kw["template"] = template
+        results: dict[str, Any] = {"data": data, "model": model, "splits": splits,
+                                   "alphas": [] if eval_only else alphas,
+                                   "template": {"chat": template.chat,
+                                                "system_prompt": template.system_prompt,
+                                                "date_string": template.date_string,
+                                                "prompt": template.prompt},
+                                   "rows": [], "retain": {}}
+        _say("scoring the unedited model")
+        base_logs = scorer.logs(base, tok, splits, ref_logs)
+        del base
+        for split in splits:
+            write_logs(os.path.join(out, split, "base"), base_logs[split])
+            results["rows"].append(_row(split, None, base_logs[split]))
+            if split in ref_logs:
+                mu = (ref_logs[split].get("model_utility") or {}).get("agg_value")
+                results["retain"][split] = {"forget_quality": 1.0, "model_utility": mu,
+                                            "log": retain_logs[split]}
+        headline = base_logs[splits[0]]
+        if not eval_only:
+            from engram_ray.apply import Edit, apply_many
 
-        run_uri = _extract(tofu, model, tok, template, out, local, overrides, storage_options,
-                           max_length, tokens)
-        results["run"] = run_uri
-        _say(f"run {run_uri}; {len(splits) * len(alphas)} edits in one batch")
-        edits = [Edit(concepts=tuple(tofu.forget_authors[s]), alpha=a, scale=scale,
-                      out=os.path.join(out, "models", f"{s}_{_alpha_tag(a)}"))
-                 for s in splits for a in alphas]
-        errors = apply_many(run_uri, edits, storage_options=storage_options)
-        for e, err in zip(edits, errors):
-            if err is not None:
-                raise RuntimeError(f"edit {os.path.basename(e.out)} failed: {err}") from err
-        for (split, a), e in zip([(s, a) for s in splits for a in alphas], edits):
-            m, mtok = scorer.load(e.out)
-            logs = scorer.logs(m, mtok, [split], ref_logs)[split]
-            del m
-            write_logs(os.path.join(out, split, _alpha_tag(a)), logs)
-            results["rows"].append(_row(split, a, logs))
-            if split == splits[0] and a == alphas[0]:
-                headline = logs
+            run_uri = _extract(tofu, model, tok, template, out, local, overrides, storage_options,
+                               max_length, tokens)
+            results["run"] = run_uri
+            _say(f"run {run_uri}; {len(splits) * len(alphas)} edits in one batch")
+            edits = [Edit(concepts=tuple(tofu.forget_authors[s]), alpha=a, scale=scale,
+                          out=os.path.join(out, "models", f"{s}_{_alpha_tag(a)}"))
+                     for s in splits for a in alphas]
+            errors = apply_many(run_uri, edits, storage_options=storage_options)
+            for e, err in zip(edits, errors):
+                if err is not None:
+                    raise RuntimeError(f"edit {os.path.basename(e.out)} failed: {err}") from err
+            for (split, a), e in zip([(s, a) for s in splits for a in alphas], edits):
+                m, mtok = scorer.load(e.out)
+                logs = scorer.logs(m, mtok, [split], ref_logs)[split]
+                del m
+                write_logs(os.path.join(out, split, _alpha_tag(a)), logs)
+                results["rows"].append(_row(split, a, logs))
+                if split == splits[0] and a == alphas[0]:
+                    headline = logs
+                if not keep_models:
+                    shutil.rmtree(e.out)
+                _say(f"{split} α={a:g}: " + ", ".join(
+                    f"{k}={v:.4g}" for k, v in results["rows"][-1].items()
+                    if k in ("forget_quality", "model_utility", "forget_Q_A_Prob")))
             if not keep_models:
-                shutil.rmtree(e.out)
-            _say(f"{split} α={a:g}: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in results["rows"][-1].items()
-                if k in ("forget_quality", "model_utility", "forget_Q_A_Prob")))
-        if not keep_models:
-            shutil.rmtree(os.path.join(out, "models"), ignore_errors=True)
-    write_logs(out, headline)
-    results["seconds"] = time.time() - t0
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    report = _write_report(out, results)
-    _say(f"done in {results['seconds']:.0f}s; open {report}")
-    return report
+                shutil.rmtree(os.path.join(out, "models"), ignore_errors=True)
+        write_logs(out, headline)
+        results["seconds"] = time.time() - t0
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        report = _write_report(out, results)
+        _say(f"done in {results['seconds']:.0f}s; open {report}")
+        return report
+    except BaseException:
+        _discard(out, created)  # nothing half-written: --out was new or empty
+        raise
 
 
 def _fmt(v) -> str:
@@ -573,7 +593,7 @@ def run_demo(out: str = "tofu-demo", *, stages: int = 2, quick: bool = False) ->
     from pipelines.tofu_synth import train_models, write_synthetic_tofu
 
     del stages
-    out = _check_out(out)
+    out = _check_out(out)[0]
     data = os.path.join(out, "data")
     splits = ["forget01"] if quick else ["forget01", "forget05"]
     retain = {"forget01": "retain99", "forget05": "retain95"}

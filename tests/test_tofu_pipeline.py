@@ -178,6 +178,16 @@ def test_cli_errors_before_any_work(synth, tmp_path, capsys):
     assert rc == 2 and f"retain log {bad}: forget_truth_ratio has 1 rows but the forget split " \
         "has 20" in err
     assert not out.exists()
+    # A failure after --out was created (here: no model there) leaves nothing behind.
+    rc = main(["tofu", "--data", str(synth / "data"), "--model", str(tmp_path / "none"),
+               "--split", "forget01", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "engram-ray tofu: error: model" in err and str(tmp_path / "none") in err
+    assert not out.exists()
+    out.mkdir()
+    assert main(["tofu", "--data", str(synth / "data"), "--model", str(tmp_path / "none"),
+                 "--split", "forget01", "--out", str(out)]) == 2
+    assert out.is_dir() and not os.listdir(out)
 
 
 @pytest.mark.slow
