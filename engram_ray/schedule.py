@@ -176,8 +176,9 @@ def init_queue(queue: str, config: str, run: str, *, trust_factory: bool = False
             f"config {config} builds its model with factory {custom!r}: every tick of queue "
             f"{store.uri} would import and run that code; pass --trust-factory if you trust it")
     spec = QueueSpec(config, run, custom if trust_factory else None)
-    for folder in ("requests", "shards"):
-        store.makedirs(folder)
+    if not store.remote:  # object stores have no folders (and s3fs would create a bucket)
+        for folder in ("requests", "shards"):
+            store.makedirs(folder)
     store.write_bytes(QUEUE_YAML, spec.to_yaml())
     return spec
 
@@ -318,7 +319,8 @@ def _run_requests(store: Storage, state: dict, result: TickResult, spec: QueueSp
     from engram_ray.requests import read_requests, write_summary
 
     failed = dict(state.get("failed_files") or {})
-    store.makedirs("results")
+    if not store.remote:
+        store.makedirs("results")
     for name in _pending(store, state):
         try:
             requests = read_requests(store.uri_of("requests", name), storage_options,

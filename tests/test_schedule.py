@@ -382,3 +382,25 @@ def test_an_unreadable_request_file_is_retried_once_fixed_even_after_a_kill(loca
         {"request_id": "r", "concepts": ["ada"], "out": q.uri_of("edited", "r")}).encode())
     done = tick(q.uri, extract=local_extract)
     assert done.request_files == ["r.jsonl"] and done.failed_files == []
+
+
+def test_queue_init_and_a_tick_on_s3(s3_bucket, tmp_path):
+    """On an object store, queue init writes queue.yaml only (no folders to make), and a tick
+    of the new queue finds nothing to do."""
+    import torch
+    from torch import nn
+
+    from engram_ray import Batch, extract
+
+    opts = s3_bucket.storage_options
+    torch.manual_seed(0)
+    run = extract(nn.Sequential(nn.Linear(4, 3)), [Batch(torch.randn(8, 4), ["a"] * 4 + [None] * 4)],
+                  uri=f"{s3_bucket.uri}/runs/r1", storage_options=opts).uri
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"factory": "engram_ray.models.sequential:mlp"},
+                                   "data": {"paths": ["s3://x/y"], "features_column": "x"}}))
+    root = f"{s3_bucket.uri}/queues/q1"
+    init_queue(root, str(cfg), run, storage_options=opts)
+    assert Storage(root, opts).ls() == ["queue.yaml"] and read_queue(root, opts).run == run
+    done = tick(root, extract=local_extract, storage_options=opts)
+    assert done.worked and done.run == run and not done.extended and done.request_files == []
