@@ -23,23 +23,21 @@ uploaded is removed if the upload fails), and the temporary directory is removed
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-from engram_ray.config import SolverConfig
-from engram_ray.core.edit import EditPlan, SharedEngrams, apply_edit, plan_edit, plan_edits
+from engram_ray.config import EditSpec
+from engram_ray.core.edit import EditPlan, SharedEngrams, apply_edit, plan_edits
 from engram_ray.io.export import (
     MARKER,
     check_output,
     new_stage,
     publish_stage,
-    staged_local,
     upload_dir,
-    write_edited_files,
     write_edited_files_many,
 )
 from engram_ray.io.storage import Storage
@@ -54,138 +52,84 @@ from engram_ray.runs import (
     run_model_spec,
 )
 
-__all__ = ["BUILTIN_FACTORIES", "MARKER", "Edit", "apply_many", "apply_run", "check_trusted",
-           "run_model_spec"]
+__all__ = ["BUILTIN_FACTORIES", "MARKER", "Edit", "EditSpec", "apply", "apply_many",
+           "apply_run", "check_trusted", "run_model_spec"]
+
 
 def apply_run(
     run_uri: str,
     forget: Sequence[str],
     *,
-    alpha: float = 1.0,
-    scale: str = "uniform",
-    modules=None,
     out: str,
     model: str | None = None,
     storage_options=None,
     trust_factory: bool = False,
-    format: str = "full",
-    adapter_rtol: float | None = None,
-    adapter_exact_dense: bool = False,
-    solver: SolverConfig | Mapping | Sequence[str] | None = None,
     allow_other_weights: bool = False,
+    **edit,
 ) -> str:
-    """Write the model with ``forget`` edited out of it to ``out``; returns ``out``.
+    """Write the model with ``forget`` edited out of it to ``out``; returns ``out``: the
+    driver's batch of one (:func:`apply`). ``edit`` holds the rest of the :class:`EditSpec`
+    (``alpha``, ``scale``, ``modules``, ``format``, ``adapter_*``, ``solver``, ``eval``).
 
-    ``format="peft"`` writes the edit as a PEFT LoRA adapter instead (``io/adapter.py``):
-    exact for low-rank engrams, a truncated SVD within ``adapter_rtol`` for dense ones.
-    ``solver``: other solver options than the run's (a :class:`SolverConfig`, or overrides
-    of the run's own such as ``["rtol=1e-4"]``), applied to its stored spectrum.
-    ``allow_other_weights``: edit ``model`` although its weights differ from the run's
-    (recorded in ``edit.json``); by default such a model is refused, naming the module."""
-    if format not in ("full", "peft"):
-        raise ValueError(f"format must be 'full' or 'peft', got {format!r}")
-    dest = Storage(out, storage_options)
-    check_output(dest)
-    run = open_run(run_uri, storage_options, model=model, solver=solver,
-                   trust_factory=trust_factory, allow_other_weights=allow_other_weights)
-    spec = run_model_spec(run, model)
-    check_trusted(spec, run.uri, given=model is not None, trust_factory=trust_factory)
-    net = None
-    if spec.path is None and format == "full":  # a factory model: built once, edited in memory
-        net = load_model(spec, storage_options, dtype=run_dtype(run))
-        bind_module(run, net, f"factory {spec.factory}").weights.allow_other = allow_other_weights
-    if format == "peft":
-        from engram_ray.io.adapter import write_peft_adapter
-
-        write_peft_adapter(run, list(forget or []), alpha=alpha, scale=scale, modules=modules,
-                           out=out, base_model_dir_or_spec=spec, rtol=adapter_rtol,
-                           exact_dense=adapter_exact_dense, storage_options=storage_options,
-                           trust_factory=True)  # consent was checked just above
-        return out
-    plan = plan_edit(run, forget or [], alpha=alpha, scale=scale, modules=modules)
-    provenance = _provenance(run, spec, plan, scale, modules)
-    if not dest.remote:
-        with staged_local(out) as stage:
-            _write(stage, spec, plan, provenance, storage_options, net)
-        return out
-    tmp = tempfile.mkdtemp(prefix="engram-apply-")
-    try:
-        _write(tmp, spec, plan, provenance, storage_options, net)
-        check_output(dest)  # again: someone may have written there meanwhile
-        upload_dir(tmp, dest, MARKER)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    ``format="peft"`` writes the edit as a PEFT LoRA adapter instead (``io/adapter.py``).
+    ``solver``: overrides of the run's solver options (``{"rtol": 1e-4}``, ``["rtol=1e-4"]``),
+    applied to its stored spectrum. ``allow_other_weights``: edit ``model`` although its
+    weights differ from the run's (recorded in ``edit.json``); otherwise refused."""
+    check_output(Storage(out, storage_options))  # refusals that cost nothing come first
+    spec = EditSpec(forget=tuple(forget) if not isinstance(forget, str) else forget, out=out,
+                    **edit)
+    [error] = apply(run_uri, [spec], model=model, storage_options=storage_options,
+                    trust_factory=trust_factory, allow_other_weights=allow_other_weights)
+    if error is not None:
+        raise error
     return out
 
 
-def _write(stage: str, spec: ModelSpec, plan: EditPlan, provenance: dict,
-           storage_options, net=None) -> None:
-    """The edited model into the empty directory ``stage``, then ``edit.json`` last; ``net``:
-    the factory model built already (the one the run is bound to)."""
-    if spec.path is not None:
-        src = model_dir(spec.path, storage_options)
-        aliases = tied_aliases(build_empty(spec, storage_options))
-        write_edited_files(src, stage, plan, aliases)
-    else:
-        _write_factory_model(stage, net if net is not None else load_model(spec, storage_options),
-                             plan)
-    _write_marker(stage, plan, provenance)
+def Edit(concepts, out: str, **edit) -> EditSpec:  # noqa: N802 - the old name of an EditSpec
+    """An :class:`EditSpec` by its former field name (``concepts`` is ``forget``)."""
+    return EditSpec(forget=concepts, out=out, **edit)
 
 
-@dataclass(frozen=True)
-class Edit:
-    """One edit of a batch (``apply_many``): forget ``concepts`` at ``alpha`` into ``out``,
-    as an edited checkpoint (``format="full"``) or a PEFT adapter (``"peft"``, with
-    ``adapter_rtol`` and ``adapter_exact_dense`` as in :func:`apply_run`). ``eval``: an eval
-    set whose summary goes into the output's marker (``eval/edit_scores.py``)."""
-
-    concepts: tuple[str, ...]
-    out: str
-    alpha: float = 1.0
-    scale: str = "uniform"
-    modules: tuple[str, ...] | str | None = None
-    format: str = "full"
-    adapter_rtol: float | None = None
-    adapter_exact_dense: bool = False
-    eval: str | None = None
-    solver: SolverConfig | None = None
-
-
-def apply_many(run_uri: str, edits: Sequence[Edit], *, storage_options=None,
-               trust_factory: bool = False) -> list[BaseException | None]:
-    """Every edit of one run, each output exactly what :func:`apply_run` writes for it, with
-    the reads shared: every module's engrams are read through one
-    :class:`~engram_ray.core.edit.SharedEngrams` over the union of the forget sets, and the
-    work goes module by module for all edits at once — the per-layer scales of every edit in
-    one pass (``core.edit.plan_edits``), the full checkpoints in one lockstep pass over the base
-    checkpoint (each base tensor read once, ``export.write_edited_files_many``), the adapters
-    in one pass over the modules (``adapter.write_peft_adapters``). So the reads of a batch do
-    not grow with its number of edits. Returns each edit's error (None: written); one failed
-    edit never stops the others. Full edits of factory models (built in memory) go one by
-    one. An edit with an ``eval`` set is scored before anything is written and its summary
-    goes into its marker (:func:`_evaluate`); an eval that fails fails that edit only."""
-    run = open_run(run_uri, storage_options, trust_factory=trust_factory)
-    spec = run_model_spec(run)
-    check_trusted(spec, run.uri, given=False, trust_factory=trust_factory)
-    errors: list[BaseException | None] = [None] * len(edits)
-    todo = list(range(len(edits)))
-    if spec.path is None:  # a factory model: full edits are built in memory, one by one
-        todo = [i for i in todo if edits[i].format != "full" or edits[i].eval]
-        for i in set(range(len(edits))) - set(todo):
-            errors[i] = _one(run_uri, edits[i], storage_options, trust_factory)
-    plans = {}
-    for solver in dict.fromkeys(edits[i].solver for i in todo):  # one source per solver
-        shared = SharedEngrams(run.with_solver(solver))
-        group = [i for i in todo if edits[i].solver == solver]
-        plans.update(_plans(shared, edits, group, errors, storage_options))
-    evals = _evaluate(run, spec, edits, plans, errors, storage_options)
-    full = {i: p for i, p in plans.items() if edits[i].format == "full"}
-    peft = {i: p for i, p in plans.items() if edits[i].format == "peft"}
+def apply(run_uri: str, specs: Sequence[EditSpec], *, model: str | None = None,
+          storage_options=None, trust_factory: bool = False,
+          allow_other_weights: bool = False) -> list[BaseException | None]:
+    """The one edit driver: every :class:`EditSpec` of one run (``apply``, a batch's requests,
+    a tick's), each output exactly what it would be alone, with the work shared: each input
+    group's half of each union is formed once (``core.solve.union_right``, through one
+    :class:`~engram_ray.core.edit.SharedEngrams` per solver option set), the per-layer scales
+    of every edit in one pass (``core.edit.plan_edits``), the full checkpoints in one lockstep
+    pass over the base checkpoint (each base tensor read once), the adapters in one pass over
+    the modules. Returns each edit's error (None: written); one failed edit never stops the
+    others. An edit with an ``eval`` set is scored before anything is written (its summary
+    goes into its marker); an eval that fails fails that edit only."""
+    run = open_run(run_uri, storage_options, model=model, trust_factory=trust_factory,
+                   allow_other_weights=allow_other_weights)
+    base = run_model_spec(run, model)
+    check_trusted(base, run.uri, given=model is not None, trust_factory=trust_factory)
+    net = None
+    if base.path is None and any(s.format == "full" for s in specs):
+        # A factory model is edited in memory: built once, bound, and copied per edit.
+        net = load_model(base, storage_options, dtype=run_dtype(run))
+        bind_module(run, net, f"factory {base.factory}").weights.allow_other = \
+            allow_other_weights
+    errors: list[BaseException | None] = [None] * len(specs)
+    plans: dict[int, EditPlan] = {}
+    for solver in dict.fromkeys(s.solver for s in specs):  # one source per solver option set
+        source = run.with_solver(None if solver is None
+                                 else run.run_solver.updated(dict(solver)))
+        group = [i for i, s in enumerate(specs) if s.solver == solver]
+        plans.update(_plans(SharedEngrams(source), specs, group, errors, storage_options))
+    evals = _evaluate(run, base, specs, plans, errors, storage_options)
+    full = {i: p for i, p in plans.items() if specs[i].format == "full"}
+    peft = {i: p for i, p in plans.items() if specs[i].format == "peft"}
     if full:
-        _write_full(run, spec, edits, full, errors, storage_options, evals)
+        _write_full(run, base, specs, full, errors, storage_options, evals, net)
     if peft:
-        _write_adapters(run, spec, edits, peft, errors, storage_options, evals)
+        _write_adapters(run, base, specs, peft, errors, storage_options, evals)
     return errors
+
+
+apply_many = apply  # the batch driver's former name
 
 
 def _evaluate(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int, EditPlan],
@@ -209,21 +153,19 @@ def _evaluate(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int, Edit
     return out
 
 
-def _plans(shared: SharedEngrams, edits: Sequence[Edit], todo: Sequence[int], errors: list,
-           storage_options) -> dict[int, EditPlan]:
+def _plans(shared: SharedEngrams, specs: Sequence[EditSpec], todo: Sequence[int],
+           errors: list, storage_options) -> dict[int, EditPlan]:
     """The plans of the edits ``todo`` (module-major, ``plan_edits``); an edit whose output is
-    taken or whose format is unknown fails here, before any work."""
+    taken fails here, before any work."""
     ok = []
     for i in todo:
         try:
-            if edits[i].format not in ("full", "peft"):
-                raise ValueError(f"format must be 'full' or 'peft', got {edits[i].format!r}")
-            check_output(Storage(edits[i].out, storage_options))
+            check_output(Storage(specs[i].out, storage_options))
             ok.append(i)
         except Exception as ex:  # noqa: BLE001 - this edit fails, the batch goes on
             errors[i] = ex
-    planned = plan_edits(shared, [(edits[i].concepts, edits[i].alpha, edits[i].scale,
-                                   _listed(edits[i].modules)) for i in ok])
+    planned = plan_edits(shared, [(specs[i].forget, specs[i].alpha, specs[i].scale,
+                                   _listed(specs[i].modules)) for i in ok])
     plans = {}
     for i, plan in zip(ok, planned):
         if isinstance(plan, BaseException):
@@ -233,36 +175,51 @@ def _plans(shared: SharedEngrams, edits: Sequence[Edit], todo: Sequence[int], er
     return plans
 
 
-def _write_full(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int, EditPlan],
-                errors: list, storage_options, evals: dict[int, dict]) -> None:
+def _write_full(run, base: ModelSpec, specs: Sequence[EditSpec], plans: dict[int, EditPlan],
+                errors: list, storage_options, evals: dict[int, dict], net=None) -> None:
     """The full checkpoints of ``plans``, in lockstep over the base checkpoint (one read of
-    each tensor), each published whole with ``edit.json`` last (holding ``evals[i]``)."""
-    stages = {i: new_stage(edits[i].out) if not Storage(edits[i].out).remote
+    each tensor), each published whole with ``edit.json`` last (holding ``evals[i]``). A
+    factory model (``net``, the one the run is bound to) is copied and edited per edit."""
+    stages = {i: new_stage(specs[i].out) if not Storage(specs[i].out).remote
               else tempfile.mkdtemp(prefix="engram-apply-") for i in plans}
     try:
-        src = model_dir(spec.path, storage_options)
-        aliases = tied_aliases(build_empty(spec, storage_options))
-        done = write_edited_files_many(src, [stages[i] for i in plans],
-                                       list(plans.values()), aliases)
+        if base.path is not None:
+            src = model_dir(base.path, storage_options)
+            aliases = tied_aliases(build_empty(base, storage_options))
+            done = write_edited_files_many(src, [stages[i] for i in plans],
+                                           list(plans.values()), aliases)
+        else:
+            done = [_factory_edit(stages[i], net, plans[i]) for i in plans]
         for i, err in zip(list(plans), done):
-            errors[i] = err or _finish(run, spec, plans[i], edits[i], stages[i],
+            errors[i] = err or _finish(run, base, plans[i], specs[i], stages[i],
                                        storage_options, evals.get(i))
     finally:
         for stage in stages.values():
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def _write_adapters(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int, EditPlan],
-                    errors: list, storage_options, evals: dict[int, dict]) -> None:
+def _factory_edit(stage: str, net, plan: EditPlan) -> BaseException | None:
+    try:
+        _write_factory_model(stage, copy.deepcopy(net), plan)
+    except Exception as ex:  # noqa: BLE001 - this edit fails, the batch goes on
+        return ex
+    return None
+
+
+def _write_adapters(run, base: ModelSpec, specs: Sequence[EditSpec],
+                    plans: dict[int, EditPlan], errors: list, storage_options,
+                    evals: dict[int, dict]) -> None:
     """The adapters of ``plans``, in one pass over the modules (``write_peft_adapters``), each
-    ``adapter_meta.json`` holding ``evals[i]``."""
+    ``adapter_meta.json`` holding ``evals[i]`` and the solver used."""
     from engram_ray.io.adapter import AdapterJob, write_peft_adapters
 
-    jobs = [AdapterJob(p, edits[i].out, edits[i].scale, edits[i].adapter_rtol,
-                       edits[i].adapter_exact_dense,
-                       {"eval": evals[i]} if i in evals else None) for i, p in plans.items()]
+    jobs = [AdapterJob(p, specs[i].out, specs[i].scale, specs[i].adapter_rtol,
+                       specs[i].adapter_exact_dense,
+                       {"solver": _source_run(p.source).solver.to_dict(),
+                        **({"eval": evals[i]} if i in evals else {})},
+                       max_rank=specs[i].adapter_max_rank) for i, p in plans.items()]
     try:
-        results = write_peft_adapters(run, jobs, base_model_dir_or_spec=spec,
+        results = write_peft_adapters(run, jobs, base_model_dir_or_spec=base,
                                       storage_options=storage_options,
                                       trust_factory=True)  # consent was checked by the caller
     except Exception as ex:  # noqa: BLE001 - the base model failed: every adapter of it
@@ -271,32 +228,21 @@ def _write_adapters(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int
         errors[i] = result if isinstance(result, BaseException) else None
 
 
-def _one(run_uri: str, e: Edit, storage_options, trust_factory: bool) -> BaseException | None:
-    try:
-        apply_run(run_uri, list(e.concepts), alpha=e.alpha, scale=e.scale,
-                  modules=_listed(e.modules), out=e.out, storage_options=storage_options,
-                  trust_factory=trust_factory, format=e.format, adapter_rtol=e.adapter_rtol,
-                  adapter_exact_dense=e.adapter_exact_dense, solver=e.solver)
-    except Exception as ex:  # noqa: BLE001 - returned: the batch goes on
-        return ex
-    return None
-
-
-def _finish(run, spec: ModelSpec, plan: EditPlan, e: Edit, stage: str,
+def _finish(run, base: ModelSpec, plan: EditPlan, spec: EditSpec, stage: str,
             storage_options, evaluation: dict | None = None) -> BaseException | None:
     """``edit.json`` (with ``evaluation`` as its ``"eval"``) into a written ``stage``, then
-    publish it to ``e.out``; the error, if any."""
+    publish it to ``spec.out``; the error, if any."""
     try:
-        provenance = _provenance(run, spec, plan, e.scale, _listed(e.modules))
+        provenance = _provenance(run, base, plan, spec)
         if evaluation is not None:
             provenance["eval"] = evaluation
         _write_marker(stage, plan, provenance)
-        dest = Storage(e.out, storage_options)
+        dest = Storage(spec.out, storage_options)
         if dest.remote:
             check_output(dest)  # again: someone may have written there meanwhile
             upload_dir(stage, dest, MARKER)
         else:
-            publish_stage(stage, e.out)
+            publish_stage(stage, spec.out)
     except Exception as ex:  # noqa: BLE001 - this edit fails, the batch goes on
         return ex
     return None
@@ -334,20 +280,21 @@ def _write_factory_model(stage: str, net, plan: EditPlan) -> None:
     save_file(state, os.path.join(stage, "model.safetensors"))
 
 
-def _provenance(run, spec: ModelSpec, plan: EditPlan, scale, modules) -> dict:
-    """What ``edit.json`` says: which run, which edit, which base model, which software."""
+def _provenance(run, base: ModelSpec, plan: EditPlan, spec: EditSpec) -> dict:
+    """What ``edit.json`` says: which run, which edit (and its digest), which base model,
+    which solver options, which software."""
+    source = _source_run(plan.source)
     return {
         "run": run.uri,
         "concepts": list(plan.forget),
         "alpha": plan.alpha,
-        "scale": scale if isinstance(scale, str) else getattr(scale, "__name__", repr(scale)),
-        "modules_requested": modules if modules is None or isinstance(modules, str)
-        else list(modules),
+        "scale": spec.scale,
+        "modules_requested": _listed(spec.modules),
         "modules": {m: plan.scales[m] for m in sorted(plan.scales)},
-        "base_model": {"spec": spec.to_dict(),
+        "base_model": {"spec": base.to_dict(),
                        "fingerprint": (run.info.get("model") or {}).get("fingerprint")},
-        "solver": _source_run(plan.source).solver.to_dict(),
-        "allow_other_weights": bool(getattr(_source_run(plan.source).weights, "allow_other",
-                                            False)),
+        "solver": source.solver.to_dict(),
+        "allow_other_weights": bool(getattr(source.weights, "allow_other", False)),
+        "edit_digest": spec.digest(),
         "engram_ray_version": VERSION,
     }

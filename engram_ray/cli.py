@@ -118,7 +118,8 @@ def cmd_apply(args) -> str:
         model=args.model,
         storage_options=storage, trust_factory=args.trust_factory, format=args.format,
         adapter_rtol=args.adapter_rtol, adapter_exact_dense=args.adapter_exact_dense,
-        solver=args.solver or None, allow_other_weights=args.allow_other_weights,
+        adapter_max_rank=args.adapter_max_rank, solver=args.solver or None,
+        allow_other_weights=args.allow_other_weights,
     )
 
 
@@ -353,6 +354,7 @@ def cmd_tofu(args) -> str:
         eval_only=args.eval_only, keep_models=args.keep_models, scale=args.scale,
         max_length=args.max_length, batch_size=args.batch_size, gen_margin=args.gen_margin,
         device=args.device, dtype=args.dtype, tokens=args.tokens,
+        validation_rows=args.validation_rows, utility_tolerance=args.utility_tolerance,
     )
 
 
@@ -387,6 +389,9 @@ def _add_apply(sub) -> None:
                    help="peft: relative error allowed when truncating dense edits (1e-3)")
     a.add_argument("--adapter-exact-dense", action="store_true",
                    help="peft: write dense edits exactly (full rank) instead of truncating")
+    a.add_argument("--adapter-max-rank", type=int, default=None,
+                   help="peft: truncate updates of larger rank to this one by SVD (vLLM serves "
+                        "LoRA ranks up to 512); the error is in adapter_meta.json")
     a.add_argument("--solver", action="append", metavar="KEY=VALUE", default=[],
                    help="re-solve the run's stored spectrum with this solver option (rtol, "
                         "condition_cap, rank_fraction, ridge; repeatable; default the run's)")
@@ -541,6 +546,11 @@ def _add_tofu(sub) -> None:
     t.add_argument("--scale", default="uniform")
     t.add_argument("--tokens", choices=("answer", "all"), default="answer",
                    help="tokens Σ counts: the answers' (default) or every token of a QA row")
+    t.add_argument("--validation-rows", type=int, default=0, metavar="N",
+                   help="with several --alpha: pick each split's α on its first N forget and "
+                        "retain_perturbed rows, evaluate only that one in full")
+    t.add_argument("--utility-tolerance", type=float, default=0.05,
+                   help="a selected α keeps ≥ (1 - this) × the unedited validation utility")
     t.add_argument("--keep-models", action="store_true", help="keep the edited checkpoints")
     t.add_argument("--max-length", type=int, default=512)
     t.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")

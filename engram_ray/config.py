@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -44,9 +45,12 @@ from engram_ray import hub, uris
 from engram_ray.redaction import redact, redact_text
 
 __all__ = [
+    "EDIT_FORMATS",
     "FLOAT32_EPS",
+    "SCALE_NAMES",
     "ConfigError",
     "DataConfig",
+    "EditSpec",
     "ExtractConfig",
     "ModelSpec",
     "SolverConfig",
@@ -330,6 +334,143 @@ class SolverConfig:
         else:
             base = {k: v for k, v in self.to_dict().items() if k != "ridge"}
         return SolverConfig(**{**base, **overrides})
+
+
+SCALE_NAMES = ("uniform", "weight_norm", "effective_rank")  # core/edit.py's per-layer scales
+EDIT_FORMATS = ("full", "peft")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditSpec:
+    """One edit, declared once: what the CLI's ``apply``, a batch request row and a scheduled
+    tick's requests all build and pass whole to the one edit driver (``apply.apply``).
+
+    ``forget``: the concepts U; ``out``: the output (local or a URI); ``alpha``: strength
+    (negative amplifies); ``scale``: per-layer scaling (a name of :data:`SCALE_NAMES` or a
+    product ``"weight_norm*effective_rank"``); ``modules``: PEFT-style selection (suffixes, or
+    a regex string); ``format``: ``"full"`` (an edited checkpoint) or ``"peft"`` (a LoRA
+    adapter) with ``adapter_rtol`` (truncation of dense updates), ``adapter_exact_dense`` and
+    ``adapter_max_rank`` (vLLM serves LoRA ranks ≤ 512: a larger update is truncated by SVD and
+    its error reported); ``solver``: overrides of the run's solver options, applied to its
+    stored spectrum; ``eval``: an eval set scored before the output is written.
+
+    Errors name the field (``'alpha' must be …``); a batch prefixes its file, row and
+    request id. :meth:`digest` identifies what the output holds (not where it goes).
+    """
+
+    forget: tuple[str, ...]
+    out: str
+    alpha: float = 1.0
+    scale: str = "uniform"
+    modules: tuple[str, ...] | str | None = None
+    format: str = "full"
+    adapter_rtol: float | None = None
+    adapter_exact_dense: bool = False
+    adapter_max_rank: int | None = None
+    solver: tuple[tuple[str, float | None], ...] | None = None
+    eval: str | None = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+        set_("forget", _names("forget", self.forget))
+        if not isinstance(self.out, str) or not self.out:
+            raise ConfigError(f"'out' must be a non-empty string, got {self.out!r}")
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+                or not math.isfinite(alpha):
+            raise ConfigError(f"'alpha' must be a number (finite), got {alpha!r}")
+        set_("alpha", float(alpha))
+        if not isinstance(self.scale, str) or not all(p in SCALE_NAMES
+                                                      for p in self.scale.split("*")):
+            raise ConfigError(f"'scale' must be one of {list(SCALE_NAMES)} or a product like "
+                              f"'weight_norm*effective_rank', got {self.scale!r}")
+        if self.modules is not None:
+            set_("modules", _names("modules", self.modules, regex=True))
+        self._check_adapter()
+        if self.solver is not None:
+            set_("solver", _solver_items(self.solver))
+        if self.eval is not None and (not isinstance(self.eval, str) or not self.eval):
+            raise ConfigError(f"'eval' must be a non-empty string (an eval set's URI), got "
+                              f"{self.eval!r}")
+
+    def _check_adapter(self) -> None:
+        if self.format not in EDIT_FORMATS:
+            raise ConfigError(f"'format' must be one of {list(EDIT_FORMATS)}, got "
+                              f"{self.format!r}")
+        rtol = self.adapter_rtol
+        if rtol is not None:
+            if isinstance(rtol, bool) or not isinstance(rtol, (int, float)):
+                raise ConfigError(f"'adapter_rtol' must be a number, got {rtol!r}")
+            if not 0 <= rtol < 1:
+                raise ConfigError(f"'adapter_rtol' must be in [0, 1), got {rtol}")
+            object.__setattr__(self, "adapter_rtol", float(rtol))
+        if not isinstance(self.adapter_exact_dense, bool):
+            raise ConfigError(f"'adapter_exact_dense' must be true or false, got "
+                              f"{self.adapter_exact_dense!r}")
+        rank = self.adapter_max_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)
+                                 or rank < 1):
+            raise ConfigError(f"'adapter_max_rank' must be a positive integer, got {rank!r}")
+        if self.format == "full" and (rtol is not None or self.adapter_exact_dense
+                                      or rank is not None):
+            raise ConfigError("'adapter_rtol', 'adapter_exact_dense' and 'adapter_max_rank' "
+                              "need format 'peft'")
+
+    @property
+    def solver_overrides(self) -> dict[str, float | None] | None:
+        return None if self.solver is None else dict(self.solver)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["forget"] = list(self.forget)
+        out["modules"] = self.modules if not isinstance(self.modules, tuple) \
+            else list(self.modules)
+        out["solver"] = self.solver_overrides
+        return out
+
+    def digest(self) -> str:
+        """sha256 of what the output holds: every field but ``out`` and ``eval`` (where it
+        goes, and a report beside it), canonical JSON."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in ("out", "eval")}
+        blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _names(field_name: str, value: Any, regex: bool = False) -> tuple[str, ...] | str:
+    """A tuple of non-empty strings from a list (or one string: one concept; for ``modules``
+    a regex, as ``apply --modules`` takes)."""
+    if isinstance(value, str) and value:
+        if regex:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ConfigError(f"'{field_name}' is not a valid regex {value!r}: {e}") from None
+            return value
+        return (value,)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v
+                                                          for v in value):
+        return tuple(value)
+    if field_name == "forget" and isinstance(value, (list, tuple)) and not value:
+        raise ConfigError("nothing to forget: the concept list ('forget') is empty")
+    raise ConfigError(f"'{field_name}' must be a string or a list of non-empty strings, got "
+                      f"{value!r}")
+
+
+def _solver_items(value: Any) -> tuple[tuple[str, float | None], ...]:
+    """Solver overrides (a mapping, ``"KEY=VALUE"`` strings, or a whole
+    :class:`SolverConfig`) as sorted, checked items: hashable, so an edit stays frozen."""
+    if isinstance(value, SolverConfig):
+        value = value.to_dict()
+    elif isinstance(value, tuple) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        value = dict(value)
+    elif isinstance(value, (list, tuple)):
+        value = dict(_key_value("--solver", item) for item in value)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"'solver' must be an object of solver options, got {value!r}")
+    _reject_unknown(value, SolverConfig().to_dict(), "solver.")
+    items = tuple(sorted((k, _number(f"solver.{k}", v)) for k, v in value.items()))
+    SolverConfig().updated(dict(items))  # the combination itself must be valid
+    return items
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,8 @@ Cloud unlearning comes in batches (one edit per tenant, takedown request or juri
     format      str = "full"       "full" (an edited checkpoint) or "peft" (a LoRA adapter)
     adapter_rtol         float | null   peft: truncation tolerance for dense engrams
     adapter_exact_dense  bool = false   peft: dense engrams as full deltas, not truncated
+    adapter_max_rank     int | null     peft: truncate larger updates to this rank (vLLM: 512)
+    solver      object | null      overrides of the run's solver options ({"rtol": 1e-5})
     eval        str | null         an eval set (local or s3://, Parquet or JSON lines) with the
                                    run's own data columns: the edit's eval summary (below)
 
@@ -51,23 +53,25 @@ to score (a factory model, a ``features_column`` run), fails that request only.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engram_ray.config import EditSpec
 from engram_ray.io.storage import Storage
 
 __all__ = ["EVAL_COLUMNS", "EditRequest", "read_requests", "run_batch", "run_group",
            "write_summary"]
 
 REQUIRED = ("request_id", "run", "concepts", "out")
-OPTIONAL = {"alpha": 1.0, "scale": "uniform", "modules": None, "format": "full",
-            "adapter_rtol": None, "adapter_exact_dense": False, "eval": None}
+# Every column but ``request_id`` and ``run`` is a field of :class:`EditSpec` (``concepts`` is
+# its ``forget``), whose defaults are the only ones.
+OPTIONAL = ("alpha", "scale", "modules", "format", "adapter_rtol", "adapter_exact_dense",
+            "adapter_max_rank", "solver", "eval")
 # Written last by apply: an output holding its format's marker is complete.
 COMPLETE = {"full": "edit.json", "peft": "adapter_meta.json"}
 # The summary table's eval columns (null for a request without eval) and their types.
@@ -80,19 +84,27 @@ EVAL_COLUMNS = {"eval_model": pa.string(),
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One validated request row."""
+    """One validated request row: which run, and the edit (:class:`EditSpec`)."""
 
     request_id: str
     run: str
-    concepts: tuple[str, ...]
-    out: str
-    alpha: float = 1.0
-    scale: str = "uniform"
-    modules: tuple[str, ...] | str | None = None
-    format: str = "full"
-    adapter_rtol: float | None = None
-    adapter_exact_dense: bool = False
-    eval: str | None = None
+    spec: EditSpec
+
+    @property
+    def concepts(self) -> tuple[str, ...]:
+        return self.spec.forget
+
+    @property
+    def out(self) -> str:
+        return self.spec.out
+
+    @property
+    def format(self) -> str:
+        return self.spec.format
+
+    @property
+    def eval(self) -> str | None:
+        return self.spec.eval
 
 
 def read_requests(uri: str, storage_options: Mapping | None = None,
@@ -135,74 +147,18 @@ def _request(uri: str, i: int, row: Any) -> EditRequest:
     if unknown:
         raise ValueError(f"{where}: unknown column {unknown[0]!r} (known: "
                          f"{list(REQUIRED) + list(OPTIONAL)})")
-    values = {**OPTIONAL, **{k: v for k, v in row.items() if v is not None}}
+    values = {k: v for k, v in row.items() if v is not None}
     for col in ("request_id", "run", "out"):
         if not isinstance(values[col], (str, int)) or isinstance(values[col], bool):
             raise ValueError(f"{where}: column {col!r} must be a string, got {values[col]!r}")
-    alpha = values["alpha"]
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
-            or not math.isfinite(alpha):
-        raise ValueError(f"{where}: column 'alpha' must be a number (finite), got {alpha!r}")
-    return EditRequest(str(values["request_id"]), str(values["run"]),
-                       _names(where, "concepts", values["concepts"]), str(values["out"]),
-                       float(alpha), _scale(where, values["scale"]),
-                       None if values["modules"] is None
-                       else _names(where, "modules", values["modules"], regex=True),
-                       *_adapter_columns(where, values), eval=_eval_set(where, values["eval"]))
-
-
-def _eval_set(where: str, value: Any) -> str | None:
-    """The ``eval`` column: absent, or a non-empty string (a URI)."""
-    if value is None or (isinstance(value, str) and value):
-        return value
-    raise ValueError(f"{where}: column 'eval' must be a non-empty string (an eval set's URI), "
-                     f"got {value!r}")
-
-
-def _names(where: str, column: str, value: Any, regex: bool = False) -> tuple[str, ...] | str:
-    """A string (one concept; for ``modules`` a regex, as ``apply --modules`` takes) or a
-    list of non-empty strings."""
-    if isinstance(value, str):
-        return value if regex else (value,)
-    if isinstance(value, (list, tuple)) and value and all(
-            isinstance(v, str) and v for v in value):
-        return tuple(value)
-    raise ValueError(f"{where}: column {column!r} must be a string or a list of non-empty "
-                     f"strings, got {value!r}")
-
-
-def _scale(where: str, value: Any) -> str:
-    """A named scale or a product of them (``weight_norm*effective_rank``), as ``apply
-    --scale`` takes: checked here, so a typo fails the batch before any work."""
-    from engram_ray.core.edit import SCALES
-
-    if not isinstance(value, str) or not all(p in SCALES for p in value.split("*")):
-        raise ValueError(f"{where}: column 'scale' must be one of {sorted(SCALES)} or a "
-                         f"product like 'weight_norm*effective_rank', got {value!r}")
-    return value
-
-
-def _adapter_columns(where: str, values: Mapping) -> tuple[str, float | None, bool]:
-    """(format, adapter_rtol, adapter_exact_dense) of a row, validated."""
-    fmt = values["format"]
-    if fmt not in COMPLETE:
-        raise ValueError(f"{where}: column 'format' must be one of {sorted(COMPLETE)}, "
-                         f"got {fmt!r}")
-    rtol = values["adapter_rtol"]
-    if rtol is not None:
-        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)):
-            raise ValueError(f"{where}: column 'adapter_rtol' must be a number, got {rtol!r}")
-        if not 0 <= rtol < 1:
-            raise ValueError(f"{where}: column 'adapter_rtol' must be in [0, 1), got {rtol}")
-        rtol = float(rtol)
-    exact = values["adapter_exact_dense"]
-    if not isinstance(exact, bool):
-        raise ValueError(f"{where}: column 'adapter_exact_dense' must be true or false, got "
-                         f"{exact!r}")
-    if fmt == "full" and (rtol is not None or exact):
-        raise ValueError(f"{where}: columns 'adapter_rtol' and 'adapter_exact_dense' need "
-                         "format 'peft'")
-    return fmt, rtol, exact
+    fields = {k: v for k, v in values.items() if k in OPTIONAL}
+    try:
+        spec = EditSpec(forget=values["concepts"], out=str(values["out"]), **fields)
+    except ValueError as e:  # EditSpec names the field: here it is a column
+        text = str(e).replace("'forget'", "'concepts'")
+        raise ValueError(f"{where}: {'column ' if text.startswith(chr(39)) else ''}{text}") \
+            from None
+    return EditRequest(str(values["request_id"]), str(values["run"]), spec)
 
 
 def run_group(requests: Sequence[EditRequest], storage_options: Mapping | None = None,
@@ -212,7 +168,7 @@ def run_group(requests: Sequence[EditRequest], storage_options: Mapping | None =
     read of the model and of each module's engrams for all of them, full checkpoints and
     adapters alike). Errors are recorded, never raised; the seconds of the shared pass are
     split evenly among its requests."""
-    from engram_ray.apply import Edit, apply_many
+    from engram_ray.apply import apply
 
     rows: dict[int, dict] = {}
     todo = []
@@ -228,10 +184,8 @@ def run_group(requests: Sequence[EditRequest], storage_options: Mapping | None =
     if todo:
         t0 = time.time()
         try:
-            errors = apply_many(requests[todo[0]].run, [
-                Edit(r.concepts, r.out, r.alpha, r.scale, r.modules, r.format, r.adapter_rtol,
-                     r.adapter_exact_dense, r.eval) for r in (requests[i] for i in todo)],
-                storage_options=storage_options, trust_factory=trust_factory)
+            errors = apply(requests[todo[0]].run, [requests[i].spec for i in todo],
+                           storage_options=storage_options, trust_factory=trust_factory)
         except Exception as e:  # noqa: BLE001 - the run itself failed: every request of it
             errors = [e] * len(todo)
         each = (time.time() - t0) / len(todo)
@@ -313,12 +267,13 @@ def write_summary(rows: Sequence[dict], uri: str, requests: Sequence[EditRequest
     """The summary table: one row per request with its status, output, seconds and error,
     plus the request itself (concepts, α, scale, eval set) so the table stands on its own, and
     the eval columns (:data:`EVAL_COLUMNS`, typed even when every value is null)."""
-    by_id = {r.request_id: asdict(r) for r in requests}
+    by_id = {r.request_id: r for r in requests}
     table = pa.Table.from_pylist([
-        {**row, "run": by_id[row["request_id"]]["run"],
-         "concepts": list(by_id[row["request_id"]]["concepts"]),
-         "alpha": by_id[row["request_id"]]["alpha"], "scale": by_id[row["request_id"]]["scale"],
-         "eval": by_id[row["request_id"]]["eval"]}
+        {**row, "run": by_id[row["request_id"]].run,
+         "concepts": list(by_id[row["request_id"]].spec.forget),
+         "alpha": by_id[row["request_id"]].spec.alpha,
+         "scale": by_id[row["request_id"]].spec.scale,
+         "eval": by_id[row["request_id"]].spec.eval}
         for row in rows])
     for name, typ in {**EVAL_COLUMNS, "eval": pa.string()}.items():
         if name in table.column_names and pa.types.is_null(table.schema.field(name).type):

@@ -60,6 +60,7 @@ end, so neither the reads nor the memory grow with a whole adapter per request.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -90,6 +91,7 @@ __all__ = [
     "DEFAULT_RTOL",
     "AdapterJob",
     "ModuleAdapter",
+    "cap_rank",
     "module_adapter",
     "write_peft_adapter",
     "write_peft_adapters",
@@ -114,11 +116,12 @@ class ModuleAdapter:
     name: str
     kind: str
     shape: tuple[int, ...]
-    form: str  # "factored" | "full_rank" | "svd"
+    form: str  # "factored" | "full_rank" | "svd", + "+truncated" past a max rank
     left: torch.Tensor  # (out, r): lora_B
     right: torch.Tensor  # (r, in_flat): lora_A
     bias: torch.Tensor | None
     dense: torch.Tensor | None = None
+    exact: tuple[torch.Tensor, torch.Tensor] | None = None  # the factors before truncation
 
     @property
     def rank(self) -> int:
@@ -139,6 +142,7 @@ def write_peft_adapter(
     dtype: torch.dtype | str | None = None,
     storage_options: Mapping | None = None,
     trust_factory: bool = False,
+    max_rank: int | None = None,
 ) -> dict:
     """Write the edit forgetting ``forget`` as a PEFT LoRA adapter in ``out`` (local or
     ``s3://``): ``adapter_config.json``, ``adapter_model.safetensors`` and, last,
@@ -148,7 +152,8 @@ def write_peft_adapter(
     :class:`ModelSpec` or its dict, or a live ``nn.Module``); default the run's own model.
     ``rtol``: the truncation tolerance of dense engrams (default ``DEFAULT_RTOL``);
     ``exact_dense`` writes them at full rank instead. ``dtype``: of the stored factors (default
-    each module's weight dtype in the base checkpoint). Modules PEFT cannot carry exactly raise
+    each module's weight dtype in the base checkpoint). ``max_rank``: truncate larger updates
+    to that rank (:func:`cap_rank`; the error is reported). Modules PEFT cannot carry exactly raise
     ``ValueError`` naming them, before anything is written. A factory model named by the run
     (not given here) is built only with ``trust_factory`` (building it imports its code).
     """
@@ -160,7 +165,7 @@ def write_peft_adapter(
     _rtol(rtol)
     plan = plan_edit(run, forget, alpha=alpha, scale=scale, modules=modules)
     [meta] = write_peft_adapters(run, [AdapterJob(plan, out, _scale_name(scale), rtol,
-                                                  exact_dense)],
+                                                  exact_dense, max_rank=max_rank)],
                                  base_model_dir_or_spec=base_model_dir_or_spec, dtype=dtype,
                                  storage_options=storage_options, trust_factory=trust_factory)
     if isinstance(meta, BaseException):
@@ -181,6 +186,7 @@ class AdapterJob:
     rtol: float | None = None
     exact_dense: bool = False
     extra: Mapping | None = None
+    max_rank: int | None = None
 
 
 def write_peft_adapters(
@@ -262,7 +268,8 @@ def _fill(run: Run, jobs: Sequence[AdapterJob], states: Mapping[int, _State], re
             if results[i] is not None or m not in s.targets:
                 continue
             try:
-                a = module_adapter(jobs[i].plan, m, s.rtol, jobs[i].exact_dense)
+                a = cap_rank(module_adapter(jobs[i].plan, m, s.rtol, jobs[i].exact_dense),
+                             jobs[i].max_rank)
                 tensors: dict = {}
                 s.stats[m] = _module_tensors(a, dtypes[i][m], s.bias_mode, old_bias.get(m),
                                              tensors)
@@ -471,6 +478,23 @@ def _low_rank_union(source, forget: Sequence[str], name: str, k: float, has_bias
     return a * -k, (b[:, :-1] if has_bias else b), bias
 
 
+def cap_rank(a: ModuleAdapter, max_rank: int | None) -> ModuleAdapter:
+    """``a`` truncated to rank ``max_rank`` when it is larger (servers cap LoRA ranks: vLLM at
+    512): the best rank-k approximation of ``left @ right`` (Eckart–Young), from the SVD of the
+    small ``R_L R_Rᵀ`` after QR of each factor, so the (out × in) product is never formed. The
+    exact factors are kept so the stored error is reported against them."""
+    if max_rank is None or a.rank <= max_rank:
+        return a
+    q_left, r_left = torch.linalg.qr(a.left)
+    q_right, r_right = torch.linalg.qr(a.right.T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T)
+    root = s[:max_rank].sqrt()
+    left = (q_left @ u[:, :max_rank]) * root
+    right = root[:, None] * (vh[:max_rank] @ q_right.T)
+    return dataclasses.replace(a, form=f"{a.form}+truncated", left=left, right=right,
+                               dense=None, exact=(a.left, a.right))
+
+
 def _balance(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale each rank-1 term ``l_j r_j`` to ``(l_j s_j)(r_j / s_j)`` with ``s_j`` the power of
     two nearest ``sqrt(‖r_j‖ / ‖l_j‖)``: the product is unchanged bit for bit and both factors
@@ -557,6 +581,11 @@ def _ratio(diff: torch.Tensor, ref: torch.Tensor) -> float:
 def _rel_error(a: ModuleAdapter, lora_b: torch.Tensor, lora_a: torch.Tensor) -> float:
     """‖B̂ Â − (−ΔW)‖_F / ‖ΔW‖_F for the stored factors, float64."""
     lb, la = lora_b.double(), lora_a.double()
+    if a.exact is not None:  # truncated to a max rank: against the exact factors
+        left, right = a.exact
+        err = _lowrank_norm(torch.cat([lb, -left], 1), torch.cat([la, right], 0))
+        ref = _lowrank_norm(left, right)
+        return err / ref if ref > 0 else (0.0 if err == 0 else math.inf)
     if a.form == "full_rank":  # one factor is the identity, exact in any dtype
         return _ratio((la if lb.shape[0] <= la.shape[1] else lb) - a.dense, a.dense)
     if a.dense is not None:
@@ -581,7 +610,7 @@ def _adapter_config(stats: Mapping[str, dict], base: _Base, bias_mode: str) -> d
     hf = base.spec is not None and base.spec.path is not None
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM" if hf else None,
-        "base_model_name_or_path": base.spec.path if hf else None, "revision": None,
+        **_base_name(base.spec.path if hf else None),
         "target_modules": names, "r": common, "lora_alpha": common,
         "rank_pattern": ranks, "alpha_pattern": dict(ranks), "use_rslora": False,
         "fan_in_fan_out": any(s["kind"] == "conv1d" for s in stats.values()),
@@ -593,6 +622,16 @@ def _adapter_config(stats: Mapping[str, dict], base: _Base, bias_mode: str) -> d
     if bias_mode == "lora_bias":  # only then: a PEFT without lora_bias must fail, not ignore it
         config["lora_bias"] = True
     return config
+
+
+def _base_name(path: str | None) -> dict:
+    """``base_model_name_or_path`` and ``revision`` as the user named the model, so PEFT's
+    ``AutoPeftModelForCausalLM`` finds it: a Hub id without its ``hf://`` (and the revision
+    apart), a local directory or URI as given."""
+    revision = None
+    if path is not None and path.startswith("hf://"):
+        path, _, revision = path.removeprefix("hf://").partition("@")
+    return {"base_model_name_or_path": path, "revision": revision or None}
 
 
 def _check_matching(names: Sequence[str], model: nn.Module) -> None:
