@@ -21,7 +21,10 @@ OpenUnlearning's ``TOFU_EVAL.json`` / ``TOFU_SUMMARY.json`` and a report out.
    splits (``author_180`` … ``author_199`` for forget10); every other row counts in Σ_total only.
    Rows are rendered through the template and only the answer tokens count (``prompt_column`` /
    ``answer_column``). ``--local``: the single-process engine; else the Ray pipeline.
-4. **Edits**: every (split, α) in one batch (:func:`engram_ray.apply.apply_many`).
+4. **Edits**: every (split, α) in one batch (:func:`engram_ray.apply.apply_many`). With
+   ``--validation-rows N`` and several α, each edit is first scored on a validation slice (the
+   first N rows of ``forgetXX_perturbed`` and ``retain_perturbed``, teacher forced) and only
+   each split's selected α (:func:`select_alpha`) is evaluated in full.
 5. **Evaluation** of the unedited model and of each edit, per split, in OpenUnlearning's format
    (:mod:`engram_ray.eval.openunlearning`): ``OUT/<split>/base/`` and
    ``OUT/<split>/alpha_<α>/`` each hold ``TOFU_EVAL.json`` and ``TOFU_SUMMARY.json``; ``OUT``
@@ -58,6 +61,7 @@ __all__ = [
     "render_prompt",
     "run_demo",
     "run_tofu",
+    "select_alpha",
     "template_for",
 ]
 
@@ -404,6 +408,82 @@ class _Scorer:
         return out
 
 
+def _validation(scorer: _Scorer, model, tok, split: str, rows: int,
+                retain_log: Mapping | None) -> dict:
+    """Teacher-forced numbers on the validation slice (the first ``rows`` rows of
+    ``forgetXX_perturbed`` and of ``retain_perturbed``; no generation): forget quality of the
+    slice's truth ratios against the retain log's rows of the same indices (``None`` without
+    a log), the forget-set answer loss, and ``utility = HM(retain answer probability,
+    retain truth-ratio score)``."""
+    import numpy as np
+    from scipy import stats
+
+    from engram_ray.eval import tofu as metrics
+    from engram_ray.eval.lm_scores import score_qa
+    from engram_ray.eval.openunlearning import truth_ratios
+
+    kw = dict(scorer.kw, generate=False)
+    f = score_qa(model, tok, scorer.data.forget_perturbed[split][:rows], **kw)
+    r = score_qa(model, tok, scorer.data.retain_perturbed[:rows], **kw)
+    tr = truth_ratios(f.paraphrased_nll, f.perturbed_nll)
+    fq = None
+    if retain_log is not None:
+        ref = retain_log["forget_truth_ratio"]["value_by_index"]
+        ref_tr = [ref[str(i)]["score"] for i in range(len(tr)) if str(i) in ref]
+        fq = float(stats.ks_2samp(tr, ref_tr).pvalue)
+    rtr = truth_ratios(r.paraphrased_nll, r.perturbed_nll)
+    utility = metrics.harmonic_mean([float(np.exp(-r.nll).mean()),
+                                     float(np.mean(np.maximum(0.0, 1.0 - rtr)))])
+    return {"forget_quality": fq, "forget_loss": float(f.nll.mean()), "utility": utility}
+
+
+def select_alpha(base: Mapping, candidates: Mapping[float, Mapping], tolerance: float
+                 ) -> tuple[float, str]:
+    """The α whose validation numbers are best, and why: among the α that keep the validation
+    utility at least ``(1 - tolerance)`` × the unedited model's, the highest forget quality
+    (the highest forget loss without a retain log), the smallest α on ties; if none keeps it,
+    the α with the highest utility."""
+    floor = (1.0 - tolerance) * base["utility"]
+    ok = [a for a, v in candidates.items() if v["utility"] >= floor]
+    if not ok:
+        best = max(sorted(candidates), key=lambda a: candidates[a]["utility"])
+        return best, f"no α kept utility ≥ {floor:.4g}: the one with the highest utility"
+    key = "forget_quality" if all(candidates[a]["forget_quality"] is not None for a in ok) \
+        else "forget_loss"
+    best = max(sorted(ok), key=lambda a: (candidates[a][key], -a))
+    return best, f"highest validation {key} with utility ≥ {floor:.4g}"
+
+
+def _select(scorer, model, storage_options, pairs, splits, rows, ref_logs, tolerance,
+            results, keep_models):
+    """Score every edit on the validation slice, keep each split's selected α (the others'
+    checkpoints are removed unless ``keep_models``); returns the kept ``pairs``."""
+    base_model, tok = scorer.load(model, storage_options)
+    base = {s: _validation(scorer, base_model, tok, s, rows, ref_logs.get(s)) for s in splits}
+    del base_model
+    scored: dict[str, dict[float, dict]] = {s: {} for s in splits}
+    for (split, a), e in pairs:
+        m, mtok = scorer.load(e.out)
+        scored[split][a] = _validation(scorer, m, mtok, split, rows, ref_logs.get(split))
+        del m
+    results["validation"] = {"rows": rows, "utility_tolerance": tolerance, "splits": {}}
+    kept = []
+    for split in splits:
+        best, why = select_alpha(base[split], scored[split], tolerance)
+        results["validation"]["splits"][split] = {
+            "unedited": base[split], "alphas": {f"{a:g}": v for a, v in scored[split].items()},
+            "selected": best, "why": why}
+        _say(f"{split}: α = {best:g} selected on the validation slice ({why})")
+        for (s, a), e in pairs:
+            if s != split:
+                continue
+            if a == best:
+                kept.append(((s, a), e))
+            elif not keep_models:
+                shutil.rmtree(e.out)
+    return kept
+
+
 def _forget_nll(logs: Mapping) -> float:
     return float(sum(v["avg_loss"] for v in logs["forget_Q_A_Prob"]["value_by_index"].values())
                  / len(logs["forget_Q_A_Prob"]["value_by_index"]))
@@ -442,11 +522,15 @@ def run_tofu(
     dtype: str = "float32",
     qa_per_author: int = QA_PER_AUTHOR,
     tokens: str = "answer",
+    validation_rows: int = 0,
+    utility_tolerance: float = 0.05,
 ) -> str:
     """Run the pipeline (module docstring); returns the path of ``OUT/report.md``.
 
     Everything is checked (files, retain logs, α values, the output directory) before any
     model is loaded. ``gen_margin``: greedy answers get ``|answer| + gen_margin`` new tokens.
+    ``validation_rows`` > 0 with several α: select α per split on the validation slice
+    (:func:`select_alpha` with ``utility_tolerance``) and evaluate only that one in full.
     """
     from engram_ray.eval.openunlearning import write_logs
 
@@ -456,6 +540,11 @@ def run_tofu(
     for a in alphas:
         if not math.isfinite(a):
             raise ValueError(f"--alpha {a}: not a finite number")
+    if isinstance(validation_rows, bool) or not isinstance(validation_rows, int) \
+            or validation_rows < 0:
+        raise ValueError(f"--validation-rows {validation_rows!r}: expected an int ≥ 0")
+    if not 0.0 <= utility_tolerance < 1.0:
+        raise ValueError(f"--utility-tolerance {utility_tolerance}: expected a number in [0, 1)")
     if tokens not in ("answer", "all"):
         raise ValueError(f"--tokens {tokens!r}: expected answer or all")
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -503,13 +592,17 @@ def run_tofu(
             for e, err in zip(edits, errors):
                 if err is not None:
                     raise RuntimeError(f"edit {os.path.basename(e.out)} failed: {err}") from err
-            for (split, a), e in zip([(s, a) for s in splits for a in alphas], edits):
+            pairs = list(zip([(s, a) for s in splits for a in alphas], edits))
+            if validation_rows and len(alphas) > 1:
+                pairs = _select(scorer, model, storage_options, pairs, splits, validation_rows,
+                                ref_logs, utility_tolerance, results, keep_models)
+            for (split, a), e in pairs:
                 m, mtok = scorer.load(e.out)
                 logs = scorer.logs(m, mtok, [split], ref_logs)[split]
                 del m
                 write_logs(os.path.join(out, split, _alpha_tag(a)), logs)
                 results["rows"].append(_row(split, a, logs))
-                if split == splits[0] and a == alphas[0]:
+                if split == splits[0] and a == pairs[0][0][1]:
                     headline = logs
                 if not keep_models:
                     shutil.rmtree(e.out)
@@ -571,6 +664,22 @@ def _write_report(out: str, results: Mapping) -> str:
         if ret:
             lines.append("| retain model (log) | 1 | " + _fmt(ret["model_utility"]) + " |"
                          + " — |" * (len(keys) - 2))
+        lines.append("")
+    val = results.get("validation")
+    if val:
+        lines += ["## α selected on the validation slice", "",
+                  f"First {val['rows']} rows of each forget split's perturbed file and of "
+                  "retain_perturbed, teacher forced; utility = HM(retain answer probability, "
+                  "retain truth-ratio score); an α must keep at least "
+                  f"{1 - val['utility_tolerance']:g}× the unedited model's utility.", "",
+                  "| split | α | forget_quality | forget_loss | utility | selected |",
+                  "|---|---|---|---|---|---|"]
+        for split, v in val["splits"].items():
+            rows_ = [("unedited", v["unedited"])] + list(v["alphas"].items())
+            for label, r in rows_:
+                mark = "✓" if label != "unedited" and float(label) == v["selected"] else ""
+                lines.append(f"| {split} | {label} | {_fmt(r['forget_quality'])} | "
+                             f"{_fmt(r['forget_loss'])} | {_fmt(r['utility'])} | {mark} |")
         lines.append("")
     lines += [f"![forget quality vs model utility]({os.path.basename(png)})", "",
               f"{results['seconds']:.0f} s in all.", ""]

@@ -17,6 +17,7 @@ from pipelines.tofu import (
     author_name,
     load_tofu,
     render_prompt,
+    select_alpha,
     template_for,
 )
 from pipelines.tofu_synth import QA_PER_AUTHOR, train_models, write_synthetic_tofu
@@ -190,10 +191,24 @@ def test_cli_errors_before_any_work(synth, tmp_path, capsys):
     assert out.is_dir() and not os.listdir(out)
 
 
+@pytest.fixture(scope="module")
+def trained(synth):
+    """A tiny Llama trained on full.json, one on retain99.json, and the latter's TOFU_EVAL.json
+    written by ``engram-ray tofu --eval-only`` (the retain log)."""
+    from engram_ray.eval.train_lm import torch_threads
+
+    data = str(synth / "data")
+    with torch_threads(1):  # tiny models: one thread is fastest (train_lm.torch_threads)
+        models = train_models(data, str(synth / "models"), ("retain99",))
+        assert main(["tofu", "--data", data, "--model", models["retain99"], "--split",
+                     "forget01", "--eval-only", "--out", str(synth / "retain-eval")]) == 0
+    return {"data": data, "models": models, "log": str(synth / "retain-eval" / "TOFU_EVAL.json")}
+
+
 @pytest.mark.slow
-def test_tofu_end_to_end_on_synthetic_data(synth, tmp_path, capsys):
+def test_tofu_end_to_end_on_synthetic_data(trained, tmp_path, capsys):
     """The command a user runs, twice: the retain model's log (``--eval-only`` on a model
-    trained on retain99.json), then the full model's forget01 edit against it.
+    trained on retain99.json, the fixture), then the full model's forget01 edit against it.
 
     Stated margins (this seed, measured: forget loss 0.05 → 0.94, forget quality 0.0011 →
     0.0123, model utility 0.965 → 0.936 at α = 1 with ridge 0.1): the edit raises the forget-set
@@ -201,15 +216,12 @@ def test_tofu_end_to_end_on_synthetic_data(synth, tmp_path, capsys):
     unedited model's."""
     from engram_ray.eval.train_lm import torch_threads
 
-    data, out = str(synth / "data"), tmp_path / "out"
-    log = str(tmp_path / "retain-eval" / "TOFU_EVAL.json")
-    with torch_threads(1):  # tiny models: one thread is fastest (train_lm.torch_threads)
-        models = train_models(data, str(tmp_path / "models"), ("retain99",))
-        assert main(["tofu", "--data", data, "--model", models["retain99"], "--split",
-                     "forget01", "--eval-only", "--out", str(tmp_path / "retain-eval")]) == 0
-        assert main(["tofu", "--data", data, "--model", models["full"], "--split", "forget01",
-                     "--alpha", "1.0", "--retain-logs", log, "--local",
-                     "--set", "solver.ridge=0.1", "--out", str(out)]) == 0
+    out = tmp_path / "out"
+    capsys.readouterr()
+    with torch_threads(1):
+        assert main(["tofu", "--data", trained["data"], "--model", trained["models"]["full"],
+                     "--split", "forget01", "--alpha", "1.0", "--retain-logs", trained["log"],
+                     "--local", "--set", "solver.ridge=0.1", "--out", str(out)]) == 0
     report = capsys.readouterr().out.strip().splitlines()[-1]
     assert report == str(out / "report.md") and os.path.getsize(out / "tofu.png") > 10_000
     summary = json.loads((out / "TOFU_SUMMARY.json").read_text())
@@ -226,6 +238,49 @@ def test_tofu_end_to_end_on_synthetic_data(synth, tmp_path, capsys):
     assert not (out / "models").exists()  # edited checkpoints removed unless --keep-models
     assert "| retain model (log) | 1 |" in (out / "report.md").read_text()
 
+
+def test_select_alpha_rule():
+    base = {"utility": 1.0}
+    c = {0.5: {"utility": 0.99, "forget_quality": 0.1, "forget_loss": 1.0},
+         1.0: {"utility": 0.96, "forget_quality": 0.4, "forget_loss": 2.0},
+         2.0: {"utility": 0.90, "forget_quality": 0.9, "forget_loss": 3.0}}
+    assert select_alpha(base, c, 0.05)[0] == 1.0
+    assert select_alpha(base, c, 0.2)[0] == 2.0
+    assert select_alpha(base, c, 0.0)[0] == 0.5  # nothing keeps 1.0: the highest utility
+    assert "no α kept" in select_alpha(base, c, 0.0)[1]
+    no_log = {a: {**v, "forget_quality": None} for a, v in c.items()}
+    assert select_alpha(base, no_log, 0.05) == (1.0, "highest validation forget_loss with "
+                                                      "utility ≥ 0.95")
+
+
+@pytest.mark.slow
+def test_alpha_selected_on_the_validation_slice(trained, tmp_path):
+    """Three α written in one batch, scored on a 20-row validation slice (forget01's whole
+    forget set here), the rule applied to the recorded numbers, and only the selected α
+    evaluated in full: its full-eval forget loss and forget quality are the validation ones
+    (the same rows, teacher forced either way)."""
+    from engram_ray.eval.train_lm import torch_threads
+
+    out = tmp_path / "out"
+    with torch_threads(1):
+        assert main(["tofu", "--data", trained["data"], "--model", trained["models"]["full"],
+                     "--split", "forget01", "--alpha", "0.25", "--alpha", "1.0", "--alpha", "3",
+                     "--validation-rows", "20", "--retain-logs", trained["log"], "--local",
+                     "--set", "solver.ridge=0.1", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    val = res["validation"]["splits"]["forget01"]
+    floor = 0.95 * val["unedited"]["utility"]
+    ok = {float(a): v for a, v in val["alphas"].items() if v["utility"] >= floor}
+    want = max(ok, key=lambda a: ok[a]["forget_quality"]) if ok else None
+    assert val["selected"] == want and set(val["alphas"]) == {"0.25", "1", "3"}
+    edited = [r for r in res["rows"] if r["alpha"] is not None]
+    assert [r["alpha"] for r in edited] == [want]
+    assert sorted(os.listdir(out / "forget01")) == ["alpha_" + f"{want:g}", "base"]
+    assert edited[0]["forget_loss"] == pytest.approx(val["alphas"][f"{want:g}"]["forget_loss"],
+                                                     rel=1e-9)
+    assert edited[0]["forget_quality"] == pytest.approx(
+        val["alphas"][f"{want:g}"]["forget_quality"], rel=1e-9)
+    assert "α selected on the validation slice" in (out / "report.md").read_text()
 
 def test_files_and_retain_log_are_read_from_s3(synth, s3_bucket):
     """A bucket copy of TOFU's files (and of a retain log) reads as the local one does."""

@@ -66,6 +66,7 @@ __all__ = [
     "read_retain_logs",
     "rouge_scores",
     "summarize",
+    "truth_ratios",
     "write_logs",
 ]
 
@@ -99,10 +100,13 @@ def _multi_prob_entry(nlls: list[np.ndarray]) -> dict:
                                         for v in rows)}
 
 
-def _ratios(correct_nll, wrong_nlls) -> np.ndarray:
+def truth_ratios(correct_nll, wrong_nlls) -> np.ndarray:
     """Per row ``exp(-mean_j wrong_j) / (exp(-correct) + EPS)`` (OpenUnlearning's ``truth_ratio``)."""
     wrong = np.array([np.asarray(v, dtype=np.float64).mean() for v in wrong_nlls])
     return np.exp(-wrong) / (np.exp(-np.asarray(correct_nll, dtype=np.float64)) + EPS)
+
+
+_ratios = truth_ratios
 
 
 def _truth_ratio_entry(ratios: np.ndarray, forget: bool) -> dict:
