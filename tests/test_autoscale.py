@@ -142,11 +142,12 @@ def fake_cluster():
 def _wait_for_autoscaler(proc: subprocess.Popen, tmp: pathlib.Path, log: pathlib.Path) -> None:
     """Until the monitor has published its first status (what the driver reads)."""
     monitor = tmp / "session_latest" / "logs" / "monitor.log"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"ray start exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        if monitor.exists() and "Autoscaler status" in monitor.read_text(errors="replace"):
+        # Twice: the status the driver reads is published after the first one is logged.
+        if monitor.exists() and monitor.read_text(errors="replace").count("Autoscaler status") > 1:
             return
         time.sleep(0.5)
     pytest.fail(f"the fake autoscaler did not start:\n{log.read_text()[-3000:]}")
@@ -186,8 +187,8 @@ def test_gpu_extraction_scales_up_from_zero_and_equals_local(fake_cluster, shard
     from engram_ray.local import extract_from_config
 
     gcs, env = fake_cluster
-    raw = raw_config(shards, tmp_path / "runs", num_gpus=1, address=gcs, schedule_timeout_s=300)
-    done = cli_extract(raw, tmp_path / "job", env)
+    raw = raw_config(shards, tmp_path / "runs", num_gpus=1, address=gcs, schedule_timeout_s=480)
+    done = cli_extract(raw, tmp_path / "job", env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "waiting for the cluster to place" in done.stderr or "stage actors ready" in done.stderr
     run = open_run(done.stdout.strip().splitlines()[-1])
