@@ -202,3 +202,61 @@ def test_cuda_engrams_equal_cpu_engrams(tmp_path):
             a, b = cpu_run.engram(c, m), gpu_run.engram(c, m)
             worst = max(worst, ((a - b).norm() / a.norm().clamp_min(1e-30)).item())
     assert worst <= 1e-5, worst
+
+
+def _config_run(tmp_path, parallel: dict):
+    """``extract_from_config`` (the ``--local`` path) on a tiny Llama directory and a Parquet
+    file of QA rows, with ``parallel`` settings; returns (run, model directory)."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engram_ray.config import ExtractConfig
+    from engram_ray.local import extract_from_config
+    from engram_ray.models.tiny import save_tiny_llama
+
+    words = "who wrote the sea book river town born award".split()
+    g = torch.Generator().manual_seed(0)
+    pick = lambda: " ".join(words[i] for i in torch.randint(0, len(words), (5,), generator=g))  # noqa: E731
+    rows = [{"author": ["ada", "bo", None][i % 3], "question": pick(), "answer": pick()}
+            for i in range(18)]
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), data / "part-0.parquet")
+    model_dir = str(tmp_path / "model")
+    if not os.path.exists(model_dir):
+        save_tiny_llama(model_dir, corpus=words, hidden=32, layers=2)
+    name = "-".join(f"{k}{v}" for k, v in sorted(parallel.items())).replace(":", "")
+    cfg = ExtractConfig.from_dict({
+        "model": {"path": model_dir},
+        "data": {"paths": [str(data)], "concept_column": "author", "prompt_column": "question",
+                 "answer_column": "answer", "max_length": 32},
+        "parallel": {**parallel, "progress_interval_s": None},
+        "store": {"uri": str(tmp_path / "runs"), "run_id": name or "default"},
+    })
+    return extract_from_config(cfg, log=open(os.devnull, "w")), model_dir
+
+
+def test_config_auto_stays_on_the_cpu_without_gpus_asked(tmp_path):
+    run, _ = _config_run(tmp_path, {})
+    assert run.info["device"] == "cpu"
+    run, _ = _config_run(tmp_path, {"device": "cpu", "num_gpus": 1.0})
+    assert run.info["device"] == "cpu"
+
+
+@pytest.mark.cuda
+@cuda
+def test_config_device_cuda_equals_cpu(tmp_path):
+    import engram_ray
+
+    cpu, model_dir = _config_run(tmp_path, {"device": "cpu"})
+    gpu, _ = _config_run(tmp_path, {"device": "cuda"})
+    auto, _ = _config_run(tmp_path, {"num_gpus": 1.0})
+    assert gpu.info["device"].startswith("cuda") and auto.info["device"].startswith("cuda")
+    cpu = engram_ray.open_run(cpu.uri, model=model_dir)
+    gpu = engram_ray.open_run(gpu.uri, model=model_dir)
+    worst = max(((cpu.engram(c, m) - gpu.engram(c, m)).norm()
+                 / cpu.engram(c, m).norm().clamp_min(1e-30)).item()
+                for c in cpu.concepts for m in cpu.modules)
+    assert worst <= 1e-5, worst
