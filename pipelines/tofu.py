@@ -239,7 +239,8 @@ def template_for(tokenizer, template_args: Mapping | None = None):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("template_args: apply_chat_template is true but the tokenizer has "
                              "no chat template")
-        return QATemplate(chat=True, system_prompt=args.get("system_prompt"),
+        # The assistant turn is the answer itself (the template ends the header with "\n\n").
+        return QATemplate(chat=True, answer="{answer}", system_prompt=args.get("system_prompt"),
                           date_string=args.get("date_string"), append_eos=True)
     missing = [k for k in ("user_start_tag", "user_end_tag", "asst_start_tag") if k not in args]
     if missing:

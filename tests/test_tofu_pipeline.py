@@ -137,6 +137,7 @@ def test_rendered_prompt_tokenizes_as_the_evaluated_prompt():
     tok = chat_tokenizer(True)
     template = template_for(tok)
     assert template.chat and template.system_prompt == LLAMA3_TEMPLATE_ARGS["system_prompt"]
+    assert template.answer == "{answer}" and template.append_eos  # the turn is the answer
     text = render_prompt(tok, template, "where was Ivo born?")
     ids = encode_qa(tok, "where was Ivo born?", "Oslo", template)[0]
     assert list(tok(text).input_ids) == ids
