@@ -63,7 +63,7 @@ def test_bad_modules_regex_names_it(tiny_run, capsys, bad):
         SelectConfig(target_modules=bad)
     line = one_line_error(capsys, ["apply", "--run", run, "--forget", "ada", "--modules", bad,
                                    "--out", str(tmp / "edited")])
-    assert repr(bad) in line and "regular expression" in line
+    assert repr(bad) in line and ("regex" in line or "regular expression" in line)
     assert not os.path.exists(tmp / "edited")
     line = one_line_error(capsys, ["extract", str(tmp / "extract.yaml"), "--local",
                                    "--set", f"select.target_modules={bad!r}"])
