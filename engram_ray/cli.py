@@ -326,27 +326,38 @@ def _retain_logs(items: list[str] | None, splits: list[str]) -> dict[str, str]:
     return out
 
 
+def _template_args(value: str | None, storage: dict | None) -> dict | None:
+    """``--template-args``: JSON text, or a YAML/JSON file (local or a URI) holding OpenUnlearning's
+    ``template_args`` or a model config with a ``template_args`` key."""
+    if not value:
+        return None
+    if value.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"--template-args: not valid JSON ({e})") from None
+    else:
+        import yaml
+
+        from engram_ray.io.storage import Storage
+
+        try:
+            parsed = yaml.safe_load(Storage(value, storage).read_bytes().decode())
+        except yaml.YAMLError as e:
+            raise ValueError(f"--template-args {value}: not valid YAML ({e})") from None
+    if isinstance(parsed, dict) and isinstance(parsed.get("template_args"), dict):
+        parsed = parsed["template_args"]  # an OpenUnlearning model config
+    if not isinstance(parsed, dict):
+        raise ValueError(f"--template-args {value}: expected a mapping")
+    return parsed
+
+
 def cmd_tofu(args) -> str:
     """TOFU end to end in OpenUnlearning's format (``pipelines/tofu.py``); returns the report."""
     from pipelines.tofu import run_tofu
 
     splits = args.split or ["forget10"]
-    template_args = None
-    if args.template_args:
-        text = args.template_args
-        if not text.lstrip().startswith("{"):
-            import yaml
-
-            from engram_ray.io.storage import Storage
-
-            text = Storage(text, _storage(args.storage_option)).read_bytes().decode()
-            template_args = yaml.safe_load(text)
-        else:
-            template_args = json.loads(text)
-        if isinstance(template_args, dict) and isinstance(template_args.get("template_args"), dict):
-            template_args = template_args["template_args"]  # an OpenUnlearning model config
-        if not isinstance(template_args, dict):
-            raise ValueError(f"--template-args {args.template_args}: expected a mapping")
+    template_args = _template_args(args.template_args, _storage(args.storage_option))
     return run_tofu(
         args.data, args.model, args.out, splits=splits, alphas=args.alpha or [1.0],
         retain_logs=_retain_logs(args.retain_logs, splits), template_args=template_args,

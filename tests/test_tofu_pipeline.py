@@ -303,3 +303,22 @@ def test_files_and_retain_log_are_read_from_s3(synth, s3_bucket):
                             20) == log
     with pytest.raises(FileNotFoundError, match=f"{s3_bucket.uri}/nope/full.json: missing"):
         load_tofu(f"{s3_bucket.uri}/nope", ["forget01"], s3_bucket.storage_options)
+
+
+def test_template_args_flag_reads_json_or_an_openunlearning_model_config(tmp_path):
+    from engram_ray.cli import _template_args
+
+    cfg = tmp_path / "Llama-2-7b-hf.yaml"  # as OpenUnlearning's configs/model/*.yaml
+    cfg.write_text('model_args:\n  pretrained_model_name_or_path: "meta-llama/Llama-2-7b-hf"\n'
+                   'template_args:\n  apply_chat_template: False\n  user_start_tag: "Question: "\n'
+                   '  user_end_tag: "\\n"\n  asst_start_tag: "Answer: "\n  asst_end_tag: "\\n\\n"\n')
+    assert _template_args(str(cfg), None) == {
+        "apply_chat_template": False, "user_start_tag": "Question: ", "user_end_tag": "\n",
+        "asst_start_tag": "Answer: ", "asst_end_tag": "\n\n"}
+    assert _template_args('{"apply_chat_template": true}', None) == {"apply_chat_template": True}
+    assert _template_args(None, None) is None
+    with pytest.raises(ValueError, match="--template-args: not valid JSON"):
+        _template_args("{oops", None)
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ValueError, match="list.yaml: expected a mapping"):
+        _template_args(str(tmp_path / "list.yaml"), None)
