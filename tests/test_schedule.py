@@ -131,6 +131,9 @@ def test_a_crashed_ticks_lease_expires(queue):
     Lease(q.child("_lease"), timeout_s=0).acquire()  # crashed, and its lease has expired
     done = tick(q.uri, extract=local_extract, storage_options=q.options)
     assert done.worked and done.run == first and not q.exists("_lease")
+    Lease(q.child("_lease"), timeout_s=3600).acquire()  # a holder known to be gone elsewhere
+    done = tick(q.uri, extract=local_extract, storage_options=q.options, break_lease=True)
+    assert done.worked and not q.exists("_lease")
 
 
 # ------------------------------------------------------------------ issue 20: queues are data
