@@ -93,7 +93,7 @@ def dying_run(cfg: ExtractConfig, markers: str, every_time: bool) -> str:
     return run_extraction(plan, RayExecutor(cfg, io.StringIO()), io.StringIO())
 
 
-def test_killed_solver_task_is_retried_and_its_payload_written_once(ray_cluster, tiny_llama_dir,
+def test_killed_solver_task_is_retried_and_its_statistics_written_once(ray_cluster, tiny_llama_dir,
                                                                     tmp_path):
     cfg = make_config(tmp_path, tiny_llama_dir, "retried")
     markers = tmp_path / "markers"
@@ -103,17 +103,17 @@ def test_killed_solver_task_is_retried_and_its_payload_written_once(ray_cluster,
     groups = {r["group"] for r in run.manifest.to_pylist()}
     # Every group's first solver process was killed after writing its payload files.
     assert sorted(os.listdir(markers)) == sorted(f"killed-{g}" for g in groups)
-    # Exactly once: one manifest row per (concept, module), one payload file per module, and
-    # every row group the files hold is one the manifest names (no stale attempt's rows).
+    # Exactly once: one manifest row per (concept, module), one payload file per input group
+    # holding one row per concept (no stale attempt's rows), one spectrum file per group.
     keys = [(r["concept"], r["module"]) for r in run.manifest.to_pylist()]
     assert len(keys) == len(set(keys)) == len(run.concepts) * len(run.modules)
     payload = tmp_path / "runs" / "retried" / "payload"
     files = sorted(os.listdir(payload))
-    assert len(files) == len(run.modules)
+    assert files == sorted(f"{g}.parquet" for g in groups)
     for f in files:
-        held = pq.ParquetFile(payload / f).metadata.num_rows
-        named = sum(1 for r in run.manifest.to_pylist() if f.startswith(r["module"]))
-        assert held == named, f
+        assert pq.ParquetFile(payload / f).metadata.num_rows == len(run.concepts), f
+    spectra = sorted(os.listdir(tmp_path / "runs" / "retried" / "statistics"))
+    assert spectra == sorted(f"{g}.safetensors" for g in groups)
     oracle = extract_from_config(dataclasses.replace(
         cfg, store=dataclasses.replace(cfg.store, run_id="oracle")), log=io.StringIO())
     for c in run.concepts:

@@ -38,9 +38,9 @@ def task_threads(num_cpus: float) -> int:
 
 
 # A solver task whose worker process dies (OOM killer, a preempted node) is run again: its
-# writes are idempotent (each module's payload file is rewritten whole under a fixed name in
-# the staging area, and only the rows the successful attempt returns reach the manifest), so a
-# retry cannot duplicate or mix engrams. Exceptions raised by the task are not retried: they
+# writes are idempotent (the group's spectrum and payload files are rewritten whole under fixed
+# names in the staging area, and only the rows the successful attempt returns reach the
+# manifest), so a retry cannot duplicate or mix statistics. Exceptions raised by the task are not retried: they
 # are deterministic (bad Σ, a storage error already retried by the client).
 SOLVER_RETRIES = 3
 
