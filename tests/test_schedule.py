@@ -407,3 +407,21 @@ def test_queue_init_and_a_tick_on_s3(s3_bucket, tmp_path):
     assert Storage(root, opts).ls() == ["queue.yaml"] and read_queue(root, opts).run == run
     done = tick(root, extract=local_extract, storage_options=opts)
     assert done.worked and done.run == run and not done.extended and done.request_files == []
+
+
+def test_a_tick_that_lost_its_lease_moves_nothing_on(local_queue):
+    """A tick whose lease was broken and taken by another while it worked (stalled past its
+    expiry, say) must not publish over the other's work: it stops before state.json."""
+    from engram_ray.io.lease import LeaseHeld
+
+    q, _, first = local_queue
+    q.write_bytes("shards/part-2.parquet", shard(2))
+
+    def taken_over_meanwhile(cfg):
+        Lease(q.child("_lease")).break_()
+        Lease(q.child("_lease"), timeout_s=3600).acquire()  # another tick's now
+        return local_extract(cfg)
+
+    with pytest.raises(LeaseHeld, match="lost the lease"):
+        tick(q.uri, extract=taken_over_meanwhile)
+    assert not q.exists("state.json") and q.exists("_lease")  # the other's lease stays

@@ -9,9 +9,10 @@ beats in a row can be late before a live holder's lease expires.
 Renewing rewrites the lease's body with a later ``expires`` if the body still carries the
 holder's token (locally a private file renamed over it, on object stores one PUT, both
 atomic). A renewal that finds the lease gone or someone else's marks the heartbeat
-:attr:`~Heartbeat.lost`: the holder checks :meth:`Heartbeat.check` before it publishes
-anything that needs the lease (a tick before it moves ``state.json`` on), so a holder that was
-stalled past its expiry and broken by another never overwrites the other's work.
+:attr:`~Heartbeat.lost`: the holder calls :meth:`Heartbeat.check` (which also reads the
+lease then) before it publishes anything that needs the lease (a tick before it moves
+``state.json`` on), so a holder that was stalled past its expiry and broken by another never
+overwrites the other's work.
 
 This is the same renewal as the run writer's (``io/store.py``), in a module of its own so
 that anything holding a lease (a scheduled tick, an output writer) can use it.
@@ -30,14 +31,22 @@ from engram_ray.io.lease import Lease, LeaseHeld
 __all__ = ["Heartbeat", "renew"]
 
 
-def renew(lease: Lease) -> bool:
-    """Push ``lease``'s expiry to ``timeout_s`` from now if it is still ours; False if it is
-    gone or held by another (then nothing is written)."""
+def _our_body(lease: Lease) -> dict | None:
+    """The lease's body if it carries our token (it is still ours), else None."""
     try:
         body = json.loads(lease.storage.read_bytes())
     except (FileNotFoundError, ValueError):
-        return False
+        return None
     if not isinstance(body, dict) or lease.token is None or body.get("token") != lease.token:
+        return None
+    return body
+
+
+def renew(lease: Lease) -> bool:
+    """Push ``lease``'s expiry to ``timeout_s`` from now if it is still ours; False if it is
+    gone or held by another (then nothing is written)."""
+    body = _our_body(lease)
+    if body is None:
         return False
     body["expires"] = time.time() + lease.timeout_s
     data = json.dumps(body).encode()
@@ -81,8 +90,10 @@ class Heartbeat:
                 pass
 
     def check(self) -> None:
-        """Raise :class:`LeaseHeld` if the lease was lost (broken and maybe retaken)."""
-        if self.lost.is_set():
+        """Raise :class:`LeaseHeld` if the lease was lost (broken and maybe retaken): seen by
+        a renewal, or now, reading the lease (one small read, at the holder's publish points)."""
+        if self.lost.is_set() or _our_body(self.lease) is None:
+            self.lost.set()
             raise LeaseHeld(f"lost the lease {self.lease.uri} while working (it expired or was "
                             "broken, and may be held by another): nothing more is published")
 
