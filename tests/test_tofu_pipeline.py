@@ -5,6 +5,7 @@ tiny Llamas trained by ``eval/train_lm.py``: OpenUnlearning's files out, forget0
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -222,7 +223,8 @@ def test_tofu_end_to_end_on_synthetic_data(trained, tmp_path, capsys):
     with torch_threads(1):
         assert main(["tofu", "--data", trained["data"], "--model", trained["models"]["full"],
                      "--split", "forget01", "--alpha", "1.0", "--retain-logs", trained["log"],
-                     "--local", "--set", "solver.ridge=0.1", "--out", str(out)]) == 0
+                     "--local", "--set", "solver.ridge=0.1", "--keep-models",
+                     "--out", str(out)]) == 0
     report = capsys.readouterr().out.strip().splitlines()[-1]
     assert report == str(out / "report.md") and os.path.getsize(out / "tofu.png") > 10_000
     summary = json.loads((out / "TOFU_SUMMARY.json").read_text())
@@ -236,8 +238,40 @@ def test_tofu_end_to_end_on_synthetic_data(trained, tmp_path, capsys):
     assert summary["forget_quality"] > base["forget_quality"], (base, summary)
     assert summary["model_utility"] > base["model_utility"] - 0.05, (base, summary)
     assert summary["forget_Q_A_Prob"] < base["forget_Q_A_Prob"]
-    assert not (out / "models").exists()  # edited checkpoints removed unless --keep-models
     assert "| retain model (log) | 1 |" in (out / "report.md").read_text()
+    # Per-row values against transformers' own cross-entropy on the kept edited checkpoint:
+    # TOFU's plain tags, the answer and its closing EOS scored (OpenUnlearning's labels).
+    logs = json.loads((out / "TOFU_EVAL.json").read_text())
+    edited_dir = out / "models" / "forget01_alpha_1"
+    rows_ = [json.loads(line) for line in
+             open(os.path.join(trained["data"], "forget01_perturbed.json"))]
+    ref = answer_losses(str(edited_dir), [(r["question"], r["answer"]) for r in rows_])
+    got = [logs["forget_Q_A_Prob"]["value_by_index"][str(i)]["avg_loss"] for i in range(20)]
+    assert got == pytest.approx(ref, rel=1e-4)
+    r0 = rows_[0]
+    para = answer_losses(str(edited_dir), [(r0["question"], r0["paraphrased_answer"])])[0]
+    pert = answer_losses(str(edited_dir), [(r0["question"], a) for a in r0["perturbed_answer"]])
+    tr = math.exp(-sum(pert) / len(pert)) / (math.exp(-para) + 1e-10)
+    assert logs["forget_truth_ratio"]["value_by_index"]["0"]["score"] == pytest.approx(tr, rel=1e-4)
+
+
+def answer_losses(model_dir: str, pairs) -> list[float]:
+    """Mean NLL of `` answer`` + EOS after ``Question: q\nAnswer:``, one row at a time with
+    transformers' model, tokenizer and cross-entropy (no engram-ray code)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    with torch.no_grad():
+        for q, a in pairs:
+            p = tok(f"Question: {q}\nAnswer:")["input_ids"]
+            ans = tok(f" {a}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            logits = model(input_ids=torch.tensor([p + ans])).logits[0].double()
+            out.append(float(torch.nn.functional.cross_entropy(
+                logits[len(p) - 1:-1], torch.tensor(ans))))
+    return out
 
 
 def test_select_alpha_rule():
@@ -282,6 +316,7 @@ def test_alpha_selected_on_the_validation_slice(trained, tmp_path):
     assert edited[0]["forget_quality"] == pytest.approx(
         val["alphas"][f"{want:g}"]["forget_quality"], rel=1e-9)
     assert "α selected on the validation slice" in (out / "report.md").read_text()
+    assert not (out / "models").exists()  # edited checkpoints removed unless --keep-models
 
 def test_files_and_retain_log_are_read_from_s3(synth, s3_bucket):
     """A bucket copy of TOFU's files (and of a retain log) reads as the local one does."""
