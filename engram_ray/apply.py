@@ -23,24 +23,35 @@ uploaded is removed if the upload fails), and the temporary directory is removed
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import os
 import shutil
-import tempfile
+import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 from engram_ray.config import EditSpec
 from engram_ray.core.edit import EditPlan, SharedEngrams, apply_edit, plan_edits
 from engram_ray.io.export import (
     MARKER,
-    check_output,
-    new_stage,
     publish_stage,
     upload_dir,
     write_edited_files_many,
 )
-from engram_ray.io.storage import Storage
+from engram_ray.io.outputs import (
+    IN_PROGRESS,
+    OUTPUT_FORMAT,
+    file_records,
+    inspect,
+    new_stage,
+    remove_stale,
+    start,
+)
+from engram_ray.io.storage import Storage, StorageError
+from engram_ray.io.store import held_lease
 from engram_ray.models.loading import ModelSpec, build_empty, load_model, model_dir, tied_aliases
 from engram_ray.runinfo import VERSION
 from engram_ray.runs import (
@@ -52,8 +63,12 @@ from engram_ray.runs import (
     run_model_spec,
 )
 
-__all__ = ["BUILTIN_FACTORIES", "MARKER", "Edit", "EditSpec", "apply", "apply_many",
-           "apply_run", "check_trusted", "run_model_spec"]
+__all__ = ["BUILTIN_FACTORIES", "MARKER", "MARKERS", "SKIPPED", "Edit", "EditSpec", "apply",
+           "apply_many", "apply_run", "check_trusted", "request_digest", "run_model_spec"]
+
+# Each output format's completion marker, written last (an output with it is complete).
+MARKERS = {"full": MARKER, "peft": "adapter_meta.json"}
+SKIPPED = "skipped"  # the outcome of an edit whose output already holds it, verified
 
 
 def apply_run(
@@ -75,7 +90,6 @@ def apply_run(
     ``solver``: overrides of the run's solver options (``{"rtol": 1e-4}``, ``["rtol=1e-4"]``),
     applied to its stored spectrum. ``allow_other_weights``: edit ``model`` although its
     weights differ from the run's (recorded in ``edit.json``); otherwise refused."""
-    check_output(Storage(out, storage_options))  # refusals that cost nothing come first
     spec = EditSpec(forget=tuple(forget) if not isinstance(forget, str) else forget, out=out,
                     **edit)
     [error] = apply(run_uri, [spec], model=model, storage_options=storage_options,
@@ -91,42 +105,91 @@ def Edit(concepts, out: str, **edit) -> EditSpec:  # noqa: N802 - the old name o
 
 
 def apply(run_uri: str, specs: Sequence[EditSpec], *, model: str | None = None,
-          storage_options=None, trust_factory: bool = False,
-          allow_other_weights: bool = False) -> list[BaseException | None]:
+          storage_options=None, trust_factory: bool = False, allow_other_weights: bool = False,
+          skip_complete: bool = False, log: TextIO | None = None
+          ) -> list[BaseException | str | None]:
     """The one edit driver: every :class:`EditSpec` of one run (``apply``, a batch's requests,
     a tick's), each output exactly what it would be alone, with the work shared: each input
     group's half of each union is formed once (``core.solve.union_right``, through one
     :class:`~engram_ray.core.edit.SharedEngrams` per solver option set), the per-layer scales
     of every edit in one pass (``core.edit.plan_edits``), the full checkpoints in one lockstep
     pass over the base checkpoint (each base tensor read once), the adapters in one pass over
-    the modules. Returns each edit's error (None: written); one failed edit never stops the
+    the modules.
+
+    Each output is written by one writer (its lease is held from inspection to publication,
+    ``io/outputs.py``): an output holding this very request, verified, is :data:`SKIPPED` with
+    ``skip_complete`` (a batch, a tick) and refused otherwise; another request's output is
+    refused naming both; an earlier attempt's incomplete output is redone. Returns each edit's
+    outcome: None (written), :data:`SKIPPED`, or its error; one failed edit never stops the
     others. An edit with an ``eval`` set is scored before anything is written (its summary
     goes into its marker); an eval that fails fails that edit only."""
     run = open_run(run_uri, storage_options, model=model, trust_factory=trust_factory,
                    allow_other_weights=allow_other_weights)
     base = run_model_spec(run, model)
     check_trusted(base, run.uri, given=model is not None, trust_factory=trust_factory)
-    net = None
-    if base.path is None and any(s.format == "full" for s in specs):
-        # A factory model is edited in memory: built once, bound, and copied per edit.
-        net = load_model(base, storage_options, dtype=run_dtype(run))
-        bind_module(run, net, f"factory {base.factory}").weights.allow_other = \
-            allow_other_weights
-    errors: list[BaseException | None] = [None] * len(specs)
-    plans: dict[int, EditPlan] = {}
-    for solver in dict.fromkeys(s.solver for s in specs):  # one source per solver option set
-        source = run.with_solver(None if solver is None
-                                 else run.run_solver.updated(dict(solver)))
-        group = [i for i, s in enumerate(specs) if s.solver == solver]
-        plans.update(_plans(SharedEngrams(source), specs, group, errors, storage_options))
-    evals = _evaluate(run, base, specs, plans, errors, storage_options)
-    full = {i: p for i, p in plans.items() if specs[i].format == "full"}
-    peft = {i: p for i, p in plans.items() if specs[i].format == "peft"}
-    if full:
-        _write_full(run, base, specs, full, errors, storage_options, evals, net)
-    if peft:
-        _write_adapters(run, base, specs, peft, errors, storage_options, evals)
-    return errors
+    results: list[BaseException | str | None] = [None] * len(specs)
+    with contextlib.ExitStack() as held:
+        todo = _claim(run, specs, results, storage_options, held, skip_complete, log)
+        net = None
+        if base.path is None and any(specs[i].format == "full" for i in todo):
+            # A factory model is edited in memory: built once, bound, and copied per edit.
+            net = load_model(base, storage_options, dtype=run_dtype(run))
+            bind_module(run, net, f"factory {base.factory}").weights.allow_other = \
+                allow_other_weights
+        plans: dict[int, EditPlan] = {}
+        for solver in dict.fromkeys(specs[i].solver for i in todo):  # a source per solver
+            source = run.with_solver(None if solver is None
+                                     else run.run_solver.updated(dict(solver)))
+            group = [i for i in todo if specs[i].solver == solver]
+            plans.update(_plans(SharedEngrams(source), specs, group, results))
+        evals = _evaluate(run, base, specs, plans, results, storage_options)
+        full = {i: p for i, p in plans.items() if specs[i].format == "full"}
+        peft = {i: p for i, p in plans.items() if specs[i].format == "peft"}
+        if full:
+            _write_full(run, base, specs, full, results, storage_options, evals, net)
+        if peft:
+            _write_adapters(run, base, specs, peft, results, storage_options, evals)
+    return results
+
+
+def request_digest(run, spec: EditSpec) -> str:
+    """What an output's marker must name to be this request's: the edit (``spec.digest``),
+    the run's committed generation (its manifest's sha256) and the output format."""
+    blob = json.dumps({"edit": spec.digest(), "run": run.uri, "output_format": OUTPUT_FORMAT,
+                       "run_manifest": run.marker["manifest_sha256"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _claim(run, specs: Sequence[EditSpec], results: list, storage_options, held,
+           skip_complete: bool, log: TextIO | None) -> list[int]:
+    """Take each output's lease (held until the driver ends) and inspect it: the edits still
+    to write. A complete output of the same request is skipped (or refused), an incomplete
+    one of an earlier attempt cleared, stale stages of dead writers removed."""
+    todo = []
+    for i, spec in enumerate(specs):
+        try:
+            dest = Storage(spec.out, storage_options)
+            try:
+                held.enter_context(held_lease(spec.out, storage_options,
+                                              what=f"output {dest.uri}"))
+            except StorageError as e:  # name the output the user gave, not the lease file
+                raise StorageError(f"output {dest.uri}: {e}") from e.__cause__
+            state, why = inspect(dest, MARKERS[spec.format], request_digest(run, spec))
+            if state == "complete":
+                if not skip_complete:
+                    raise FileExistsError(f"output {dest.uri} already holds this very edit "
+                                          "(complete, every file verified)")
+                results[i] = SKIPPED
+                continue
+            if state == "incomplete":
+                print(f"[engram-ray] output {dest.uri} is incomplete ({why}): redoing it",
+                      file=log or sys.stderr, flush=True)
+                dest.rm()
+            remove_stale(dest)
+            todo.append(i)
+        except Exception as ex:  # noqa: BLE001 - this edit fails, the batch goes on
+            results[i] = ex
+    return todo
 
 
 apply_many = apply  # the batch driver's former name
@@ -154,22 +217,15 @@ def _evaluate(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int, Edit
 
 
 def _plans(shared: SharedEngrams, specs: Sequence[EditSpec], todo: Sequence[int],
-           errors: list, storage_options) -> dict[int, EditPlan]:
-    """The plans of the edits ``todo`` (module-major, ``plan_edits``); an edit whose output is
-    taken fails here, before any work."""
-    ok = []
-    for i in todo:
-        try:
-            check_output(Storage(specs[i].out, storage_options))
-            ok.append(i)
-        except Exception as ex:  # noqa: BLE001 - this edit fails, the batch goes on
-            errors[i] = ex
+           results: list) -> dict[int, EditPlan]:
+    """The plans of the edits ``todo`` (module-major, ``plan_edits``); an edit that cannot be
+    planned gets its error."""
     planned = plan_edits(shared, [(specs[i].forget, specs[i].alpha, specs[i].scale,
-                                   _listed(specs[i].modules)) for i in ok])
+                                   _listed(specs[i].modules)) for i in todo])
     plans = {}
-    for i, plan in zip(ok, planned):
+    for i, plan in zip(todo, planned):
         if isinstance(plan, BaseException):
-            errors[i] = plan
+            results[i] = plan
         else:
             plans[i] = plan
     return plans
@@ -180,8 +236,10 @@ def _write_full(run, base: ModelSpec, specs: Sequence[EditSpec], plans: dict[int
     """The full checkpoints of ``plans``, in lockstep over the base checkpoint (one read of
     each tensor), each published whole with ``edit.json`` last (holding ``evals[i]``). A
     factory model (``net``, the one the run is bound to) is copied and edited per edit."""
-    stages = {i: new_stage(specs[i].out) if not Storage(specs[i].out).remote
-              else tempfile.mkdtemp(prefix="engram-apply-") for i in plans}
+    stages = {}
+    for i in plans:
+        stages[i] = new_stage(Storage(specs[i].out, storage_options))
+        start(stages[i], request_digest(run, specs[i]))
     try:
         if base.path is not None:
             src = model_dir(base.path, storage_options)
@@ -216,6 +274,8 @@ def _write_adapters(run, base: ModelSpec, specs: Sequence[EditSpec],
     jobs = [AdapterJob(p, specs[i].out, specs[i].scale, specs[i].adapter_rtol,
                        specs[i].adapter_exact_dense,
                        {"solver": _source_run(p.source).solver.to_dict(),
+                        "edit_digest": specs[i].digest(),
+                        "request_digest": request_digest(run, specs[i]),
                         **({"eval": evals[i]} if i in evals else {})},
                        max_rank=specs[i].adapter_max_rank) for i, p in plans.items()]
     try:
@@ -239,9 +299,9 @@ def _finish(run, base: ModelSpec, plan: EditPlan, spec: EditSpec, stage: str,
         _write_marker(stage, plan, provenance)
         dest = Storage(spec.out, storage_options)
         if dest.remote:
-            check_output(dest)  # again: someone may have written there meanwhile
-            upload_dir(stage, dest, MARKER)
+            upload_dir(stage, dest, MARKER)  # the attempt's note first, the marker last
         else:
+            os.remove(os.path.join(stage, IN_PROGRESS))  # a local output appears whole
             publish_stage(stage, spec.out)
     except Exception as ex:  # noqa: BLE001 - this edit fails, the batch goes on
         return ex
@@ -258,10 +318,10 @@ def _listed(modules):
 
 
 def _write_marker(stage: str, plan: EditPlan, provenance: dict) -> None:
-    """``edit.json`` (the provenance, what the write noted, the files' sizes), last."""
+    """``edit.json`` (the provenance, what the write noted, every file's size and sha256:
+    what a later batch verifies before it skips the output), last."""
     provenance["notes"] = list(plan.notes)  # what the write noted (tied weights edited once)
-    provenance["files"] = {name: os.path.getsize(os.path.join(stage, name))
-                           for name in sorted(os.listdir(stage))}
+    provenance["files"] = file_records(stage, MARKER)
     with open(os.path.join(stage, MARKER), "w") as f:
         json.dump(provenance, f, indent=1, sort_keys=True)
 
@@ -296,5 +356,7 @@ def _provenance(run, base: ModelSpec, plan: EditPlan, spec: EditSpec) -> dict:
         "solver": source.solver.to_dict(),
         "allow_other_weights": bool(getattr(source.weights, "allow_other", False)),
         "edit_digest": spec.digest(),
+        "request_digest": request_digest(run, spec),
+        "output_format": OUTPUT_FORMAT,
         "engram_ray_version": VERSION,
     }

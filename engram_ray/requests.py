@@ -126,10 +126,16 @@ def read_requests(uri: str, storage_options: Mapping | None = None,
                 for r in rows]
     out = [_request(uri, i, row) for i, row in enumerate(rows)]
     seen: set[str] = set()
+    outs: dict[str, str] = {}
     for r in out:
         if r.request_id in seen:
             raise ValueError(f"requests file {uri}: request_id {r.request_id!r} appears twice")
         seen.add(r.request_id)
+        key = r.out.rstrip("/")
+        if key in outs:
+            raise ValueError(f"requests file {uri}: requests {outs[key]!r} and "
+                             f"{r.request_id!r} share the output {r.out}: one writer per output")
+        outs[key] = r.request_id
     return out
 
 
@@ -163,35 +169,33 @@ def _request(uri: str, i: int, row: Any) -> EditRequest:
 
 def run_group(requests: Sequence[EditRequest], storage_options: Mapping | None = None,
               trust_factory: bool = False) -> list[dict]:
-    """The summary rows of the requests of one run, in request order: the complete ones
-    skipped, the others written together by ``apply.apply_many`` (module docstring: one
-    read of the model and of each module's engrams for all of them, full checkpoints and
-    adapters alike). Errors are recorded, never raised; the seconds of the shared pass are
-    split evenly among its requests."""
-    from engram_ray.apply import apply
+    """The summary rows of the requests of one run, in request order, all through the one
+    edit driver (``apply.apply``, module docstring: the work shared by all of them, full
+    checkpoints and adapters alike): a request whose output already holds it — its marker
+    names this very request and every file verifies — is skipped, an incomplete earlier
+    attempt redone, another request's output refused. Errors are recorded, never raised; the
+    seconds of the shared pass are split evenly among the requests it wrote."""
+    from engram_ray.apply import SKIPPED, apply
 
-    rows: dict[int, dict] = {}
-    todo = []
-    for i, r in enumerate(requests):
-        try:
-            if _complete(r, storage_options):
-                rows[i] = _row(r, "skipped", 0.0, evaluation=_marker_eval(r, storage_options))
-                continue
-        except Exception as e:  # noqa: BLE001 - recorded, the batch goes on
-            rows[i] = _row(r, "failed", 0.0, e)
-            continue
-        todo.append(i)
-    if todo:
-        t0 = time.time()
-        try:
-            errors = apply(requests[todo[0]].run, [requests[i].spec for i in todo],
-                           storage_options=storage_options, trust_factory=trust_factory)
-        except Exception as e:  # noqa: BLE001 - the run itself failed: every request of it
-            errors = [e] * len(todo)
-        each = (time.time() - t0) / len(todo)
-        for i, err in zip(todo, errors):
-            rows[i] = _written_row(requests[i], each, err, storage_options)
-    return [rows[i] for i in range(len(requests))]
+    t0 = time.time()
+    try:
+        outcomes = apply(requests[0].run, [r.spec for r in requests],
+                         storage_options=storage_options, trust_factory=trust_factory,
+                         skip_complete=True)
+    except Exception as e:  # noqa: BLE001 - the run itself failed: every request of it
+        outcomes = [e] * len(requests)
+    written = [o for o in outcomes if o != SKIPPED]
+    each = (time.time() - t0) / max(1, len(written))
+    rows = []
+    for r, outcome in zip(requests, outcomes):
+        if outcome == SKIPPED:
+            try:
+                rows.append(_row(r, "skipped", 0.0, evaluation=_marker_eval(r, storage_options)))
+            except Exception as e:  # noqa: BLE001 - complete; only its eval is unreadable
+                rows.append(_row(r, "skipped", 0.0, e))
+        else:
+            rows.append(_written_row(r, each, outcome, storage_options))
+    return rows
 
 
 def _written_row(request: EditRequest, seconds: float, error: BaseException | None,
@@ -204,10 +208,6 @@ def _written_row(request: EditRequest, seconds: float, error: BaseException | No
         return _row(request, "done", seconds, evaluation=_marker_eval(request, storage_options))
     except Exception as e:  # noqa: BLE001 - written; only its eval summary is unreadable
         return _row(request, "done", seconds, e)
-
-
-def _complete(request: EditRequest, storage_options: Mapping | None) -> bool:
-    return Storage(request.out, storage_options).exists(COMPLETE[request.format])
 
 
 def _marker_eval(request: EditRequest, storage_options: Mapping | None) -> dict | None:

@@ -6,6 +6,7 @@ in a hostile review; every refusal is exit 2 and one line naming the culprit."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import tempfile
@@ -180,7 +181,10 @@ def test_completed_output_ends_with_edit_json_provenance(llama_run, tmp_path, ca
 
     assert edit["engram_ray_version"] == __version__
     assert set(edit["files"]) == set(os.listdir(out)) - {"edit.json"}
-    assert all(edit["files"][f] == os.path.getsize(out / f) for f in edit["files"])
+    assert all(edit["files"][f]["size"] == os.path.getsize(out / f) for f in edit["files"])
+    assert all(edit["files"][f]["sha256"] == hashlib.sha256((out / f).read_bytes()).hexdigest()
+               for f in edit["files"])
+    assert len(edit["request_digest"]) == 64 and edit["output_format"] == 2
     assert not siblings(out)
 
 
@@ -319,8 +323,11 @@ def test_s3_apply_uploads_the_marker_last(llama_run, s3_bucket, private_tmp, mon
     monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", recording)
     opts = {**s3_bucket.storage_options, "skip_instance_cache": True}
     apply_run(llama_run.uri, ["ada"], out=f"{s3_bucket.uri}/edited", storage_options=opts)
-    assert order[-1] == "edit.json" and "model.safetensors" in order
-    assert s3_keys(s3_bucket, "edited") == sorted(order)
+    # the attempt names itself first (a killed upload is recognised), the marker goes last,
+    # and the attempt's note is removed once the marker is out
+    assert order[0] == "_INCOMPLETE.json" and order[-1] == "edit.json"
+    assert "model.safetensors" in order
+    assert s3_keys(s3_bucket, "edited") == sorted(order[1:])
     assert os.listdir(private_tmp) == []
 
 

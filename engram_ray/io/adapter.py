@@ -69,7 +69,6 @@ import shutil
 import struct
 import tempfile
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -79,7 +78,8 @@ from torch import nn
 from engram_ray.config import ModelSpec
 from engram_ray.core.edit import EditPlan, plan_edit
 from engram_ray.core.layers import module_kind
-from engram_ray.io.export import SafetensorsWriter, upload_dir
+from engram_ray.io.export import SafetensorsWriter, publish_stage, upload_dir
+from engram_ray.io.outputs import IN_PROGRESS, file_records, new_stage, start
 from engram_ray.io.storage import Storage
 from engram_ray.io.store import Run
 from engram_ray.models.loading import as_dtype, build_empty, open_weights
@@ -695,30 +695,30 @@ class _Spool:
 
 def _write(out: str, spool: _Spool, config: dict, meta: dict, storage_options,
            t0: float) -> None:
-    """Write locally (``out``, or a temporary directory uploaded to ``s3://`` after), metadata
-    last; a local ``out`` appears whole or not at all (written as ``out.partial-<nonce>``,
-    renamed: two writers of one ``out`` never share a staging directory)."""
+    """Write into a stage (``io/outputs.py``), metadata last: a local ``out`` appears whole or
+    not at all (the stage renamed), a remote one is uploaded with the attempt's note first and
+    the metadata last. The metadata lists every file's size and sha256 (what a later batch
+    verifies before it skips the output)."""
     dest = Storage(out, storage_options)
     _check_output(dest)
-    scratch = tempfile.mkdtemp(prefix="engram-adapter-") if dest.remote else None
-    local = os.path.join(scratch, "adapter") if scratch else out.rstrip("/")
-    tmp = f"{local}.partial-{uuid.uuid4().hex[:12]}"
-    os.makedirs(tmp)
+    stage = new_stage(dest)
     try:
-        spool.write(os.path.join(tmp, ADAPTER_WEIGHTS))
-        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+        if meta.get("request_digest"):
+            start(stage, meta["request_digest"])
+        spool.write(os.path.join(stage, ADAPTER_WEIGHTS))
+        with open(os.path.join(stage, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=2)
-        meta["bytes"] = {n: os.path.getsize(os.path.join(tmp, n))
+        meta["bytes"] = {n: os.path.getsize(os.path.join(stage, n))
                          for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
+        meta["files"] = file_records(stage, ADAPTER_META)
         meta["seconds"] = round(time.perf_counter() - t0, 4)
-        with open(os.path.join(tmp, ADAPTER_META), "w") as f:
+        with open(os.path.join(stage, ADAPTER_META), "w") as f:
             json.dump(meta, f, indent=2)
-        if os.path.isdir(local):
-            os.rmdir(local)
-        os.replace(tmp, local)
         if dest.remote:  # marker last; a failed upload removes what it had uploaded
-            upload_dir(local, dest, ADAPTER_META)
+            upload_dir(stage, dest, ADAPTER_META)
+        else:
+            if os.path.exists(os.path.join(stage, IN_PROGRESS)):
+                os.remove(os.path.join(stage, IN_PROGRESS))
+            publish_stage(stage, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 from engram_ray.core.edit import EditPlan, check_finite
+from engram_ray.io.outputs import IN_PROGRESS
 from engram_ray.io.storage import Storage
 
 __all__ = [
@@ -293,7 +294,9 @@ def upload_dir(local: str, dest: Storage, marker: str = MARKER) -> list[str]:
     holds the marker without the whole model."""
     names = sorted(os.path.relpath(os.path.join(d, f), local).replace(os.sep, "/")
                    for d, _, fs in os.walk(local) for f in fs)
-    names = [n for n in names if n != marker] + ([marker] if marker in names else [])
+    first = [IN_PROGRESS] if IN_PROGRESS in names else []  # an attempt names itself first
+    names = first + [n for n in names if n not in (marker, IN_PROGRESS)] + \
+        ([marker] if marker in names else [])
     started: list[str] = []
     try:
         for name in names:
@@ -303,7 +306,9 @@ def upload_dir(local: str, dest: Storage, marker: str = MARKER) -> list[str]:
     except BaseException:
         _remove_quietly(dest, started)
         raise
-    return names
+    if first:  # complete now: the marker is out; the attempt's note goes (best effort)
+        _remove_quietly(dest, first)
+    return [n for n in names if n not in first]
 
 
 def _remove_quietly(dest: Storage, names: list[str]) -> None:

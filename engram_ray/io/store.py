@@ -81,6 +81,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 
 import fsspec
@@ -106,7 +107,7 @@ from engram_ray.core.solve import (
     union_right,
     weight_layout,
 )
-from engram_ray.io.lease import Lease, LeaseHeld
+from engram_ray.io.lease import DEFAULT_TIMEOUT_S, Lease, LeaseHeld
 from engram_ray.io.storage import Storage, is_remote
 
 __all__ = [
@@ -115,6 +116,7 @@ __all__ = [
     "LeaseHeld",
     "Run",
     "RunWriter",
+    "held_lease",
     "open_run",
     "read_row_group",
     "run_exists",
@@ -323,6 +325,21 @@ def run_lease(uri: str, storage_options=None, *, timeout_s: float = 3600.0,
             return lease.acquire()
     except LeaseHeld as e:
         raise LeaseHeld(f"{e} ({how_to_break}, breaks it)") from None
+
+
+@contextmanager
+def held_lease(uri: str, storage_options=None, *, what: str | None = None,
+               how_to_break: str = "remove its lease file once no writer is alive"):
+    """The exclusive lease on ``uri`` (:func:`run_lease`, default timeout), renewed by a
+    heartbeat while the block runs and released after: one writer of an output at a time."""
+    lease = run_lease(uri, storage_options, timeout_s=DEFAULT_TIMEOUT_S, what=what,
+                      how_to_break=how_to_break)
+    beat = _Heartbeat(lease)
+    try:
+        yield lease
+    finally:
+        beat.stop()
+        _best_effort(lease.release)
 
 
 class _Heartbeat:
