@@ -562,7 +562,7 @@ def _edit_rows(rep: Report, big: Big, run, k: int, tmp: str, until: float) -> No
         return
     out = os.path.join(tmp, "edited")
     t = time.perf_counter()
-    apply_run(run.uri, forget, alpha=1.0, out=out, model=big.dir)
+    apply_run(run.uri, forget, alpha=1.0, out=out, model=big.dir, device=str(device))
     rep.add("b", f"apply_run: forget {k} authors, edited checkpoint written",
             time.perf_counter() - t, "s", note=f"{dir_bytes(out) / 2**30:.2f} GiB written")
     shutil.rmtree(out, ignore_errors=True)

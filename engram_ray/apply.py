@@ -80,6 +80,7 @@ def apply_run(
     storage_options=None,
     trust_factory: bool = False,
     allow_other_weights: bool = False,
+    device: str = "cpu",
     **edit,
 ) -> str:
     """Write the model with ``forget`` edited out of it to ``out``; returns ``out``: the
@@ -93,7 +94,8 @@ def apply_run(
     spec = EditSpec(forget=tuple(forget) if not isinstance(forget, str) else forget, out=out,
                     **edit)
     [error] = apply(run_uri, [spec], model=model, storage_options=storage_options,
-                    trust_factory=trust_factory, allow_other_weights=allow_other_weights)
+                    trust_factory=trust_factory, allow_other_weights=allow_other_weights,
+                    device=device)
     if error is not None:
         raise error
     return out
@@ -106,7 +108,7 @@ def Edit(concepts, out: str, **edit) -> EditSpec:  # noqa: N802 - the old name o
 
 def apply(run_uri: str, specs: Sequence[EditSpec], *, model: str | None = None,
           storage_options=None, trust_factory: bool = False, allow_other_weights: bool = False,
-          skip_complete: bool = False, log: TextIO | None = None
+          skip_complete: bool = False, log: TextIO | None = None, device: str = "cpu"
           ) -> list[BaseException | str | None]:
     """The one edit driver: every :class:`EditSpec` of one run (``apply``, a batch's requests,
     a tick's), each output exactly what it would be alone, with the work shared: each input
@@ -122,9 +124,10 @@ def apply(run_uri: str, specs: Sequence[EditSpec], *, model: str | None = None,
     refused naming both; an earlier attempt's incomplete output is redone. Returns each edit's
     outcome: None (written), :data:`SKIPPED`, or its error; one failed edit never stops the
     others. An edit with an ``eval`` set is scored before anything is written (its summary
-    goes into its marker); an eval that fails fails that edit only."""
+    goes into its marker); an eval that fails fails that edit only. ``device``: where the
+    updates are formed (``runs.edit_device``: ``cpu``, ``cuda[:N]`` or ``auto``)."""
     run = open_run(run_uri, storage_options, model=model, trust_factory=trust_factory,
-                   allow_other_weights=allow_other_weights)
+                   allow_other_weights=allow_other_weights, device=device)
     base = run_model_spec(run, model)
     check_trusted(base, run.uri, given=model is not None, trust_factory=trust_factory)
     results: list[BaseException | str | None] = [None] * len(specs)

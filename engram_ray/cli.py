@@ -119,7 +119,7 @@ def cmd_apply(args) -> str:
         storage_options=storage, trust_factory=args.trust_factory, format=args.format,
         adapter_rtol=args.adapter_rtol, adapter_exact_dense=args.adapter_exact_dense,
         adapter_max_rank=args.adapter_max_rank, solver=args.solver or None,
-        allow_other_weights=args.allow_other_weights,
+        allow_other_weights=args.allow_other_weights, device=args.device,
     )
 
 
@@ -400,6 +400,9 @@ def _add_apply(sub) -> None:
                    help="peft: relative error allowed when truncating dense edits (1e-3)")
     a.add_argument("--adapter-exact-dense", action="store_true",
                    help="peft: write dense edits exactly (full rank) instead of truncating")
+    a.add_argument("--device", default="cpu",
+                   help="where the edit is formed: cpu, cuda, cuda:N, or auto (a GPU when "
+                        "torch sees one); float64 either way")
     a.add_argument("--adapter-max-rank", type=int, default=None,
                    help="peft: truncate updates of larger rank to this one by SVD (vLLM serves "
                         "LoRA ranks up to 512); the error is in adapter_meta.json")

@@ -36,8 +36,8 @@ from engram_ray.config import ModelSpec, SolverConfig
 from engram_ray.core.layers import weight_matrix
 from engram_ray.io.store import Run
 
-__all__ = ["BUILTIN_FACTORIES", "ModelBinder", "bind_module", "check_trusted", "open_run",
-           "run_dtype", "run_model_spec"]
+__all__ = ["BUILTIN_FACTORIES", "ModelBinder", "bind_module", "check_trusted", "edit_device",
+           "open_run", "run_dtype", "run_model_spec"]
 
 # Factories shipped with engram-ray that only construct a module from numbers: running them
 # runs no code a run.json could choose. Any other factory needs the user's consent.
@@ -85,6 +85,9 @@ class _ModuleWeights:
 
     def __init__(self, model: nn.Module, where: str) -> None:
         self.model, self.where = model, where
+        first = next(iter(model.parameters()), None)
+        # Engrams are formed where the model lives (a CUDA model: on its GPU).
+        self.device = first.device if first is not None else torch.device("cpu")
 
     def matrix(self, module: str, bias: bool) -> torch.Tensor:
         try:
@@ -100,10 +103,11 @@ class _CheckpointWeights:
 
     allow_other = False
 
-    def __init__(self, spec: ModelSpec, storage_options, dtype) -> None:
+    def __init__(self, spec: ModelSpec, storage_options, dtype,
+                 device: torch.device | str = "cpu") -> None:
         from engram_ray.models.loading import build_empty, open_weights, tied_aliases
 
-        self.where = spec.path
+        self.where, self.device = spec.path, torch.device(device)
         self.empty = build_empty(spec, storage_options, dtype=dtype)
         self.aliases = tied_aliases(self.empty)
         self.files = open_weights(spec, storage_options)
@@ -122,9 +126,19 @@ class _CheckpointWeights:
             if key not in self.files:
                 raise ValueError(f"model {self.where} has no tensor {key!r} (module {module!r} "
                                  "of the run)")
-            tensor = self.files.read([key])[key].to(meta.dtype)
+            tensor = self.files.read([key], self.device)[key].to(meta.dtype)
             setattr(sub, part, nn.Parameter(tensor, requires_grad=False))
         return weight_matrix(sub, bias)
+
+
+def edit_device(name: str = "cpu") -> str:
+    """The device an edit is formed on: ``name``, with ``auto`` a GPU when torch sees one
+    (float64 matmuls: fast on data-center GPUs, slower on consumer cards, still above a CPU)."""
+    from engram_ray.devices import resolve_device
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(name, key="--device"))
 
 
 def run_dtype(run: Run) -> str | None:
@@ -147,10 +161,11 @@ class ModelBinder:
 
     def __init__(self, model: str | nn.Module | None = None, *, trust_factory: bool = False,
                  storage_options: Mapping | None = None,
-                 allow_other_weights: bool = False) -> None:
+                 allow_other_weights: bool = False, device: str = "cpu") -> None:
         self.model, self.trust_factory = model, trust_factory
         self.storage_options = storage_options
         self.allow_other_weights = allow_other_weights
+        self.device = device
 
     def __call__(self, run: Run):
         weights = self._weights(run)
@@ -167,28 +182,33 @@ class ModelBinder:
             else run.storage_options
         dtype = run_dtype(run)
         if spec.path is not None:
-            return _CheckpointWeights(spec, options, dtype)
+            return _CheckpointWeights(spec, options, dtype, self.device)
         from engram_ray.models.loading import load_model
 
-        return _ModuleWeights(load_model(spec, options, dtype=dtype), f"factory {spec.factory}")
+        model = load_model(spec, options, dtype=dtype).to(self.device)
+        return _ModuleWeights(model, f"factory {spec.factory}")
 
 
 def open_run(uri: str, storage_options: Mapping | None = None, *,
              model: str | nn.Module | None = None,
              solver: SolverConfig | Mapping | Sequence[str] | None = None,
-             trust_factory: bool = False, allow_other_weights: bool = False) -> Run:
+             trust_factory: bool = False, allow_other_weights: bool = False,
+             device: str = "cpu") -> Run:
     """Open the committed run at ``uri`` (local path or ``s3://``), bound to its base model
     (module docstring; loaded on the first engram). ``solver`` re-solves the stored spectrum
     with other options: a :class:`SolverConfig`, or overrides of the run's own (``{"rtol":
     1e-4}``, ``["rtol=1e-4"]``); default the run's. ``allow_other_weights`` (only with a
-    ``model``) skips the weight check: the engrams are formed with the given weights."""
+    ``model``) skips the weight check: the engrams are formed with the given weights.
+    ``device``: where engrams and edits are formed (``cpu``, ``cuda``, ``cuda:N``, or
+    ``auto``: a GPU when torch sees one); an in-memory model's own device wins."""
     if allow_other_weights and model is None:
         raise ValueError("allow_other_weights needs a model (--model): the run's own model is "
                          "the one it was extracted from, or it has changed")
     run = Run(uri, storage_options,
               binder=ModelBinder(model, trust_factory=trust_factory,
                                  storage_options=storage_options,
-                                 allow_other_weights=allow_other_weights))
+                                 allow_other_weights=allow_other_weights,
+                                 device=edit_device(device)))
     if solver is not None and not isinstance(solver, SolverConfig):
         solver = run.run_solver.updated(solver)
     return run.with_solver(solver)

@@ -454,7 +454,7 @@ def module_adapter(plan: EditPlan, name: str, rtol: float = DEFAULT_RTOL,
         dense = left @ right
     else:
         dw, bias = plan.delta(name)
-        dw = dw.double()
+        dw, bias = dw.double().cpu(), None if bias is None else bias.cpu()
         dense = -(dw.T if kind == "conv1d" else dw.reshape(dw.shape[0], -1))
         if not exact_dense:
             svd = _svd_factors(dense, rtol)
@@ -474,8 +474,8 @@ def _low_rank_union(source, forget: Sequence[str], name: str, k: float, has_bias
     a, b = parts(list(forget), name, True)
     if b is None:
         return None
-    bias = (a @ b[:, -1]).float() * k if has_bias else None
-    return a * -k, (b[:, :-1] if has_bias else b), bias
+    bias = (a @ b[:, -1]).float().cpu() * k if has_bias else None
+    return (a * -k).cpu(), (b[:, :-1] if has_bias else b).cpu(), bias  # written from the host
 
 
 def cap_rank(a: ModuleAdapter, max_rank: int | None) -> ModuleAdapter:

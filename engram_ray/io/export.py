@@ -139,7 +139,8 @@ def edit_tensor_stream(
                 if tuple(delta.shape) != tuple(t.shape):
                     raise ValueError(f"{key}: engram shape {tuple(delta.shape)} ≠ tensor "
                                      f"{tuple(t.shape)}; is this the run's model?")
-                edited = (t.float() - delta.float()).to(t.dtype)
+                # the delta may have been formed on a GPU: it comes to the host to be written
+                edited = (t.float() - delta.to(t.device, torch.float32)).to(t.dtype)
                 check_finite(key, t, edited, plan.alpha)
                 t = edited
         yield key, t

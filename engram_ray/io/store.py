@@ -203,9 +203,11 @@ def _digest(*parts) -> str:
 
 
 def weight_digest(matrix: torch.Tensor) -> str:
-    """sha256 of a module's (out, D) float64 weight matrix (bias column included): which
+    """sha256 of a module's (out, D) weight matrix (bias column included): which
     weights a run's engrams were computed with; checked whenever an engram is formed on read."""
-    arr = np.ascontiguousarray(matrix.detach().cpu().double().numpy())
+    # Hashed in float32: exact for bf16, fp16 and fp32 weights, half the bytes of the float64
+    # matrix (the digest is taken once per module at extraction and on every bind).
+    arr = np.ascontiguousarray(matrix.detach().float().cpu().numpy())
     return hashlib.sha256(memoryview(arr).cast("B")).hexdigest()
 
 
@@ -823,9 +825,15 @@ class Run:
         return load(blob), _safetensors_metadata(blob)
 
     def _inverse(self, group: str) -> tuple[torch.Tensor, int]:
+        """Σ⁺ under this run's solver options, float64, on the device the bound weights are
+        on (a GPU model: the edit is formed there, and only what is written goes to the host)."""
         tensors, _ = self._spectrum(group)
-        return inverse_from_spectrum(tensors["eigenvalues"], tensors["eigenvectors"],
-                                     self.solver)
+        dev = getattr(self.weights, "device", "cpu") if self._has_weights() else "cpu"
+        return inverse_from_spectrum(tensors["eigenvalues"].to(dev),
+                                     tensors["eigenvectors"].to(dev), self.solver)
+
+    def _has_weights(self) -> bool:
+        return self._weights is not None or self._binder is not None
 
     def _concept(self, concept: str, module: str) -> tuple[str, torch.Tensor]:
         """(form, tensor) of a concept's statistics in ``module``'s group: its rows in their
@@ -925,9 +933,9 @@ class Run:
         pinv = self._pinv(self.record(concept, module)["group"])[0]
         a, b = row_factors(self._matrix(module), x, pinv)
         info = self._info(module)
-        bias = (a @ b[:, -1]).float() if info.bias else None
-        right = (b[:, :-1] if info.bias else b).float().contiguous()
-        return a.float().contiguous(), right, bias
+        bias = (a @ b[:, -1]).float().cpu() if info.bias else None
+        right = (b[:, :-1] if info.bias else b).float().cpu().contiguous()
+        return a.float().cpu().contiguous(), right, bias
 
     def _info(self, module: str) -> ModuleInfo:
         row = self.module_info(module)
