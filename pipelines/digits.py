@@ -108,12 +108,14 @@ def _sweep_alpha(args) -> dict:
     kind, weights, run_uri, alpha, seed = args
     from safetensors.torch import load_file
 
-    from engram_ray.io.store import open_run
+    from engram_ray.runs import open_run
 
     torch.set_num_threads(1)
-    run = open_run(run_uri)
     xtr, ytr, xte, yte = load_digits_split(seed)
     state = load_file(weights)
+    trained = _build(kind, seed)
+    trained.load_state_dict(state)
+    run = open_run(run_uri, model=trained)  # engrams formed with the trained weights
     acc, splits = [], []
     for c in range(10):
         model = _build(kind, seed)

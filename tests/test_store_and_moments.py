@@ -339,3 +339,20 @@ def test_kept_statistics_extend_a_run_without_rereading_old_shards(tmp_path):
         merged.merge(kept)
     with pytest.raises(FileNotFoundError, match="keep_statistics"):
         open_run(str(tmp_path / "both")).statistics()
+
+
+def test_manifest_norms_equal_the_formula_for_wide_narrow_and_block_modules(tmp_path):
+    """rel_norm = ‖W Σ_c Σ⁺‖/‖W‖ by the Gram identities (W Xᵀ for modules narrower than D,
+    X WᵀW Xᵀ for wider ones, ⟨WᵀW, P Pᵀ⟩ for blocks) equals the norm of the formed engram."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3))  # wide, then narrow
+    labels = ["r1"] * 2 + ["r2"] * 3 + ["blk"] * 9 + [None] * 16
+    stats = collect_statistics(model, [Batch(torch.randn(30, 5), labels)])
+    uri, _, _ = write_run(tmp_path, model_stats=(model, stats))
+    run = open_run(uri, model=model)
+    assert run.record("r1", "0")["form"] == "factored" and run.record("blk", "0")["form"] == "dense"
+    for c in run.concepts:
+        for m in run.modules:
+            w = weight_matrix(model.get_submodule(m))
+            want = float(torch.linalg.norm(oracle(model, stats, c, m)) / torch.linalg.norm(w))
+            assert run.record(c, m)["rel_norm"] == pytest.approx(want, rel=1e-9), (c, m)

@@ -267,30 +267,80 @@ def solve_group(
     device = moments.total.device
     evals, evecs = spectrum(moments.total)
     pinv, kept = inverse_from_spectrum(evals, evecs, config)
-    norms = {i.name: float(torch.linalg.norm(weights[i.name].double())) for i in members}
-    # All modules of the group as one (Σ out, D) matrix: one matmul chain per chunk of concepts.
-    stacked = torch.cat([weights[i.name].double() for i in members]).to(device)
-    splits = [weights[i.name].shape[0] for i in members]
+    mats = [weights[i.name].to(device, torch.float64) for i in members]
+    norms = {i.name: float(torch.linalg.norm(m)) for i, m in zip(members, mats)}
     names = list(concepts if concepts is not None else moments.names)
     for c in names:
         if moments.counts.get(c, 0) == 0:
             raise ValueError(f"concept {c!r} has zero tokens after masking; no engram exists")
+    norm_of = _GroupNorms(mats, moments.dim, pinv, bool(set(names) - set(moments.rows)))
     records: list[EngramRecord] = []
-    blocks = [c for c in names if c not in moments.rows]
-    if blocks:
-        grams = [stacked[sum(splits[:k]):sum(splits[:k + 1])] for k in range(len(splits))]
-        grams = [g.T @ g for g in grams]  # W_mᵀ W_m once per module
-        for c in blocks:
-            p = moments.concepts[c].to(device, torch.float64) @ pinv
-            q = p @ p.T
-            sq = [float((g * q).sum().clamp_min(0)) for g in grams]
-            records += _records(c, members, moments, [math.sqrt(v) for v in sq], norms, "dense")
+    for c in (c for c in names if c not in moments.rows):
+        records += _records(c, members, moments, norm_of.block(moments.concepts[c]), norms,
+                            "dense")
     small = [c for c in names if c in moments.rows]
-    for chunk in _chunks(small, moments, _rows_per_chunk(moments.dim, stacked.shape[0])):
-        records += _row_norms(chunk, moments, members, stacked, splits, pinv, norms)
+    for chunk in _chunks(small, moments, _rows_per_chunk(moments.dim, norm_of.width)):
+        xs = [moments.rows[c] for c in chunk]
+        for c, vals in zip(chunk, norm_of.rows(xs)):
+            records += _records(c, members, moments, vals, norms, "factored")
     for r in records:
         r.kept = kept
     return GroupSolution(evals, evecs, kept, records)
+
+
+class _GroupNorms:
+    """``‖W_m Σ_c Σ⁺‖_F`` of every module m of a group, without forming the (out, D) engram.
+
+    Rows (``Σ_c = XᵀX``, B = X Σ⁺, K = B Bᵀ): ``‖A_m B‖² = Σ (A_mᵀ A_m) ∘ K`` with either
+    ``A_m = W_m Xᵀ`` (out·D·n flops: modules narrower than D, stacked into one matmul per
+    chunk of concepts) or ``A_mᵀ A_m = X G_m Xᵀ``, ``G_m = W_mᵀ W_m`` formed once (D²·n:
+    modules wider than D — gate/up, and lm_head, whose vocabulary-wide ``W Xᵀ`` would cost
+    V·D·n, 64× more at Llama-3.2-1B's 128k × 2048). Blocks: ``⟨G_m, P Pᵀ⟩``, ``P = Σ_c Σ⁺``.
+    """
+
+    def __init__(self, mats: Sequence[torch.Tensor], dim: int, pinv: torch.Tensor,
+                 blocks: bool) -> None:
+        self.pinv, self.count = pinv, len(mats)
+        self.wide = [k for k, m in enumerate(mats) if blocks or m.shape[0] > dim]
+        narrow = [k for k in range(len(mats)) if k not in self.wide]
+        self.narrow = narrow if not blocks else []
+        self.stacked = torch.cat([mats[k] for k in self.narrow]) if self.narrow else None
+        self.splits = [mats[k].shape[0] for k in self.narrow]
+        self.grams = {k: mats[k].T @ mats[k] for k in self.wide}  # once per module
+        self.width = (self.stacked.shape[0] if self.narrow else 0) + dim * len(self.grams)
+
+    def block(self, sigma_c: torch.Tensor) -> list[float]:
+        p = sigma_c.to(self.pinv.device, torch.float64) @ self.pinv
+        q = p @ p.T
+        return [math.sqrt(float((self.grams[k] * q).sum().clamp_min(0)))
+                for k in range(self.count)]
+
+    def rows(self, xs: Sequence[torch.Tensor]) -> list[list[float]]:
+        """Every module's norm for each concept of ``xs`` (one chunk): two matmuls for the
+        chunk (``X Σ⁺``; ``W Xᵀ`` of the narrow modules, ``X G_m`` of the wide), then
+        n×n products per concept."""
+        xs = [x.to(self.pinv.device, torch.float64) for x in xs]  # exact
+        x = torch.cat(xs)
+        b_all = x @ self.pinv
+        a_all = self.stacked @ x.T if self.narrow else None
+        y_all = {k: x @ g for k, g in self.grams.items()}
+        out, start = [], 0
+        for xc in xs:
+            cols = slice(start, start + xc.shape[0])
+            start += xc.shape[0]
+            b = b_all[cols]
+            k_c = b @ b.T
+            vals = [0.0] * self.count
+            if a_all is not None:
+                a = a_all[:, cols]
+                # Σ_rows of A_m of (A_m K) ∘ A_m: every narrow module from one (Σout, n) product
+                sq = (a @ k_c).mul_(a).sum(1)
+                for k, part in zip(self.narrow, sq.split(self.splits)):
+                    vals[k] = float(part.sum().clamp_min(0).sqrt())
+            for k, y in y_all.items():
+                vals[k] = float(((y[cols] @ xc.T) * k_c).sum().clamp_min(0).sqrt())
+            out.append(vals)
+        return out
 
 
 def _rows_per_chunk(dim: int, outputs: int, budget_bytes: int = 256 << 20) -> int:
@@ -310,26 +360,6 @@ def _chunks(names: Sequence[str], moments: Moments, limit: int) -> Iterator[list
         rows += n
     if chunk:
         yield chunk
-
-
-def _row_norms(chunk, moments, members, stacked, splits, pinv, norms) -> list[EngramRecord]:
-    """Norms of the rank-n_c engrams ``(W X_cᵀ)(X_c Σ⁺)`` of concepts kept as rows, every
-    concept of the chunk in one pair of matmuls."""
-    xs = [moments.rows[c].to(stacked.device, torch.float64) for c in chunk]  # exact
-    x = torch.cat(xs)  # (Σ n_c, D)
-    b_all = x @ pinv  # X_c Σ⁺ for every concept, stacked by rows
-    a_all = stacked @ x.T  # W X_cᵀ for every module (rows) and concept (columns)
-    out, start = [], 0
-    for c, xc in zip(chunk, xs):
-        cols = slice(start, start + xc.shape[0])
-        start += xc.shape[0]
-        b, a = b_all[cols], a_all[:, cols]
-        # ‖A_m B‖²_F = Σ_rows of A_m of (A_m B Bᵀ) ∘ A_m: every module's norm from one (Σout, n_c)
-        # product, without forming A B; the bias column is included, as for dense engrams.
-        sq = (a @ (b @ b.T)).mul_(a).sum(1)
-        vals = [float(part.sum().clamp_min(0).sqrt()) for part in sq.split(splits)]
-        out += _records(c, members, moments, vals, norms, "factored")
-    return out
 
 
 def _records(concept: str, members, moments: Moments, engram_norms, weight_norms,
