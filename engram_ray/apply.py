@@ -1,24 +1,24 @@
-"""``apply``: turn a committed run into an edited model, published whole or not at all.
+"""The one edit driver: a committed run and :class:`EditSpec` s in, edited models out.
 
-HF models (``model.path``) become an HF directory (config, tokenizer, safetensors) written
-tensor by tensor (``io/export.py``); factory models become ``OUT/model.safetensors`` holding the
-edited state dict. Every output ends with ``edit.json`` (:data:`~engram_ray.io.export.MARKER`),
-written last: the run, concepts, α, scale, modules, the base model's fingerprint and the
-engram-ray version. An output without it is not a complete edit.
+``apply(run, specs)`` serves ``engram-ray apply`` (:func:`apply_run`, the batch of one), batch
+requests and scheduled ticks alike, so every guarantee below lives here once. HF models
+(``model.path``) become an HF directory (config, tokenizer, safetensors) written tensor by
+tensor (``io/export.py``); factory models become ``OUT/model.safetensors``; ``format="peft"``
+edits become LoRA adapters (``io/adapter.py``). Every output ends with its marker
+(``edit.json`` / ``adapter_meta.json``), written last: the run, the edit, its request digest,
+the solver options used, the base model, every file's size and sha256.
 
-What is refused, before anything is written:
+Refused before anything is written: a run whose model is a ``factory`` other than the
+built-in ones (:data:`BUILTIN_FACTORIES`) unless the caller consents (``trust_factory=True``,
+``--trust-factory``, or the model given again: importing a factory runs its code); a base
+model whose weights differ from the run's (``runs.py``; ``--allow-other-weights`` with
+``--model`` edits such a copy knowingly); an output holding another request's edit or
+foreign files; an α that is not finite or overflows float32, and any edit whose weights would
+not be finite.
 
-- a run whose model is a ``factory`` (``"pkg.module:callable"``), unless the caller consents:
-  ``trust_factory=True`` (``--trust-factory``) or the model given again (``model=``,
-  ``--model``). A factory is imported and called, so running the one a run names would run
-  whatever code its ``run.json`` says; the factories shipped in :mod:`engram_ray.models`
-  (:data:`BUILTIN_FACTORIES`, constructors of plain modules) are the exception;
-- an output that is an existing file or a non-empty directory or ``s3://`` prefix;
-- an α that is not finite or overflows float32, and any edit whose weights would not be finite.
-
-A local output is written under ``<out>.partial-<nonce>`` and renamed into place; an ``s3://``
-output is written to a local temporary directory, uploaded with the marker last (what was
-uploaded is removed if the upload fails), and the temporary directory is removed either way.
+Outputs (``io/outputs.py``): one writer each (the output's lease, held from inspection to
+publication), staged and published marker last; an output that already holds this very
+request, verified file by file, is skipped by a batch; an incomplete earlier attempt is redone.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ from engram_ray.runs import (
     run_model_spec,
 )
 
-__all__ = ["BUILTIN_FACTORIES", "MARKER", "MARKERS", "SKIPPED", "Edit", "EditSpec", "apply",
-           "apply_many", "apply_run", "check_trusted", "request_digest", "run_model_spec"]
+__all__ = ["BUILTIN_FACTORIES", "MARKER", "MARKERS", "SKIPPED", "EditSpec", "apply", "apply_run",
+           "check_trusted", "request_digest", "run_model_spec"]
 
 # Each output format's completion marker, written last (an output with it is complete).
 MARKERS = {"full": MARKER, "peft": "adapter_meta.json"}
@@ -99,11 +99,6 @@ def apply_run(
     if error is not None:
         raise error
     return out
-
-
-def Edit(concepts, out: str, **edit) -> EditSpec:  # noqa: N802 - the old name of an EditSpec
-    """An :class:`EditSpec` by its former field name (``concepts`` is ``forget``)."""
-    return EditSpec(forget=concepts, out=out, **edit)
 
 
 def apply(run_uri: str, specs: Sequence[EditSpec], *, model: str | None = None,
@@ -195,10 +190,7 @@ def _claim(run, specs: Sequence[EditSpec], results: list, storage_options, held,
     return todo
 
 
-apply_many = apply  # the batch driver's former name
-
-
-def _evaluate(run, spec: ModelSpec, edits: Sequence[Edit], plans: dict[int, EditPlan],
+def _evaluate(run, spec: ModelSpec, edits: Sequence[EditSpec], plans: dict[int, EditPlan],
               errors: list, storage_options) -> dict[int, dict]:
     """The eval summary of every planned edit with an ``eval`` set, before any is written (the
     run's model loaded once, each set's base scores computed once: ``EditEvaluator``). An edit

@@ -219,9 +219,15 @@ def plan_for(uri: str, store: StoreConfig, run_id: str, **fields) -> Plan:
 
 
 def _check_model_paths(cfg: ExtractConfig) -> None:
-    for uri in (cfg.model.path, cfg.model.weights):
-        if uri is not None and not Storage(uri, cfg.store.storage_options).exists():
-            raise FileNotFoundError(f"model path {uri!r} does not exist")
+    """Fail in one line before any work when the model is not there (a folder, a URI, or a
+    Hub id in the cache: ``models.loading.check_model_path`` names what it tried)."""
+    from engram_ray.models.loading import check_model_path
+
+    options = cfg.store.storage_options
+    if cfg.model.path is not None:
+        check_model_path(cfg.model.path, options)
+    if cfg.model.weights is not None and not Storage(cfg.model.weights, options).exists():
+        raise FileNotFoundError(f"model weights {cfg.model.weights!r} do not exist")
 
 
 def run_extraction(plan: Plan, executor: Executor, log: TextIO | None = None) -> str:

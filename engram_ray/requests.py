@@ -22,7 +22,7 @@ Each request is one ``apply``: an edited checkpoint written tensor by tensor wit
 last, or a PEFT adapter with ``adapter_meta.json`` last (the output's completion marker and
 provenance); its output equals the single ``engram-ray apply`` of the same request.
 
-Requests that edit the same run are done together (``apply.apply_many``), because that is what
+Requests that edit the same run are done together (``apply.apply``, the one edit driver), because that is what
 lets them share their reads: each module's engrams are read once for the union of their forget
 sets and every output is made from them, module by module — the full checkpoints in one pass
 over the base checkpoint (each tensor read once, N outputs written in lockstep), the adapters
@@ -200,7 +200,7 @@ def run_group(requests: Sequence[EditRequest], storage_options: Mapping | None =
 
 def _written_row(request: EditRequest, seconds: float, error: BaseException | None,
                  storage_options: Mapping | None) -> dict:
-    """The row of a request ``apply_many`` ran: failed, or done with its marker's eval (an
+    """The row of a request ``apply.apply`` ran: failed, or done with its marker's eval (an
     eval that cannot be read back is reported as the done request's error)."""
     if error is not None:
         return _row(request, "failed", seconds, error)

@@ -21,7 +21,7 @@ OpenUnlearning's ``TOFU_EVAL.json`` / ``TOFU_SUMMARY.json`` and a report out.
    splits (``author_180`` … ``author_199`` for forget10); every other row counts in Σ_total only.
    Rows are rendered through the template and only the answer tokens count (``prompt_column`` /
    ``answer_column``). ``--local``: the single-process engine; else the Ray pipeline.
-4. **Edits**: every (split, α) in one batch (:func:`engram_ray.apply.apply_many`). With
+4. **Edits**: every (split, α) in one batch (:func:`engram_ray.apply.apply`, the one edit driver). With
    ``--validation-rows N`` and several α, each edit is first scored on a validation slice (the
    first N rows of ``forgetXX_perturbed`` and ``retain_perturbed``, teacher forced) and only
    each split's selected α (:func:`select_alpha`) is evaluated in full.
@@ -580,16 +580,17 @@ def run_tofu(
                                             "log": retain_logs[split]}
         headline = base_logs[splits[0]]
         if not eval_only:
-            from engram_ray.apply import Edit, apply_many
+            from engram_ray.apply import apply
+            from engram_ray.config import EditSpec
 
             run_uri = _extract(tofu, model, tok, template, out, local, overrides, storage_options,
                                max_length, tokens)
             results["run"] = run_uri
             _say(f"run {run_uri}; {len(splits) * len(alphas)} edits in one batch")
-            edits = [Edit(concepts=tuple(tofu.forget_authors[s]), alpha=a, scale=scale,
-                          out=os.path.join(out, "models", f"{s}_{_alpha_tag(a)}"))
+            edits = [EditSpec(forget=tuple(tofu.forget_authors[s]), alpha=a, scale=scale,
+                              out=os.path.join(out, "models", f"{s}_{_alpha_tag(a)}"))
                      for s in splits for a in alphas]
-            errors = apply_many(run_uri, edits, storage_options=storage_options)
+            errors = apply(run_uri, edits, storage_options=storage_options)
             for e, err in zip(edits, errors):
                 if err is not None:
                     raise RuntimeError(f"edit {os.path.basename(e.out)} failed: {err}") from err

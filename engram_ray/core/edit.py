@@ -83,7 +83,7 @@ def union_engram(
 class SharedEngrams:
     """An :class:`EngramSource` that forms each module's unions once for a batch of edits.
 
-    Edits of one run made together (``apply.apply_many``) walk the modules in the same order,
+    Edits of one run made together (``apply.apply``) walk the modules in the same order,
     in lockstep; the first to need module m's union of a forget set forms it (and its factors,
     for adapters) and the others, and the later steps of the same edit (scales, then the
     write), reuse it. Only the last ``keep`` modules stay in memory (a weight and its bias may

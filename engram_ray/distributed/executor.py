@@ -305,7 +305,7 @@ def _start_actors(cfg: ExtractConfig, threads: int, placed: Placement) -> list[l
     storage = cfg.data.storage_options or cfg.store.storage_options
     return [[StageActor.options(**{**opts, **placed.strategy(r * p.stages + s)}).remote(
                 cfg.model, s, p.stages, r, cfg.select, dtype=p.dtype, storage_options=storage,
-                threads=threads)
+                threads=threads, device=p.device)
              for s in range(p.stages)]
             for r in range(p.replicas)]
 

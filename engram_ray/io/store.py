@@ -78,7 +78,6 @@ import os
 import re
 import secrets
 import shutil
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -107,6 +106,7 @@ from engram_ray.core.solve import (
     union_right,
     weight_layout,
 )
+from engram_ray.io.heartbeat import Heartbeat
 from engram_ray.io.lease import DEFAULT_TIMEOUT_S, Lease, LeaseHeld
 from engram_ray.io.storage import Storage, is_remote
 
@@ -336,36 +336,12 @@ def held_lease(uri: str, storage_options=None, *, what: str | None = None,
     heartbeat while the block runs and released after: one writer of an output at a time."""
     lease = run_lease(uri, storage_options, timeout_s=DEFAULT_TIMEOUT_S, what=what,
                       how_to_break=how_to_break)
-    beat = _Heartbeat(lease)
+    beat = Heartbeat(lease).start()
     try:
         yield lease
     finally:
         beat.stop()
         _best_effort(lease.release)
-
-
-class _Heartbeat:
-    """Renews a lease every quarter of its timeout while its writer lives (a daemon thread):
-    a live writer's lease never expires, a dead one's does."""
-
-    def __init__(self, lease: Lease) -> None:
-        self.lease, self._stop = lease, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="engram-lease")
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(max(1.0, self.lease.timeout_s / 4)):
-            try:
-                _renew(self.lease, self._stop)
-            except Exception:  # storage briefly unreachable: try again next beat
-                pass
-
-    def stop(self) -> None:
-        """Stop renewing, waiting (a little) for a renewal in flight: a renewal landing after
-        the release would resurrect the lease."""
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
 
 
 def _lease_body(lease: Lease) -> dict | None:
@@ -375,22 +351,6 @@ def _lease_body(lease: Lease) -> dict | None:
         return None
     except ValueError:
         return {}
-
-
-def _renew(lease: Lease, stopped: threading.Event) -> None:
-    """Push the lease's expiry forward if it is still ours (atomically: S3 PUT, local rename)."""
-    body = _lease_body(lease)
-    if not body or body.get("token") != lease.token or stopped.is_set():
-        return
-    body["expires"] = time.time() + lease.timeout_s
-    data = json.dumps(body).encode()
-    if lease.storage.remote:
-        lease.storage.write_bytes("", data)
-    else:
-        tmp = f"{lease.storage.root}.renew-{secrets.token_hex(4)}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, lease.storage.root)
 
 
 def _is_run_entry(name: str) -> bool:
@@ -453,7 +413,7 @@ class RunWriter:
         self.final = Storage(self.uri, storage_options)
         self.lease = run_lease(self.uri, storage_options, timeout_s=lease_timeout_s,
                                break_lease=break_lease, what=f"run {self.uri}")
-        self._heartbeat = _Heartbeat(self.lease)
+        self._heartbeat = Heartbeat(self.lease).start()  # renews every timeout/4
         try:
             self._check_target(overwrite)
             self._store = Storage(store_uri, storage_options)
