@@ -72,10 +72,12 @@ def flops(m: dict, w: dict) -> dict[str, float]:
     gram = 2 * sum(d * d for d in groups(m).values()) * w["rows"] * w["counted"]
     eigh = sum(9 * d ** 3 for d in groups(m).values())
     n_c = w["per_concept"] * w["concepts"]
-    # The norms of every (concept, module) engram at extraction: W X_cᵀ (out·D·n_c) and
-    # X_c Σ⁺ (D²·n_c) per group, then (out·n_c²) per module (solve.py's Gram identities).
-    norms = sum(2 * o * d * n_c + 2 * o * n_c * w["per_concept"] for _, o, d in mods) \
-        + sum(2 * d * d * n_c for d in groups(m).values())
+    # The norms of every (concept, module) engram at extraction (solve.py's Gram identities):
+    # X_c Σ⁺ once per group (D²·n_c); per module W X_cᵀ (out·D·n_c) when out ≤ D, else
+    # WᵀW once (out·D²) and X_c WᵀW (D²·n_c); then n_c² products per concept.
+    per = w["per_concept"]
+    norms = sum(2 * (o * d * n_c if o <= d else o * d * d + d * d * n_c) + 2 * n_c * per * d
+                for _, o, d in mods) + sum(2 * d * d * n_c for d in groups(m).values())
     return {"forward": fwd, "gram": gram, "eigh": eigh, "norms": norms}
 
 
