@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import os
 import sys
-import threading
 
 import fsspec
 import numpy as np
@@ -133,24 +132,6 @@ def test_leases_use_each_backends_conditional_create(scheme, expected, monkeypat
         sys.modules["fsspec.registry"]._registry.pop(scheme, None)  # behind the read-only view
         uris._filesystem_class.cache_clear()
         uris.backend_option_names.cache_clear()
-
-
-def test_memory_leases_are_exclusive_in_process():
-    where = Storage(f"memory://leases/{os.urandom(4).hex()}/_lease")
-    wins, losses = [], []
-
-    def take():
-        try:
-            wins.append(Lease(where, timeout_s=60).acquire())
-        except LeaseHeld:
-            losses.append(1)
-
-    threads = [threading.Thread(target=take) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(wins) == 1 and len(losses) == 7
 
 
 def test_a_lease_where_there_is_no_exclusive_create_is_refused_saying_why():
