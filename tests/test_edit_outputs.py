@@ -212,3 +212,18 @@ def test_tampered_kept_statistics_are_refused_by_an_extension(run_uri, tmp_path,
     (stats / name).write_bytes(save_bytes(tensors, metadata=meta))
     with pytest.raises(ValueError, match=f"{name} fails its sha256 check"):
         open_run(str(copy)).group_statistics(name.removesuffix(".safetensors"))
+
+
+def test_an_apply_racing_an_overwrite_of_its_run_names_the_run(run_uri, tmp_path):
+    """The run is overwritten (a new generation, the old files collected) between an apply's
+    open and its reads: one line naming the run, not a bare [Errno 2]."""
+    import shutil
+
+    from engram_ray.runs import open_run
+
+    copy = tmp_path / "runs" / "r"
+    shutil.copytree(run_uri, copy)
+    run = open_run(str(copy))
+    shutil.rmtree(copy / "payload")  # what an overwrite's clean-up does to the old generation
+    with pytest.raises(FileNotFoundError, match=f"run {copy} changed while it was read"):
+        run.engram("ada", run.modules[0])

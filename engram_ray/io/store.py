@@ -778,7 +778,8 @@ class Run:
         from safetensors.torch import load
 
         row = next(r for r in self._rows.values() if r["group"] == group)
-        blob = self._storage.read_bytes(row["spectrum"])
+        with self._committed_files():
+            blob = self._storage.read_bytes(row["spectrum"])
         if hashlib.sha256(blob).hexdigest() != row["spectrum_sha256"]:
             raise ValueError(f"{self._storage.uri_of(row['spectrum'])} fails its sha256 check: "
                              "the file was modified after the run was committed")
@@ -904,7 +905,19 @@ class Run:
                           layer=row["layer"])
 
     def _read_row_group(self, rel: str, index: int) -> pa.Table:
-        return read_row_group(self._storage, rel, index)
+        with self._committed_files():
+            return read_row_group(self._storage, rel, index)
+
+    @contextmanager
+    def _committed_files(self):
+        """A file the commit marker named and that is gone: the run was overwritten (or
+        removed) while it was read; say so, naming the run, instead of a bare ``[Errno 2]``."""
+        try:
+            yield
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"run {self.uri} changed while it was read: {e.filename or e} is gone (the run "
+                "was overwritten or removed after it was opened); open it again") from None
 
 
 def _reopen(uri: str, storage_options, solver, binder) -> Run:
