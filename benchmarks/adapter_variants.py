@@ -7,7 +7,7 @@ author, answer tokens counted), then ``--variants`` forget edits (variant i forg
 authors), each written both ways:
 
 - ``full``: ``apply_run`` (what ``apply --format full`` runs): the edited checkpoint, streamed;
-- ``peft``: :func:`engram_ray.io.adapter.write_peft_adapter`: a LoRA adapter for the base.
+- ``peft``: :func:`engram_ray.apply.write_peft_adapter`: a LoRA adapter for the base.
 
 Measured per variant: bytes written, seconds to write, seconds to load (the full checkpoint
 with ``from_pretrained``; the adapter with ``load_adapter`` onto the one base already in memory,
@@ -39,9 +39,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engram_ray import apply_edit, plan_edit  # noqa: E402
-from engram_ray.apply import apply_run  # noqa: E402
+from engram_ray.apply import (
+    apply_run,  # noqa: E402
+    write_peft_adapter,  # noqa: E402
+)
 from engram_ray.eval.corpus import corpus_texts, make_corpus  # noqa: E402
-from engram_ray.io.adapter import write_peft_adapter  # noqa: E402
 from engram_ray.io.data import DataConfig, collate, encode_rows  # noqa: E402
 from engram_ray.local import extract  # noqa: E402
 from engram_ray.models.loading import ModelSpec, load_model, load_tokenizer  # noqa: E402

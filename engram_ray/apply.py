@@ -64,7 +64,7 @@ from engram_ray.runs import (
 )
 
 __all__ = ["BUILTIN_FACTORIES", "MARKER", "MARKERS", "SKIPPED", "EditSpec", "apply", "apply_run",
-           "check_trusted", "request_digest", "run_model_spec"]
+           "check_trusted", "request_digest", "run_model_spec", "write_peft_adapter"]
 
 # Each output format's completion marker, written last (an output with it is complete).
 MARKERS = {"full": MARKER, "peft": "adapter_meta.json"}
@@ -190,6 +190,35 @@ def _claim(run, specs: Sequence[EditSpec], results: list, storage_options, held,
     return todo
 
 
+def write_peft_adapter(run, forget: Sequence[str], *, out: str, alpha: float = 1.0,
+                       scale="uniform", modules=None, base_model_dir_or_spec=None,
+                       rtol: float | None = None, exact_dense: bool = False, dtype=None,
+                       storage_options=None, trust_factory: bool = False,
+                       max_rank: int | None = None) -> dict:
+    """One PEFT adapter of ``run`` (a :class:`~engram_ray.io.store.Run` or its URI) for an
+    in-memory plan, without the driver's output lease: the Python API's way to write an
+    adapter for a live module (``base_model_dir_or_spec``: an HF directory or URI, a
+    ``ModelSpec`` or its dict, or an ``nn.Module``; default the run's model). ``rtol``,
+    ``exact_dense`` and ``max_rank`` as in ``io/adapter.py``; ``dtype``: of the stored factors
+    (default each module's weight dtype). Returns ``adapter_meta.json``'s content."""
+    from engram_ray.core.edit import plan_edit
+    from engram_ray.io.adapter import AdapterJob, write_peft_adapters
+    from engram_ray.runs import adapter_base
+
+    if isinstance(run, str):
+        run = open_run(run, storage_options, trust_factory=trust_factory)
+    plan = plan_edit(run, forget, alpha=alpha, scale=scale, modules=modules)
+    name = scale if isinstance(scale, str) else getattr(scale, "__name__", repr(scale))
+    base = adapter_base(run, base_model_dir_or_spec, storage_options,
+                        trust_factory=trust_factory)
+    [meta] = write_peft_adapters(run, [AdapterJob(plan, out, name, rtol, exact_dense,
+                                                  max_rank=max_rank)],
+                                 base=base, dtype=dtype, storage_options=storage_options)
+    if isinstance(meta, BaseException):
+        raise meta
+    return meta
+
+
 def _evaluate(run, spec: ModelSpec, edits: Sequence[EditSpec], plans: dict[int, EditPlan],
               errors: list, storage_options) -> dict[int, dict]:
     """The eval summary of every planned edit with an ``eval`` set, before any is written (the
@@ -265,6 +294,7 @@ def _write_adapters(run, base: ModelSpec, specs: Sequence[EditSpec],
     """The adapters of ``plans``, in one pass over the modules (``write_peft_adapters``), each
     ``adapter_meta.json`` holding ``evals[i]`` and the solver used."""
     from engram_ray.io.adapter import AdapterJob, write_peft_adapters
+    from engram_ray.runs import adapter_base
 
     jobs = [AdapterJob(p, specs[i].out, specs[i].scale, specs[i].adapter_rtol,
                        specs[i].adapter_exact_dense,
@@ -274,9 +304,8 @@ def _write_adapters(run, base: ModelSpec, specs: Sequence[EditSpec],
                         **({"eval": evals[i]} if i in evals else {})},
                        max_rank=specs[i].adapter_max_rank) for i, p in plans.items()]
     try:
-        results = write_peft_adapters(run, jobs, base_model_dir_or_spec=base,
-                                      storage_options=storage_options,
-                                      trust_factory=True)  # consent was checked by the caller
+        results = write_peft_adapters(run, jobs, storage_options=storage_options,
+                                      base=adapter_base(run, base, storage_options))
     except Exception as ex:  # noqa: BLE001 - the base model failed: every adapter of it
         results = [ex] * len(jobs)
     for i, result in zip(plans, results):

@@ -36,8 +36,8 @@ from engram_ray.config import ModelSpec, SolverConfig
 from engram_ray.core.layers import weight_matrix
 from engram_ray.io.store import Run
 
-__all__ = ["BUILTIN_FACTORIES", "ModelBinder", "bind_module", "check_trusted", "edit_device",
-           "open_run", "run_dtype", "run_model_spec"]
+__all__ = ["BUILTIN_FACTORIES", "ModelBinder", "adapter_base", "bind_module", "check_trusted",
+           "edit_device", "open_run", "run_dtype", "run_model_spec"]
 
 # Factories shipped with engram-ray that only construct a module from numbers: running them
 # runs no code a run.json could choose. Any other factory needs the user's consent.
@@ -151,6 +151,31 @@ def bind_module(run: Run, model: nn.Module, where: str = "the given model") -> R
     """Bind ``run`` to an in-memory model now (e.g. the factory model an apply is about to
     edit, built once); its weights are checked like any other's."""
     return run.bind(_ModuleWeights(model, where))
+
+
+def adapter_base(run: Run, base=None, storage_options: Mapping | None = None, *,
+                 trust_factory: bool = False):
+    """The model an adapter of ``run`` is for (``io.adapter.AdapterBase``): built on the meta
+    device from ``base`` (an HF directory or URI, a :class:`ModelSpec` or its dict, or a live
+    module; default the run's own model), with its checkpoint readable key by key. A factory
+    the run names is built only with ``trust_factory`` (building it imports its code)."""
+    from engram_ray.io.adapter import AdapterBase
+    from engram_ray.models.loading import build_empty, open_weights
+
+    if isinstance(base, nn.Module):
+        return AdapterBase(base, None, storage_options)
+    if base is None:
+        spec = run_model_spec(run)
+        check_trusted(spec, run.uri, given=False, trust_factory=trust_factory)
+    elif isinstance(base, ModelSpec):
+        spec = base
+    elif isinstance(base, Mapping):
+        spec = ModelSpec.from_dict(base)
+    else:
+        spec = ModelSpec(path=str(base))
+    weights = None if spec.path is None and spec.weights is None \
+        else open_weights(spec, storage_options)
+    return AdapterBase(build_empty(spec, storage_options), spec, storage_options, weights)
 
 
 class ModelBinder:

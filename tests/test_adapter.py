@@ -23,12 +23,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from engram_ray import Batch, apply_edit, extract, plan_edit
-from engram_ray.io.adapter import (
-    ADAPTER_CONFIG,
-    ADAPTER_META,
-    ADAPTER_WEIGHTS,
-    write_peft_adapter,
-)
+from engram_ray.apply import write_peft_adapter
+from engram_ray.io.adapter import ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS
 from engram_ray.models.loading import ModelSpec, load_model
 from engram_ray.models.tiny import save_tiny_llama
 
@@ -305,17 +301,24 @@ def test_failed_s3_upload_leaves_nothing_so_a_rerun_succeeds(llama_run, s3_bucke
     assert meta["forget"] == ["a"]
 
 
+def wrapped_mlp(sizes, seed=0):
+    from engram_ray.models.sequential import mlp
+
+    return mlp(sizes, seed=seed)
+
+
 def test_factory_model_named_by_the_run_needs_trust(tmp_path):
     """The run's own factory is imported only with trust_factory (or when named by the caller);
     then the adapter fits the factory's model: an MLP, every Linear with an absorbed bias."""
     from engram_ray.models.sequential import mlp
 
-    factory = {"factory": "engram_ray.models.sequential:mlp",
-               "kwargs": {"sizes": [6, 16, 4], "seed": 2}}
+    # Not a built-in factory (those construct plain modules and need no consent): this one is
+    # code a run names, importable as the tests run.
+    factory = {"factory": "test_adapter:wrapped_mlp", "kwargs": {"sizes": [6, 16, 4], "seed": 2}}
     torch.manual_seed(5)
     run = extract(mlp([6, 16, 4], seed=2), [Batch(torch.randn(9, 6), list("aab") + [None] * 6)],
                   uri=str(tmp_path / "run"), config={"model": factory})
-    with pytest.raises(PermissionError, match="engram_ray.models.sequential:mlp"):
+    with pytest.raises(PermissionError, match="test_adapter:wrapped_mlp"):
         write_peft_adapter(run, ["a"], out=str(tmp_path / "refused"))
     out = str(tmp_path / "adapter")
     meta = write_peft_adapter(run, ["a", "b"], alpha=ALPHA, out=out, trust_factory=True)

@@ -55,7 +55,8 @@ Batches. :func:`write_peft_adapters` writes many adapters of one run in one pass
 modules (``engram-ray batch``): each module's factors are read once for all of them, and each
 adapter's tensors are spooled to local disk module by module and streamed into its file at the
 end, so neither the reads nor the memory grow with a whole adapter per request.
-:func:`write_peft_adapter` is the batch of one, so both write the same bytes.
+``apply.write_peft_adapter`` is the batch of one, so both write the same bytes. The base
+model is opened by the caller (``runs.adapter_base``): io/ builds no model.
 """
 
 from __future__ import annotations
@@ -70,30 +71,29 @@ import struct
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from engram_ray.config import ModelSpec
-from engram_ray.core.edit import EditPlan, plan_edit
+from engram_ray.core.edit import EditPlan
 from engram_ray.core.layers import module_kind
 from engram_ray.io.export import SafetensorsWriter, publish_stage, upload_dir
 from engram_ray.io.outputs import IN_PROGRESS, file_records, new_stage, start
 from engram_ray.io.storage import Storage
 from engram_ray.io.store import Run
-from engram_ray.models.loading import as_dtype, build_empty, open_weights
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_META",
     "ADAPTER_WEIGHTS",
     "DEFAULT_RTOL",
+    "AdapterBase",
     "AdapterJob",
     "ModuleAdapter",
     "cap_rank",
     "module_adapter",
-    "write_peft_adapter",
     "write_peft_adapters",
 ]
 
@@ -128,56 +128,11 @@ class ModuleAdapter:
         return int(self.left.shape[1])
 
 
-def write_peft_adapter(
-    run: Run | str,
-    forget: Sequence[str],
-    *,
-    alpha: float = 1.0,
-    scale="uniform",
-    modules: str | Sequence[str] | None = None,
-    out: str,
-    base_model_dir_or_spec: str | ModelSpec | Mapping | nn.Module | None = None,
-    rtol: float | None = None,
-    exact_dense: bool = False,
-    dtype: torch.dtype | str | None = None,
-    storage_options: Mapping | None = None,
-    trust_factory: bool = False,
-    max_rank: int | None = None,
-) -> dict:
-    """Write the edit forgetting ``forget`` as a PEFT LoRA adapter in ``out`` (local or
-    ``s3://``): ``adapter_config.json``, ``adapter_model.safetensors`` and, last,
-    ``adapter_meta.json`` (provenance, per-module form, rank and error); returns the metadata.
-
-    ``base_model_dir_or_spec``: the model the adapter is for (an HF directory or URI, a
-    :class:`ModelSpec` or its dict, or a live ``nn.Module``); default the run's own model.
-    ``rtol``: the truncation tolerance of dense engrams (default ``DEFAULT_RTOL``);
-    ``exact_dense`` writes them at full rank instead. ``dtype``: of the stored factors (default
-    each module's weight dtype in the base checkpoint). ``max_rank``: truncate larger updates
-    to that rank (:func:`cap_rank`; the error is reported). Modules PEFT cannot carry exactly raise
-    ``ValueError`` naming them, before anything is written. A factory model named by the run
-    (not given here) is built only with ``trust_factory`` (building it imports its code).
-    """
-    _check_output(Storage(out, storage_options))  # refusals that cost nothing come first
-    if not isinstance(run, Run):
-        from engram_ray.runs import open_run
-
-        run = open_run(run, storage_options, trust_factory=trust_factory)
-    _rtol(rtol)
-    plan = plan_edit(run, forget, alpha=alpha, scale=scale, modules=modules)
-    [meta] = write_peft_adapters(run, [AdapterJob(plan, out, _scale_name(scale), rtol,
-                                                  exact_dense, max_rank=max_rank)],
-                                 base_model_dir_or_spec=base_model_dir_or_spec, dtype=dtype,
-                                 storage_options=storage_options, trust_factory=trust_factory)
-    if isinstance(meta, BaseException):
-        raise meta
-    return meta
-
-
 @dataclass
 class AdapterJob:
     """One adapter of :func:`write_peft_adapters`: ``plan`` (``core.edit.plan_edit``'s, or
     ``plan_edits``'s) written to ``out``; ``scale`` names how the plan's scales were chosen
-    (for the metadata); ``rtol`` and ``exact_dense`` as in :func:`write_peft_adapter`;
+    (for the metadata); ``rtol`` and ``exact_dense`` as in ``apply.write_peft_adapter``;
     ``extra``: more entries for ``adapter_meta.json`` (a batch request's ``eval`` summary)."""
 
     plan: EditPlan
@@ -193,13 +148,13 @@ def write_peft_adapters(
     run: Run,
     jobs: Sequence[AdapterJob],
     *,
-    base_model_dir_or_spec: str | ModelSpec | Mapping | nn.Module | None = None,
+    base: AdapterBase,
     dtype: torch.dtype | str | None = None,
     storage_options: Mapping | None = None,
-    trust_factory: bool = False,
 ) -> list[dict | BaseException]:
-    """Many adapters of one run, each exactly what :func:`write_peft_adapter` writes for its
-    plan; returns each job's metadata, or its error (one failed job never stops the others).
+    """Many adapters of one run for the base model ``base`` (``runs.adapter_base`` opens it),
+    each exactly what ``apply.write_peft_adapter`` writes for its plan; returns each job's
+    metadata, or its error (one failed job never stops the others).
 
     Why: a batch of N adapters made one by one reads the run's engrams N times. Here the
     modules are walked once, in order (module-major): at each module the factors of every
@@ -210,7 +165,6 @@ def write_peft_adapters(
     written whole, ``adapter_meta.json`` last. What every job needs (the base model) failing
     raises."""
     t0 = time.perf_counter()
-    base = _open_base(run, base_model_dir_or_spec, storage_options, trust_factory)
     results: list = [None] * len(jobs)
     states: dict[int, _State] = {}
     try:
@@ -244,7 +198,7 @@ class _State:
     stats: dict
 
 
-def _prepare(run: Run, job: AdapterJob, base: _Base, storage_options) -> _State:
+def _prepare(run: Run, job: AdapterJob, base: AdapterBase, storage_options) -> _State:
     """A job's checks, before any work: output free, rtol valid, every module carriable."""
     _check_output(Storage(job.out, storage_options))
     rtol, plan = _rtol(job.rtol), job.plan
@@ -259,7 +213,7 @@ def _prepare(run: Run, job: AdapterJob, base: _Base, storage_options) -> _State:
 
 
 def _fill(run: Run, jobs: Sequence[AdapterJob], states: Mapping[int, _State], results: list,
-          base: _Base, dtype) -> None:
+          base: AdapterBase, dtype) -> None:
     """Every live job's factors, module-major (see :func:`write_peft_adapters`)."""
     live = {i: s for i, s in states.items() if results[i] is None}
     dtypes, old_bias = _shared_inputs(run, live, results, base, dtype)
@@ -278,7 +232,7 @@ def _fill(run: Run, jobs: Sequence[AdapterJob], states: Mapping[int, _State], re
                 results[i] = e
 
 
-def _shared_inputs(run: Run, live: Mapping[int, _State], results: list, base: _Base, dtype):
+def _shared_inputs(run: Run, live: Mapping[int, _State], results: list, base: AdapterBase, dtype):
     """Each job's factor dtypes and the base biases ``lora_only`` jobs rewrite, read once for
     all jobs (a job whose own modules cannot be read gets that error)."""
     names = sorted({m for s in live.values() for m in s.targets})
@@ -298,7 +252,7 @@ def _shared_inputs(run: Run, live: Mapping[int, _State], results: list, base: _B
     return dtypes, (_base_biases(base, biased) if biased else {})
 
 
-def _finish(run: Run, job: AdapterJob, state: _State, base: _Base, storage_options,
+def _finish(run: Run, job: AdapterJob, state: _State, base: AdapterBase, storage_options,
             t0: float) -> dict:
     """A job's config and metadata, then its files (metadata last); returns the metadata."""
     plan, stats = job.plan, state.stats
@@ -328,35 +282,20 @@ def _scale_name(scale) -> str:
 # --- the base model ---------------------------------------------------------------------------
 
 @dataclass
-class _Base:
-    model: nn.Module  # meta-device parameters when built from a spec
-    spec: ModelSpec | None  # None: a live module was given
+class AdapterBase:
+    """The model an adapter is for: its modules (``model``, meta-device parameters when built
+    from a spec: shapes, kinds and ties without memory), its ``spec`` (None: a live module),
+    and ``weights``, the checkpoint's tensors read key by key (None for a live module or a
+    factory without weights). Opened by ``runs.adapter_base``: io/ builds no model."""
+
+    model: nn.Module
+    spec: ModelSpec | None
     storage_options: Mapping | None
-    tied: dict[str, list[str]]  # module → the other modules sharing its weight
+    weights: object | None = None
+    tied: dict[str, list[str]] = field(init=False)  # module → the others sharing its weight
 
-
-def _open_base(run: Run, base, storage_options, trust_factory: bool) -> _Base:
-    if isinstance(base, nn.Module):
-        return _Base(base, None, storage_options, _tied(base))
-    if base is None:
-        raw = (run.info.get("config") or {}).get("model")
-        if not raw:
-            raise ValueError(f"run {run.uri} does not record its model; pass "
-                             "base_model_dir_or_spec (--model)")
-        spec = ModelSpec.from_dict(raw)
-        if spec.factory is not None and not trust_factory:
-            raise PermissionError(
-                f"run {run.uri} builds its model with factory {spec.factory!r}, which would "
-                "import and run that code; pass trust_factory=True (--trust-factory) if you "
-                "trust the run's author, or name the base model yourself")
-    elif isinstance(base, ModelSpec):
-        spec = base
-    elif isinstance(base, Mapping):
-        spec = ModelSpec.from_dict(base)
-    else:
-        spec = ModelSpec(path=str(base))
-    model = build_empty(spec, storage_options)
-    return _Base(model, spec, storage_options, _tied(model))
+    def __post_init__(self) -> None:
+        self.tied = _tied(self.model)
 
 
 def _tied(model: nn.Module) -> dict[str, list[str]]:
@@ -369,7 +308,7 @@ def _tied(model: nn.Module) -> dict[str, list[str]]:
             for names in owners.values() if len(names) > 1 for n in names}
 
 
-def _check_module(base: _Base, name: str, info: Mapping) -> None:
+def _check_module(base: AdapterBase, name: str, info: Mapping) -> None:
     """Refuse (``ValueError`` naming the module) what a LoRA adapter cannot hold exactly."""
     try:
         mod = base.model.get_submodule(name)
@@ -402,17 +341,16 @@ def _check_module(base: _Base, name: str, info: Mapping) -> None:
                 "layer's edit; exclude it (modules=...) or use --format full")
 
 
-def _dtypes(base: _Base, names: Sequence[str], dtype) -> dict[str, torch.dtype]:
+def _dtypes(base: AdapterBase, names: Sequence[str], dtype) -> dict[str, torch.dtype]:
     """The stored factors' dtype per module: ``dtype``, else the weight's in the checkpoint."""
     if dtype is not None:
-        dt = as_dtype(dtype)
-        if not dt.is_floating_point:
+        dt = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
+        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
             raise ValueError(f"adapter dtype must be a floating dtype, got {dt}")
         return dict.fromkeys(names, dt)
-    spec = base.spec
-    if spec is None or (spec.path is None and spec.weights is None):
+    weights = base.weights
+    if weights is None:
         return {n: base.model.get_submodule(n).weight.dtype for n in names}
-    weights = open_weights(spec, base.storage_options)
     headers: dict[str, dict] = {}
     out = {}
     for n in names:
@@ -532,7 +470,7 @@ def _full_rank(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- PEFT tensors, config and files -------------------------------------------------------------
 
-def _bias_mode(run: Run, targets: Sequence[str], base: _Base) -> str:
+def _bias_mode(run: Run, targets: Sequence[str], base: AdapterBase) -> str:
     """"none" | "lora_bias" | "lora_only" (module docstring), from the run's bias flags."""
     if not any(run.module_info(m)["has_bias"] for m in targets):
         return "none"
@@ -566,10 +504,10 @@ def _module_tensors(a: ModuleAdapter, dt: torch.dtype, bias_mode: str,
     return stats
 
 
-def _base_biases(base: _Base, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    if base.spec is None:
+def _base_biases(base: AdapterBase, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    if base.weights is None:
         return {n: base.model.get_submodule(n).bias.detach().cpu() for n in names}
-    got = open_weights(base.spec, base.storage_options).read([f"{n}.bias" for n in names])
+    got = base.weights.read([f"{n}.bias" for n in names])
     return {n: got[f"{n}.bias"] for n in names}
 
 
@@ -601,7 +539,7 @@ def _lowrank_norm(left: torch.Tensor, right: torch.Tensor) -> float:
     return math.sqrt(max(float(((left.T @ left) * (right @ right.T)).sum()), 0.0))
 
 
-def _adapter_config(stats: Mapping[str, dict], base: _Base, bias_mode: str) -> dict:
+def _adapter_config(stats: Mapping[str, dict], base: AdapterBase, bias_mode: str) -> dict:
     """``adapter_config.json``: every target by its full name, ``lora_alpha = r`` per module."""
     names = list(stats)
     _check_matching(names, base.model)
