@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -159,7 +160,7 @@ def _model_section(out, kind, stages, alphas, gold_classes, seed, epochs, xtr, y
     from safetensors.torch import save_file
 
     from engram_ray.distributed.sweep import parallel_map
-    from engram_ray.io.store import open_run
+    from engram_ray.runs import open_run
 
     t0 = time.time()
     torch.manual_seed(seed)
@@ -174,7 +175,7 @@ def _model_section(out, kind, stages, alphas, gold_classes, seed, epochs, xtr, y
                        if kind == "mlp" else ("pipelines.digits:cnn", {"seed": seed}))
     shard = os.path.join(out, "data", "digits_train.parquet")
     run_uri = _extract(out, kind, factory, kwargs, weights, shard, stages)
-    run = open_run(run_uri)
+    run = open_run(run_uri, model=copy.deepcopy(model))  # engrams formed with these weights
     _say(f"{kind}: engrams for {len(run.concepts)} classes × {len(run.modules)} layers at {run_uri}")
     sweep = parallel_map(_sweep_alpha, [(kind, weights, run_uri, a, seed) for a in alphas],
                          num_cpus=0.5)

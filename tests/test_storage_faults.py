@@ -54,7 +54,8 @@ def test_transient_503s_and_dropped_connections_are_retried(s3_bucket, tmp_path)
     assert got.keys() == oracle.keys() and all(torch.equal(got[k], oracle[k]) for k in got)
     assert leftovers(s3_bucket) == ["runs/r/_COMMITTED", "runs/r/manifest.parquet",
                                     "runs/r/payload/0.parquet", "runs/r/payload/2.parquet",
-                                    "runs/r/run.json"]
+                                    "runs/r/run.json", "runs/r/statistics/0.safetensors",
+                                    "runs/r/statistics/2.safetensors"]
 
 
 def test_every_request_failing_is_one_clear_error_and_commits_nothing(s3_bucket):
@@ -167,7 +168,7 @@ def test_cli_reports_a_dead_store_in_one_line(s3_bucket, tiny_llama_dir, tmp_pat
     assert main(["extract", str(tmp_path / "c.yaml"), "--local"]) == 1
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("engram-ray extract: error: StorageError: writing payloads of run "
+    assert last.startswith("engram-ray extract: error: StorageError: writing statistics of run "
                            f"{s3_bucket.uri}/runs/r"), err
     assert "Traceback" not in err
     assert not any(p.startswith("runs/r/") for p in leftovers(s3_bucket))

@@ -108,7 +108,7 @@ from engram_ray.core.solve import (
 )
 from engram_ray.io.heartbeat import Heartbeat
 from engram_ray.io.lease import DEFAULT_TIMEOUT_S, Lease, LeaseHeld
-from engram_ray.io.storage import Storage, is_remote
+from engram_ray.io.storage import Storage, StorageError, is_remote
 
 __all__ = [
     "COMMIT_FORMAT",
@@ -451,10 +451,14 @@ class RunWriter:
         group = members[0].group
         spec_rel = f"{STATISTICS_DIR}/{group}.safetensors"
         blob = _spectrum_bytes(group, moments, solution, keep_total)
-        where = f"writing statistics of run {_run_of(self.storage.uri)} to"
-        with self.storage.errors(where):
-            self.storage.makedirs(STATISTICS_DIR)
-            self.storage.write_bytes(spec_rel, blob)
+        run = _run_of(self.storage.uri)
+        with self.storage.errors(f"writing statistics of run {run} to"):
+            try:
+                if not self.storage.remote:  # object stores have no directories to create
+                    self.storage.makedirs(STATISTICS_DIR)
+                self.storage.write_bytes(spec_rel, blob)
+            except StorageError as e:  # name the run, not only its staging area
+                raise StorageError(f"writing statistics of run {run}: {e}") from e.__cause__
             payload = _GroupPayload(self.storage, group)
             try:
                 stored = {}

@@ -263,26 +263,36 @@ def check_concepts(cfg: DataConfig, paths: Sequence[str] | None = None) -> None:
 
     Raises :class:`DataError` naming the column and the files."""
     paths = resolve_paths(cfg) if paths is None else list(paths)
-    if not paths or any(_has_concept(p, cfg) for p in paths):
-        return
+    found = []
+    for p in paths:
+        found.append(_has_concept(p, cfg))
+        if found[-1] is True:
+            return
+    if all(f is None for f in found):
+        return  # no rows at all: that is its own error ("holds no rows"), raised later
     shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
     raise DataError(f"column {cfg.concept_column!r} (concept_column) is null or empty in every "
                     f"row of {shown}: no row names a concept, so there is no engram to "
                     "extract (check concept_column)")
 
 
-def _has_concept(path: str, cfg: DataConfig) -> bool:
+def _has_concept(path: str, cfg: DataConfig) -> bool | None:
+    """Whether the file names a concept in some row (None: it has no rows)."""
     column = cfg.concept_column
     with _reading(path, cfg) as (fmt, f):
         if fmt == "parquet":
             pf = pq.ParquetFile(f)
             present = pf.schema_arrow.names
+            if pf.metadata.num_rows == 0:
+                return None
             if column in present:
                 return any(_any_concept(pf.read_row_group(g, columns=[column]).column(0))
                            for g in range(pf.num_row_groups))
         else:
             table = _read_json_bytes(f.read())
             present = table.column_names
+            if table.num_rows == 0:
+                return None
             if column in present:
                 return _any_concept(table.column(column))
     raise _missing_column_error(path, "concept_column", column, present)
