@@ -139,6 +139,7 @@ RUN_FILES = (PAYLOAD_DIR, STATISTICS_DIR, MANIFEST, RUN_JSON)  # what one genera
 _GENERATION = re.compile(r"v-[0-9a-f]{16}")
 
 ROW_GROUP_BYTES = 8 << 20
+CACHE_BYTES = 2 << 30  # per cache of a Run: spectra, Σ⁺, unions' group halves
 
 _MANIFEST_SCHEMA = pa.schema(
     [
@@ -672,15 +673,16 @@ class Run:
         self._caches()
 
     def _caches(self) -> None:
-        # Small caches, bounded by count: a spectrum and its Σ⁺ are D×D float64 (512 MB at
-        # D = 8192), a module's weight matrix can be vocab-sized; keep them few.
-        self._spectrum = lru_cache(maxsize=2)(self._read_spectrum)
-        self._pinv = lru_cache(maxsize=2)(self._inverse)
+        # Caches bounded by bytes, not count: a spectrum and its Σ⁺ are D×D float64 (1 MB at
+        # D = 384, 512 MB at D = 8192), a union's group half X_U Σ⁺ is n_U×D. An edit walks
+        # the modules of a layer's ~4 input groups in turn, a batch every request at each
+        # module: small groups all stay, large ones a few at a time. A module's weight matrix
+        # can be vocabulary-sized: one is kept.
+        self._spectrum = _ByteCache(self._read_spectrum, CACHE_BYTES)
+        self._pinv = _ByteCache(self._inverse, CACHE_BYTES)
+        self._right = _ByteCache(self._right_uncached, CACHE_BYTES)
         self._matrix = lru_cache(maxsize=1)(self._weight_matrix)
         self._load = lru_cache(maxsize=2)(self._load_uncached)
-        # A union's group half: X_U Σ⁺ (n_U × D) or Σ_U Σ⁺ (D × D). An edit walks the modules
-        # of a layer's ~4 input groups in turn, a batch with a few forget sets at a time.
-        self._right = lru_cache(maxsize=12)(self._right_uncached)
         self._row_group = lru_cache(maxsize=2)(self._read_row_group)
 
     def __repr__(self) -> str:
@@ -922,6 +924,41 @@ class Run:
             raise FileNotFoundError(
                 f"run {self.uri} changed while it was read: {e.filename or e} is gone (the run "
                 "was overwritten or removed after it was opened); open it again") from None
+
+
+class _ByteCache:
+    """``fn(*key)`` memoized, least recently used first out once the cached tensors exceed
+    ``budget`` bytes (the newest entry always stays)."""
+
+    def __init__(self, fn, budget: int) -> None:
+        self.fn, self.budget = fn, budget
+        self._held: dict[tuple, tuple[object, int]] = {}
+        self._bytes = 0
+
+    def __call__(self, *key):
+        if key in self._held:
+            self._held[key] = self._held.pop(key)  # most recently used last
+            return self._held[key][0]
+        value = self.fn(*key)
+        size = _nbytes(value)
+        self._held[key] = (value, size)
+        self._bytes += size
+        while self._bytes > self.budget and len(self._held) > 1:
+            self._bytes -= self._held.pop(next(iter(self._held)))[1]
+        return value
+
+    def cache_clear(self) -> None:
+        self._held, self._bytes = {}, 0
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def _reopen(uri: str, storage_options, solver, binder) -> Run:
