@@ -136,7 +136,7 @@ def table(got: dict[str, list[dict]], args) -> str:
              "apply --format peft s | batch of 20 --local s |", "|---|---|---|---|---|---|"]
     for name, m in med.items():
         lines.append(f"| {name} | " + " | ".join(f"{m[c]:.2f}" for c in COLUMNS) + " |")
-    lines.append("| base ÷ working tree | " + " | ".join(
+    lines.append(f"| base ÷ {wname.split()[0]} | " + " | ".join(
         f"{b[c] / w[c]:.2f}×" if w[c] > 0 else "–" for c in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
