@@ -738,10 +738,6 @@ class Run:
         """Kind, shape, layer, group, ‖W‖ and bias flag of a module (from any concept's row)."""
         return self.record(self.concepts[0], module)
 
-    def kept(self, group: str) -> int:
-        """How many of the group's directions Σ⁺ keeps under this run's solver options."""
-        return self._pinv(group)[1]
-
     # --- statistics ---------------------------------------------------------------------------
     def statistics(self) -> Statistics:
         """The Σ this run kept (``store.keep_statistics``), with its modules' metadata."""
