@@ -404,9 +404,8 @@ def module_adapter(plan: EditPlan, name: str, rtol: float = DEFAULT_RTOL,
 def _low_rank_union(source, forget: Sequence[str], name: str, k: float, has_bias: bool):
     """``(−k W X_Uᵀ, X_U Σ⁺, k b⁺_U)`` when the union's update is low rank (every concept kept
     as rows, however many: ``source.union_parts(..., factors=True)``), else None: a union
-    adapter is exact at rank
-    n_U. The bias is the product the run's ``union`` forms, scaled like ``plan.delta``'s, so it
-    is bit for bit the amount ``--format full`` subtracts."""
+    adapter is exact at rank n_U. The bias is the product the run's ``union`` forms, scaled
+    like ``plan.delta``'s, so it is bit for bit the amount ``--format full`` subtracts."""
     parts = getattr(source, "union_parts", None)
     if not callable(parts):
         return None
