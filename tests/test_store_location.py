@@ -70,6 +70,13 @@ def test_node_local_store_check(uri, hosts, grow, shared, refused):
         check_store_location(store, hosts, may_grow=grow)
 
 
+def test_a_memory_store_is_refused_on_ray_whatever_the_cluster():
+    """memory:// lives in one process: solver tasks elsewhere would write into their own."""
+    for hosts, shared in ((1, False), (4, True)):
+        with pytest.raises(StoreLocationError, match="memory://runs.*--local"):
+            check_store_location(StoreConfig(uri="memory://runs", shared_fs=shared), hosts)
+
+
 def test_shared_fs_must_be_a_bool():
     with pytest.raises(ConfigError, match="store.shared_fs"):
         StoreConfig(uri="/x", shared_fs="yes")

@@ -27,7 +27,13 @@ class StoreLocationError(ValueError):
 def check_store_location(store: StoreConfig, hosts: int, may_grow: bool = False) -> None:
     """Raise :class:`StoreLocationError` when ``store.uri`` is a local path and the cluster's
     nodes are on (or, autoscaling, may spread to) more than one host, unless
-    ``store.shared_fs``."""
+    ``store.shared_fs``. A ``memory://`` store is refused whatever the cluster: it lives in
+    one process, and the Ray pipeline's solver tasks run in others."""
+    if store.uri.startswith("memory://"):
+        raise StoreLocationError(
+            f"store.uri {store.uri!r} lives in one process's memory: the Ray pipeline's solver "
+            "tasks run in other processes and could not write the run there. Use --local (the "
+            "single-process engine) for memory://, or a store every node reaches")
     if is_remote(store.uri) or store.shared_fs or (hosts <= 1 and not may_grow):
         return
     if "://" in store.uri and not store.uri.startswith("file://"):
