@@ -188,8 +188,17 @@ def job_dir(tmp_path_factory, tiny_llama_dir):
 
 
 def ray_job(head: Head, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, "job", args[0], "--address", head.address, *args[1:]],
-                          env=head.env, capture_output=True, text=True, timeout=timeout)
+    """``ray job ARGS`` against the head. The job server answers before the node's agent that
+    runs jobs has registered (a loaded machine: tens of seconds); Ray then refuses a
+    submission with "No available agent to submit job, please try again later", and the
+    submission is retried as Ray's message says, up to 90 s."""
+    deadline = time.monotonic() + 90
+    while True:
+        out = subprocess.run([RAY, "job", args[0], "--address", head.address, *args[1:]],
+                             env=head.env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in out.stderr or time.monotonic() > deadline:
+            return out
+        time.sleep(2)
 
 
 def extract_entrypoint(*overrides: str) -> list[str]:
