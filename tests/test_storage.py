@@ -120,3 +120,31 @@ def test_s3_round_trip_with_credentials_from_env(s3_bucket):
         assert f.read() == b"payload"
     with pytest.raises(FileNotFoundError, match=f"{s3_bucket.uri}/loc/nope"):
         st.read_bytes("nope")
+
+
+def test_an_object_replaced_while_read_is_read_whole_on_s3(s3_bucket):
+    """A lease renewed by its heartbeat while its holder reads it: the read returns one whole
+    version, never s3fs's PreconditionFailed (a buffered reader HEADs, then GETs If-Match)."""
+    import threading
+
+    from engram_ray.io.storage import Storage
+
+    where = Storage(f"{s3_bucket.uri}/_leases/r", s3_bucket.storage_options)
+    bodies = [b'{"v": %d, "pad": "%s"}' % (i, b"x" * 200) for i in range(2)]
+    where.write_bytes("", bodies[0])
+    stop = threading.Event()
+
+    def renew():
+        i = 0
+        while not stop.is_set():
+            where.write_bytes("", bodies[i % 2])
+            i += 1
+
+    writer = threading.Thread(target=renew)
+    writer.start()
+    try:
+        got = {where.read_bytes() for _ in range(60)}
+    finally:
+        stop.set()
+        writer.join()
+    assert got <= set(bodies)

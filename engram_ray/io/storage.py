@@ -263,10 +263,15 @@ class Storage:
             return self.fs.open(self._at(rel), mode, **kwargs)
 
     def read_bytes(self, rel: str = "") -> bytes:
-        """The whole object; a missing one raises FileNotFoundError naming its URI."""
+        """The whole object; a missing one raises FileNotFoundError naming its URI.
+
+        One GET (``cat_file``), not a buffered file: s3fs's reader HEADs the object, then reads
+        it with ``If-Match`` on that ETag, so an object replaced in between (a lease renewed
+        by its heartbeat every 15 s while its holder reads it) failed with PreconditionFailed;
+        a single GET returns one whole version, old or new."""
         try:
-            with self.errors("reading", rel), self.open(rel, "rb") as f:
-                return f.read()
+            with self.errors("reading", rel):
+                return self.fs.cat_file(self._at(rel))
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.uri_of(rel)} does not exist") from None
 
