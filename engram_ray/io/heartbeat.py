@@ -45,18 +45,26 @@ def _our_body(lease: Lease) -> dict | None:
 def renew(lease: Lease) -> bool:
     """Push ``lease``'s expiry to ``timeout_s`` from now if it is still ours; False if it is
     gone or held by another (then nothing is written)."""
+    local = not lease.storage.remote
     body = _our_body(lease)
     if body is None:
         return False
     body["expires"] = time.time() + lease.timeout_s
     data = json.dumps(body).encode()
-    if lease.storage.remote:
+    if not local:
         lease.storage.write_bytes("", data)
-    else:
-        tmp = f"{lease.storage.root}.renew-{secrets.token_hex(4)}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, lease.storage.root)
+        return True
+    tmp = f"{lease.storage.root}.renew-{secrets.token_hex(4)}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    # The lease must still be ours right before the rename: a writer that broke it and took
+    # its own meanwhile would otherwise be overwritten by this renewal, and two writers would
+    # both hold the run. Reading it again here shrinks that window from the whole
+    # read-and-write to the rename itself.
+    if _our_body(lease) is None:
+        os.remove(tmp)
+        return False
+    os.replace(tmp, lease.storage.root)
     return True
 
 
