@@ -59,6 +59,7 @@ from engram_ray.runs import (
     bind_module,
     check_trusted,
     open_run,
+    recorded_checkpoint,
     run_dtype,
     run_model_spec,
 )
@@ -267,7 +268,9 @@ def _write_full(run, base: ModelSpec, specs: Sequence[EditSpec], plans: dict[int
     try:
         if base.path is not None:
             src = model_dir(base.path, storage_options)
-            aliases = tied_aliases(build_empty(base, storage_options))
+            recorded = recorded_checkpoint(run)
+            aliases = recorded["checkpoint"].get("aliases") or {} if recorded is not None \
+                else tied_aliases(build_empty(base, storage_options))
             done = write_edited_files_many(src, [stages[i] for i in plans],
                                            list(plans.values()), aliases)
         else:

@@ -34,7 +34,14 @@ from typing import Protocol, TextIO
 
 import torch
 
-from engram_ray.config import DataConfig, ExtractConfig, SelectConfig, SolverConfig, StoreConfig
+from engram_ray.config import (
+    DataConfig,
+    ExtractConfig,
+    ModelSpec,
+    SelectConfig,
+    SolverConfig,
+    StoreConfig,
+)
 from engram_ray.core.moments import ModuleInfo, Moments, check_counts, merge_summaries
 from engram_ray.core.solve import solution_warnings, solve_group
 from engram_ray.incremental import Extension, prepare_extension
@@ -336,5 +343,24 @@ def _metadata(plan: Plan, layout: Layout, extra: dict, timings: dict) -> dict:
     ck = plan.checkpoint
     if ck is not None and ck.generation is not None:
         extra["resumed"] = {"checkpoint": ck.uri, "shards": len(ck.sources)}
+    recorded = _checkpoint_layout(plan, layout)
+    if recorded is not None:
+        extra["checkpoint"] = recorded
     return run_metadata(layout.modules, layout.summaries, layout.dims, plan.solver,
                         config=plan.config, run_id=plan.run_id, timings=timings, **extra)
+
+
+def _checkpoint_layout(plan: Plan, layout: Layout) -> dict | None:
+    """For a checkpoint model: each module tensor's dtype as the extraction held it and the
+    tied aliases (``models.loading.checkpoint_layout``), so that an edit binds the run to its
+    checkpoint without building the model. None for a factory or an in-memory model."""
+    from engram_ray.models.loading import checkpoint_layout
+
+    config = plan.config or {}
+    model = config.get("model") or {}
+    if not model.get("path"):
+        return None
+    dtype = (config.get("parallel") or {}).get("dtype")
+    return checkpoint_layout(ModelSpec.from_dict(model),
+                             {n: m.bias for n, m in layout.modules.items()},
+                             plan.store.storage_options, dtype)

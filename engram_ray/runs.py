@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from engram_ray.config import ModelSpec, SolverConfig
-from engram_ray.core.layers import weight_matrix
+from engram_ray.core.layers import as_matrix, weight_matrix
 from engram_ray.io.store import Run
 
 __all__ = ["BUILTIN_FACTORIES", "ModelBinder", "adapter_base", "bind_module", "check_trusted",
-           "edit_device", "open_run", "run_dtype", "run_model_spec"]
+           "edit_device", "open_run", "recorded_checkpoint", "run_dtype", "run_model_spec"]
 
 # Factories shipped with engram-ray that only construct a module from numbers: running them
 # runs no code a run.json could choose. Any other factory needs the user's consent.
@@ -99,20 +99,34 @@ class _ModuleWeights:
 
 class _CheckpointWeights:
     """Weights of an HF checkpoint, read tensor by tensor and cast to the dtype the
-    extraction's model held them in (module docstring)."""
+    extraction's model held them in (module docstring).
+
+    ``recorded``: the run's ``checkpoint`` record (``models.loading.checkpoint_layout``: each
+    tensor's dtype, the tied aliases) and its modules' kinds and shapes; the tensors are then
+    read by key with no model built (no transformers import: seconds per edit process). Runs
+    without one, and a model given with other weights, build the model on the meta device
+    from its config for the same facts."""
 
     allow_other = False
 
     def __init__(self, spec: ModelSpec, storage_options, dtype,
-                 device: torch.device | str = "cpu") -> None:
-        from engram_ray.models.loading import build_empty, open_weights, tied_aliases
+                 device: torch.device | str = "cpu", recorded: Mapping | None = None) -> None:
+        from engram_ray.models.loading import open_weights
 
         self.where, self.device = spec.path, torch.device(device)
-        self.empty = build_empty(spec, storage_options, dtype=dtype)
-        self.aliases = tied_aliases(self.empty)
+        self.recorded = recorded
+        if recorded is None:
+            from engram_ray.models.loading import build_empty, tied_aliases
+
+            self.empty = build_empty(spec, storage_options, dtype=dtype)
+            self.aliases = tied_aliases(self.empty)
+        else:
+            self.aliases = dict(recorded["checkpoint"].get("aliases") or {})
         self.files = open_weights(spec, storage_options)
 
     def matrix(self, module: str, bias: bool) -> torch.Tensor:
+        if self.recorded is not None:
+            return self._recorded_matrix(module, bias)
         try:
             sub = self.empty.get_submodule(module)
         except AttributeError:
@@ -121,14 +135,40 @@ class _CheckpointWeights:
             meta = getattr(sub, part, None)
             if meta is None:
                 continue
-            key = f"{module}.{part}"
-            key = key if key in self.files else self.aliases.get(key, key)
-            if key not in self.files:
-                raise ValueError(f"model {self.where} has no tensor {key!r} (module {module!r} "
-                                 "of the run)")
-            tensor = self.files.read([key], self.device)[key].to(meta.dtype)
+            tensor = self._read(module, part).to(meta.dtype)
             setattr(sub, part, nn.Parameter(tensor, requires_grad=False))
         return weight_matrix(sub, bias)
+
+    def _recorded_matrix(self, module: str, bias: bool) -> torch.Tensor:
+        info = self.recorded["modules"][module]
+        dtypes = self.recorded["checkpoint"]["dtypes"]
+        parts = {}
+        for part in ("weight", "bias") if bias else ("weight",):
+            key = f"{module}.{part}"
+            if key not in dtypes:
+                raise ValueError(f"run records no dtype for tensor {key!r} (module {module!r})")
+            parts[part] = self._read(module, part).to(getattr(torch, dtypes[key]))
+        shape = tuple(info["weight_shape"])
+        if tuple(parts["weight"].shape) != shape:
+            raise ValueError(f"module {module!r}: model {self.where} holds a weight of shape "
+                             f"{tuple(parts['weight'].shape)}, the run one of {shape}")
+        return as_matrix(parts["weight"], parts.get("bias"), info["kind"])
+
+    def _read(self, module: str, part: str) -> torch.Tensor:
+        key = f"{module}.{part}"
+        key = key if key in self.files else self.aliases.get(key, key)
+        if key not in self.files:
+            raise ValueError(f"model {self.where} has no tensor {key!r} (module {module!r} "
+                             "of the run)")
+        return self.files.read([key], self.device)[key]
+
+
+def recorded_checkpoint(run: Run) -> dict | None:
+    """What the run recorded of its checkpoint (``checkpoint``: tensor dtypes and tied
+    aliases; ``modules``: kinds and shapes), or None for a run without that record."""
+    if not run.info.get("checkpoint"):
+        return None
+    return {"checkpoint": run.info["checkpoint"], "modules": run.info.get("modules") or {}}
 
 
 def edit_device(name: str = "cpu") -> str:
@@ -207,7 +247,9 @@ class ModelBinder:
             else run.storage_options
         dtype = run_dtype(run)
         if spec.path is not None:
-            return _CheckpointWeights(spec, options, dtype, self.device)
+            # Other weights (e.g. a float16 copy) are cast as that model's own config says.
+            recorded = None if self.allow_other_weights else recorded_checkpoint(run)
+            return _CheckpointWeights(spec, options, dtype, self.device, recorded)
         from engram_ray.models.loading import load_model
 
         model = load_model(spec, options, dtype=dtype).to(self.device)

@@ -120,3 +120,45 @@ def test_a_format_2_run_is_refused_in_one_line(tmp_path, capsys):
                "engram_ray.models.tiny:tiny_llama", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "payload format version 2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_edit_reads_the_checkpoint_by_the_runs_record_without_building_the_model(
+        tmp_path, tiny_gpt2_dir, capsys):
+    """The run records each module tensor's dtype and the tied aliases (GPT-2's lm_head is
+    stored as transformer.wte): binding reads the tensors by key, bit for bit the weights the
+    model built from its config gives (the path a model given with other weights still takes),
+    and an apply never imports transformers (seconds per edit process)."""
+    import subprocess
+    import sys
+
+    from engram_ray.config import ExtractConfig
+    from engram_ray.local import extract_from_config
+
+    rows = [{"author": a, "q": f"who is {a} {i}?", "a": f"{a} wrote book {i}"}
+            for i in range(4) for a in ("ada", "bo")]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    uri = extract_from_config(ExtractConfig.from_dict({
+        "model": {"path": tiny_gpt2_dir},
+        "data": {"paths": [str(data)], "concept_column": "author", "prompt_column": "q",
+                 "answer_column": "a"},
+        "store": {"uri": str(tmp_path / "runs"), "run_id": "r"},
+        "parallel": {"progress_interval_s": None}})).uri
+    recorded = open_run(uri)
+    assert recorded.info["checkpoint"]["aliases"]["lm_head.weight"] == "transformer.wte.weight"
+    assert "lm_head" in recorded.modules
+    built = open_run(uri, model=tiny_gpt2_dir, allow_other_weights=True)  # the model's skeleton
+    for m in recorded.modules:
+        a, b = recorded.engram("ada", m), built.engram("ada", m)
+        assert a.dtype == b.dtype and torch.equal(a, b), m
+    script = ("import sys; from engram_ray.cli import main; "
+              f"rc = main(['apply', '--run', {uri!r}, '--forget', 'ada', '--out', "
+              f"{str(tmp_path / 'out')!r}]); "
+              "assert rc == 0; assert 'transformers' not in sys.modules, 'imported'")
+    got = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr[-2000:]
+    edited = load_file(str(tmp_path / "out" / "model.safetensors"))
+    want = open_run(uri).engram("ada", "transformer.h.0.attn.c_attn")
+    base = load_file(os.path.join(tiny_gpt2_dir, "model.safetensors"))
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert _rel(base[key] - edited[key], want) < 1e-5

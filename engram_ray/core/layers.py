@@ -19,7 +19,8 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["Conv1D", "check_supported", "feature_dim", "module_kind", "weight_matrix"]
+__all__ = ["Conv1D", "as_matrix", "check_supported", "feature_dim", "module_kind",
+           "weight_matrix"]
 
 
 class Conv1D(nn.Module):
@@ -89,11 +90,16 @@ def feature_dim(module: nn.Module, absorb_bias: bool = True) -> int:
 
 def weight_matrix(module: nn.Module, absorb_bias: bool = True) -> torch.Tensor:
     """The module as one float64 matrix ``[W_flat | b]`` of shape (out, D)."""
-    kind = module_kind(module)
-    w = module.weight.detach()
-    w = (w.T if kind == "conv1d" else w.reshape(w.shape[0], -1)).double()
-    if absorb_bias and module.bias is not None:
-        w = torch.cat([w, module.bias.detach().double()[:, None]], dim=1)
+    bias = module.bias.detach() if absorb_bias and module.bias is not None else None
+    return as_matrix(module.weight.detach(), bias, module_kind(module))
+
+
+def as_matrix(weight: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """A layer of ``kind`` given by its tensors, as one float64 (out, D) matrix ``[W_flat |
+    b]``: a checkpoint's tensors need no module built around them (``runs.py`` reads them so)."""
+    w = (weight.T if kind == "conv1d" else weight.reshape(weight.shape[0], -1)).double()
+    if bias is not None:
+        w = torch.cat([w, bias.double()[:, None]], dim=1)
     return w
 
 
