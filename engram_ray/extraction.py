@@ -352,9 +352,9 @@ def _metadata(plan: Plan, layout: Layout, extra: dict, timings: dict) -> dict:
 
 def _checkpoint_layout(plan: Plan, layout: Layout) -> dict | None:
     """For a checkpoint model: each module tensor's dtype as the extraction held it and the
-    tied aliases (``models.loading.checkpoint_layout``), so that an edit binds the run to its
+    tied aliases (``models.outline.checkpoint_layout``), so that an edit binds the run to its
     checkpoint without building the model. None for a factory or an in-memory model."""
-    from engram_ray.models.loading import checkpoint_layout
+    from engram_ray.models.outline import checkpoint_layout
 
     config = plan.config or {}
     model = config.get("model") or {}

@@ -101,7 +101,7 @@ class _CheckpointWeights:
     """Weights of an HF checkpoint, read tensor by tensor and cast to the dtype the
     extraction's model held them in (module docstring).
 
-    ``recorded``: the run's ``checkpoint`` record (``models.loading.checkpoint_layout``: each
+    ``recorded``: the run's ``checkpoint`` record (``models.outline.checkpoint_layout``: each
     tensor's dtype, the tied aliases) and its modules' kinds and shapes; the tensors are then
     read by key with no model built (no transformers import: seconds per edit process). Runs
     without one, and a model given with other weights, build the model on the meta device
@@ -215,6 +215,14 @@ def adapter_base(run: Run, base=None, storage_options: Mapping | None = None, *,
         spec = ModelSpec(path=str(base))
     weights = None if spec.path is None and spec.weights is None \
         else open_weights(spec, storage_options)
+    recorded = recorded_checkpoint(run)
+    outline = (recorded or {}).get("checkpoint", {}).get("outline")
+    binder = getattr(run, "_binder", None)
+    if spec.path is not None and outline and not getattr(binder, "allow_other_weights", False):
+        # The run's record (models/outline.py): the model's facts without its code or import.
+        from engram_ray.models.outline import outline_module
+
+        return AdapterBase(outline_module(outline), spec, storage_options, weights)
     return AdapterBase(build_empty(spec, storage_options), spec, storage_options, weights)
 
 

@@ -122,28 +122,46 @@ def test_a_format_2_run_is_refused_in_one_line(tmp_path, capsys):
     assert rc == 2 and "payload format version 2" in err and len(err.strip().splitlines()) == 1
 
 
+
+@pytest.fixture(scope="module")
+def gpt2_config_run(tiny_gpt2_dir, tmp_path_factory):
+    """A run of the tiny GPT-2 (Conv1D with biases, lm_head tied to wte) extracted from its
+    checkpoint by config, as the CLI does: the run records its checkpoint."""
+    from engram_ray.config import ExtractConfig
+    from engram_ray.local import extract_from_config
+
+    tmp = tmp_path_factory.mktemp("gpt2-run")
+    rows = [{"author": a, "q": f"who is {a} {i}?", "a": f"{a} wrote book {i}"}
+            for i in range(4) for a in ("ada", "bo")]
+    data = tmp / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return extract_from_config(ExtractConfig.from_dict({
+        "model": {"path": tiny_gpt2_dir},
+        "data": {"paths": [str(data)], "concept_column": "author", "prompt_column": "q",
+                 "answer_column": "a"},
+        "store": {"uri": str(tmp / "runs"), "run_id": "r"},
+        "parallel": {"progress_interval_s": None}})).uri
+
+
+def _cli_without_transformers(*argv: str) -> None:
+    """``engram-ray ARGV`` in a fresh process, which must not import transformers."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from engram_ray.cli import main; "
+              f"rc = main({list(argv)!r}); "
+              "assert rc == 0, rc; assert 'transformers' not in sys.modules, 'imported'")
+    got = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr[-2000:]
+
+
 def test_an_edit_reads_the_checkpoint_by_the_runs_record_without_building_the_model(
-        tmp_path, tiny_gpt2_dir, capsys):
+        gpt2_config_run, tiny_gpt2_dir, tmp_path):
     """The run records each module tensor's dtype and the tied aliases (GPT-2's lm_head is
     stored as transformer.wte): binding reads the tensors by key, bit for bit the weights the
     model built from its config gives (the path a model given with other weights still takes),
     and an apply never imports transformers (seconds per edit process)."""
-    import subprocess
-    import sys
-
-    from engram_ray.config import ExtractConfig
-    from engram_ray.local import extract_from_config
-
-    rows = [{"author": a, "q": f"who is {a} {i}?", "a": f"{a} wrote book {i}"}
-            for i in range(4) for a in ("ada", "bo")]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    uri = extract_from_config(ExtractConfig.from_dict({
-        "model": {"path": tiny_gpt2_dir},
-        "data": {"paths": [str(data)], "concept_column": "author", "prompt_column": "q",
-                 "answer_column": "a"},
-        "store": {"uri": str(tmp_path / "runs"), "run_id": "r"},
-        "parallel": {"progress_interval_s": None}})).uri
+    uri = gpt2_config_run
     recorded = open_run(uri)
     assert recorded.info["checkpoint"]["aliases"]["lm_head.weight"] == "transformer.wte.weight"
     assert "lm_head" in recorded.modules
@@ -151,14 +169,64 @@ def test_an_edit_reads_the_checkpoint_by_the_runs_record_without_building_the_mo
     for m in recorded.modules:
         a, b = recorded.engram("ada", m), built.engram("ada", m)
         assert a.dtype == b.dtype and torch.equal(a, b), m
-    script = ("import sys; from engram_ray.cli import main; "
-              f"rc = main(['apply', '--run', {uri!r}, '--forget', 'ada', '--out', "
-              f"{str(tmp_path / 'out')!r}]); "
-              "assert rc == 0; assert 'transformers' not in sys.modules, 'imported'")
-    got = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert got.returncode == 0, got.stderr[-2000:]
+    _cli_without_transformers("apply", "--run", uri, "--forget", "ada",
+                              "--out", str(tmp_path / "out"))
     edited = load_file(str(tmp_path / "out" / "model.safetensors"))
     want = open_run(uri).engram("ada", "transformer.h.0.attn.c_attn")
     base = load_file(os.path.join(tiny_gpt2_dir, "model.safetensors"))
     key = "transformer.h.0.attn.c_attn.weight"
     assert _rel(base[key] - edited[key], want) < 1e-5
+
+
+def test_an_adapter_is_checked_against_the_runs_outline_of_its_model(
+        gpt2_config_run, tiny_gpt2_dir, tmp_path, capsys):
+    """--format peft checks targets (kind, shape, bias, ties, PEFT's name matching) against the
+    module tree rebuilt from the run's record: the adapter is byte for byte the one written
+    against the model built from its config, transformers is never imported, and the tied
+    lm_head is still refused by name."""
+    from engram_ray.apply import write_peft_adapter
+    from engram_ray.runs import adapter_base
+
+    uri, blocks = gpt2_config_run, r"transformer\.h\..*"
+    _cli_without_transformers("apply", "--run", uri, "--forget", "ada", "--format", "peft",
+                              "--modules", blocks, "--out", str(tmp_path / "outline"))
+    # Other weights allowed: the adapter's base is built from the model's config (the old path).
+    built = open_run(uri, model=tiny_gpt2_dir, allow_other_weights=True)
+    assert hasattr(adapter_base(built).model, "config")  # a transformers model, not the outline
+    write_peft_adapter(built, ["ada"], modules=blocks, out=str(tmp_path / "built"))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        a = (tmp_path / "outline" / name).read_bytes()
+        assert a == (tmp_path / "built" / name).read_bytes(), name
+    rc = main(["apply", "--run", uri, "--forget", "ada", "--format", "peft",
+               "--out", str(tmp_path / "tied")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "'lm_head'" in err and "transformer.wte" in err
+    assert not (tmp_path / "tied").exists()
+
+
+def test_the_outline_rebuilds_kinds_shapes_biases_ties_and_conv_options():
+    """``describe`` then ``outline_module`` gives back every fact an adapter checks, for
+    Linear, Conv1D and Conv2d (strided, dilated) layers, a tie and an unrecorded module."""
+    from torch import nn
+
+    from engram_ray.core.layers import Conv1D, module_kind
+    from engram_ray.models.outline import describe, outline_module
+
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({
+        "emb": emb, "head": head,
+        "block": nn.ModuleDict({"c": Conv1D(6, 4), "conv": nn.Conv2d(
+            3, 8, 3, stride=2, padding=1, dilation=2, bias=False).to(torch.float64),
+            "act": nn.ReLU()})})
+    got = outline_module(describe(model, {"head": False, "block.c": True,
+                                          "block.conv": False})["outline"])
+    assert [n for n, _ in got.named_modules()][1:] == [n for n, _ in model.named_modules()][1:]
+    for name in ("head", "block.c", "block.conv"):
+        a, b = got.get_submodule(name), model.get_submodule(name)
+        assert module_kind(a) == module_kind(b) and a.weight.shape == b.weight.shape
+        assert a.weight.dtype == b.weight.dtype and (a.bias is None) == (b.bias is None)
+    conv = got.get_submodule("block.conv")
+    assert (conv.stride, conv.padding, conv.dilation) == ((2, 2), (1, 1), (2, 2))
+    assert got.get_submodule("head").weight is got.get_submodule("emb").weight

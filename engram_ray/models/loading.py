@@ -50,7 +50,6 @@ __all__ = [
     "build_empty",
     "call_factory",
     "check_model_path",
-    "checkpoint_layout",
     "load_model",
     "load_model_config",
     "load_tokenizer",
@@ -238,26 +237,6 @@ def open_weights(spec: ModelSpec, storage_options: StorageOptions | None = None)
     if spec.weights is None:
         raise ValueError(f"model factory {spec.factory!r} has no `weights` to load from")
     return WeightFiles(spec.weights, storage_options)
-
-
-def checkpoint_layout(spec: ModelSpec, modules: Mapping[str, bool],
-                      storage_options: StorageOptions | None = None,
-                      dtype: torch.dtype | str | None = None) -> dict:
-    """How the checkpoint of a ``path`` spec holds ``modules`` (name → bias absorbed): each
-    tensor's dtype in the model built from the config (``dtype``, else the config's, as
-    ``from_pretrained`` gives it) and the tied aliases (:func:`tied_aliases`).
-
-    An extraction records this in its run, so that binding the run to its checkpoint later
-    reads the weights by key and casts them, bit for bit, as the extraction held them, without
-    importing the model's architecture (transformers' import and a skeleton cost seconds per
-    edit process, more than a small edit itself)."""
-    skeleton = build_empty(spec, storage_options, dtype=dtype)
-    dtypes = {}
-    for name, bias in modules.items():
-        sub = skeleton.get_submodule(name)
-        for part in ("weight", "bias") if bias else ("weight",):
-            dtypes[f"{name}.{part}"] = str(getattr(sub, part).dtype).removeprefix("torch.")
-    return {"dtypes": dtypes, "aliases": tied_aliases(skeleton)}
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
