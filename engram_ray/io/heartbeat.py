@@ -7,8 +7,26 @@ misses: :class:`Heartbeat` renews from a daemon thread every quarter of the time
 beats in a row can be late before a live holder's lease expires.
 
 Renewing rewrites the lease's body with a later ``expires`` if the body still carries the
-holder's token (locally a private file renamed over it, on object stores one PUT, both
-atomic). A renewal that finds the lease gone or someone else's marks the heartbeat
+holder's token, as a compare-and-swap: the check and the write are one step with respect to
+anyone who breaks the lease and takes it. Without that, a renewal that checked "still ours",
+then lost the race to a writer that broke the (expired) lease and took its own, wrote its
+body over the other's lease, and both writers held the run.
+
+- Locally, the check and the ``rename`` of a private file over the lease run under the
+  lease's lock (:func:`engram_ray.io.lease.locked_local`), which every break and release of a
+  local lease also takes: a breaker waits for the renewal to finish, then sees the renewed
+  lease (and leaves a live one alone), and a renewal that comes after a break sees the lease
+  gone or another's.
+- On S3 (and S3-compatible stores: MinIO, moto's server) the body and its ETag are read with
+  one GET and the new body is PUT with ``If-Match: <that ETag>``: a lease changed since the
+  read (broken, retaken) answers 412 Precondition Failed, or 404 if it is gone, and nothing is
+  written. A 412 that answers a retried PUT whose first try landed (its reply lost) is told
+  apart by reading the lease again: it then holds exactly our new body.
+- Other schemes (``gs://``, ``az://``, ``memory://``) keep the read, check, then one PUT: the
+  window between the check and the write stays there (GCS's ``ifGenerationMatch`` and Azure's
+  ``If-Match`` would close it, not done yet).
+
+A renewal that finds the lease gone or someone else's marks the heartbeat
 :attr:`~Heartbeat.lost`: the holder calls :meth:`Heartbeat.check` (which also reads the
 lease then) before it publishes anything that needs the lease (a tick before it moves
 ``state.json`` on), so a holder that was stalled past its expiry and broken by another never
@@ -26,46 +44,112 @@ import secrets
 import threading
 import time
 
-from engram_ray.io.lease import Lease, LeaseHeld
+from engram_ray.io.lease import Lease, LeaseHeld, locked_local, parse_body
+from engram_ray.io.storage import StorageError
 
 __all__ = ["Heartbeat", "renew"]
 
 
-def _our_body(lease: Lease) -> dict | None:
-    """The lease's body if it carries our token (it is still ours), else None."""
-    try:
-        body = json.loads(lease.storage.read_bytes())
-    except (FileNotFoundError, ValueError):
-        return None
+_S3 = ("s3", "s3a")
+
+
+def _ours(body: dict | None, lease: Lease) -> dict | None:
+    """``body`` if it carries our token (the lease is still ours), else None."""
     if not isinstance(body, dict) or lease.token is None or body.get("token") != lease.token:
         return None
     return body
 
 
+def _our_body(lease: Lease) -> dict | None:
+    """The lease's body if it carries our token (it is still ours), else None."""
+    try:
+        return _ours(json.loads(lease.storage.read_bytes()), lease)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def renew(lease: Lease) -> bool:
     """Push ``lease``'s expiry to ``timeout_s`` from now if it is still ours; False if it is
-    gone or held by another (then nothing is written)."""
-    local = not lease.storage.remote
-    body = _our_body(lease)
+    gone or held by another (then nothing is written). The check and the write are one step
+    locally and on S3 (module docstring)."""
+    if not lease.storage.remote:
+        return _renew_local(lease)
+    if lease.storage.scheme in _S3:
+        return _renew_s3(lease)
+    body = _our_body(lease)  # gs, az, memory: read, check, then write (module docstring)
     if body is None:
         return False
     body["expires"] = time.time() + lease.timeout_s
-    data = json.dumps(body).encode()
-    if not local:
-        lease.storage.write_bytes("", data)
-        return True
-    tmp = f"{lease.storage.root}.renew-{secrets.token_hex(4)}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    # The lease must still be ours right before the rename: a writer that broke it and took
-    # its own meanwhile would otherwise be overwritten by this renewal, and two writers would
-    # both hold the run. Reading it again here shrinks that window from the whole
-    # read-and-write to the rename itself.
-    if _our_body(lease) is None:
-        os.remove(tmp)
-        return False
-    os.replace(tmp, lease.storage.root)
+    lease.storage.write_bytes("", json.dumps(body).encode())
     return True
+
+
+def _renew_local(lease: Lease) -> bool:
+    path = lease.storage.root
+    with locked_local(path) as data:
+        body = _ours(parse_body(data), lease) if data is not None else None
+        if body is None:
+            return False
+        body["expires"] = time.time() + lease.timeout_s
+        tmp = f"{path}.renew-{secrets.token_hex(4)}"
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(body).encode())
+        os.replace(tmp, path)  # still under the lock: nobody changed the lease since the check
+        return True
+
+
+def _renew_s3(lease: Lease) -> bool:
+    storage = lease.storage
+    fs = storage.fs
+    bucket, key, _ = fs.split_path(storage.path())
+    try:
+        with storage.errors("renewing the lease"):
+            data, etag = _get_with_etag(fs, bucket, key)
+    except FileNotFoundError:
+        return False
+    body = _ours(parse_body(data), lease)
+    if body is None:
+        return False
+    body["expires"] = time.time() + lease.timeout_s
+    new = json.dumps(body).encode()
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=new, IfMatch=etag)
+    except FileNotFoundError:
+        return False  # removed since our read (If-Match on a missing key answers 404)
+    except Exception as e:
+        if not _precondition_failed(e):
+            raise StorageError(f"renewing the lease {storage.uri} failed: {e}") from e
+        try:  # changed since our read, or our own retried PUT answered after the first landed
+            return storage.read_bytes() == new
+        except FileNotFoundError:
+            return False
+    fs.invalidate_cache(storage.path())
+    return True
+
+
+def _get_with_etag(fs, bucket: str, key: str) -> tuple[bytes, str]:
+    """The object's bytes and the ETag of that very version: one GET (a HEAD then a GET could
+    pair one version's ETag with another's body)."""
+    from fsspec.asyn import sync
+
+    async def get():
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return await resp["Body"].read(), resp["ETag"]
+        finally:
+            resp["Body"].close()
+
+    return sync(fs.loop, get)
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """True for S3's 412 PreconditionFailed (s3fs raises it as a plain OSError, EINVAL, whose
+    cause is botocore's ClientError with the code)."""
+    for err in (e, e.__cause__):
+        code = (getattr(err, "response", None) or {}).get("Error", {}).get("Code")
+        if code == "PreconditionFailed" or "PreconditionFailed" in str(err or ""):
+            return True
+    return False
 
 
 class Heartbeat:

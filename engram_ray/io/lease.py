@@ -31,12 +31,27 @@ A holder that dies leaves its lease behind. It is broken
   so a live lease never expires and a dead one on another host frees within a minute;
 - or by an explicit :meth:`Lease.break_` (CLI: the documented ``--break-lease``).
 
-Breaking re-reads the body and removes it only if it is still the one judged gone; two
-breakers racing on the same lease then both try the exclusive create, and exactly one wins.
+Breaking re-reads the body and removes it only if it is still the one judged gone (a renewal
+in between keeps it); two breakers racing on the same lease then both try the exclusive create,
+and exactly one wins.
+
+Locally, every change of an existing lease (a break, a release, a renewal by
+``io/heartbeat.py``) happens while holding an exclusive ``flock`` on the file the lease's name
+names at that moment, and only after checking that the name still names that file
+(:func:`locked_local`). A create needs no lock: it only succeeds where no lease is. So between
+a renewal's check "the lease is still ours" and its ``rename``, no breaker can remove the lease
+and no other writer can take it (the renewal is a compare-and-swap), and a breaker's "still the
+one judged gone" holds until its ``unlink``. Why the lease file itself and not a sidecar
+``<lease>.lock``: a sidecar would outlive every lease (it cannot be removed safely while
+another process may be waiting on it) and litter ``_leases/``. A holder that dies while holding
+the lock releases it with its last file descriptor (the kernel does), so a crash never wedges a
+lease. Where ``flock`` is missing (Windows) or refused by the filesystem (``ENOLCK``: some NFS
+setups), the same steps run unlocked: the previous check-then-act, with its small window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -44,12 +59,13 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 from engram_ray.io.storage import Storage
 from engram_ray.uris import EXCLUSIVE_CREATE, UnsupportedScheme
 
 __all__ = ["DEFAULT_TIMEOUT_S", "UNREADABLE_GRACE_S", "Lease", "LeaseHeld", "holder_gone",
-           "process_identity"]
+           "locked_local", "parse_body", "process_identity"]
 
 # An unreadable lease younger than this may still be being written (a filesystem without hard
 # links, or a lease from a version that wrote after creating): it is live until then. Far
@@ -59,6 +75,11 @@ UNREADABLE_GRACE_S = 30.0
 # within a minute; the holder's heartbeat renews it every timeout/4 (15 s).
 DEFAULT_TIMEOUT_S = 60.0
 _MEMORY_LOCK = threading.Lock()  # memory:// lives in this process: a lock makes create exclusive
+
+try:
+    import fcntl
+except ImportError:  # Windows: local leases are changed unlocked (module docstring)
+    fcntl = None  # type: ignore[assignment]
 
 
 class LeaseHeld(RuntimeError):
@@ -81,7 +102,9 @@ class Lease:
         """Take the lease, breaking an expired one or one whose holder is provably gone; raise
         :class:`LeaseHeld` if it is live."""
         _check_exclusive(self.storage)
-        for _ in range(2):
+        # Three rounds: a lease renewed between our judging it and our removing it is judged
+        # again (live now: refused; still expired: broken at the next round).
+        for _ in range(3):
             if self._create():
                 return self
             body = self._read()
@@ -101,19 +124,18 @@ class Lease:
                 print(f"[engram-ray] lease {self.uri}: its holder {body.get('holder', '?')} "
                       "is gone (its process on this host has ended): taking it over",
                       file=sys.stderr)
-            self._remove_if(body.get("token"))  # expired or its holder gone
+            self._remove_if(lambda now, judged=body: now == judged)  # expired or holder gone
         raise LeaseHeld(f"{self.uri}: another writer took the lease while it was broken")
 
     def release(self) -> None:
         """Give the lease back (only ours: a lease broken and retaken by another stays)."""
         if self.token is not None:
-            self._remove_if(self.token)
+            self._remove_if(lambda now, token=self.token: now.get("token") == token)
             self.token = None
 
     def break_(self) -> None:
         """Remove the lease whoever holds it (the documented way out after a crash)."""
-        if self.storage.exists():
-            self.storage.rm()
+        self._remove_if(lambda now: True)
 
     def __enter__(self) -> Lease:
         return self.acquire()
@@ -141,12 +163,9 @@ class Lease:
 
     def _read(self) -> dict | None:
         try:
-            body = json.loads(self.storage.read_bytes())
+            return parse_body(self.storage.read_bytes())
         except FileNotFoundError:
             return None
-        except ValueError:
-            return {}  # unreadable: a half-written lease of a crashed holder: expired
-        return body if isinstance(body, dict) else {}
 
     def _age(self) -> float:
         """Seconds since the lease object was last written (0 when unknown: treated as new)."""
@@ -167,10 +186,84 @@ class Lease:
             when = when.timestamp()
         return time.time() - float(when) if when else 0.0
 
-    def _remove_if(self, token: str | None) -> None:
-        body = self._read()
-        if body is not None and body.get("token") == token:
-            self.storage.rm()
+    def _remove_if(self, same) -> None:
+        """Remove the lease if ``same(its body now)``; locally under the lease's lock, so that
+        nothing changes it between that read and the removal (module docstring)."""
+        if self.storage.remote:
+            body = self._read()
+            if body is not None and same(body):
+                self.storage.rm()
+            return
+        with locked_local(self.storage.root) as data:
+            if data is not None and same(parse_body(data)):
+                with self.storage.errors("removing"), contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.storage.root)
+
+
+def parse_body(data: bytes) -> dict:
+    """A lease's body; ``{}`` when unreadable (a half-written lease of a crashed holder)."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+@contextlib.contextmanager
+def locked_local(path: str) -> Iterator[bytes | None]:
+    """Hold an exclusive ``flock`` on the local lease file ``path`` names, and yield its bytes
+    (``None``, and no lock, when there is no lease). While the block runs, nobody else who goes
+    through here changes or removes the lease, so the block may check the bytes and then
+    replace (``os.replace``) or remove the lease as one step (module docstring: why).
+
+    The lock is on the file, and a lease is replaced by renaming a new file over it or removed
+    and taken anew: a waiter may be granted the lock on a file the name no longer names. It then
+    locks the file the name names now (or finds no lease). The lock goes with the descriptor: at
+    the block's end, or when the process dies holding it."""
+    while True:
+        try:
+            # Read-write where allowed: NFS emulates flock with POSIX locks, whose exclusive
+            # lock needs a descriptor open for writing. Nothing is written through it.
+            fd = os.open(path, os.O_RDWR)
+        except PermissionError:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                yield None
+                return
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            if _flock(fd) and not _names(path, fd):
+                continue  # replaced or removed while we waited: lock what is there now
+            chunks = []
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+            yield b"".join(chunks)
+            return
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _flock(fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` (blocking); False where there is none to take."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # ENOLCK, EBADF...: a filesystem without flock: unlocked, as before
+        return False
+    return True
+
+
+def _names(path: str, fd: int) -> bool:
+    """True if ``path`` names the file open as ``fd``."""
+    try:
+        here, held = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _check_exclusive(storage: Storage) -> None:
