@@ -26,6 +26,10 @@ body over the other's lease, and both writers held the run.
   window between the check and the write stays there (GCS's ``ifGenerationMatch`` and Azure's
   ``If-Match`` would close it, not done yet).
 
+Breaking and releasing on S3 are the matching conditional delete (``DeleteObject`` with
+``If-Match``, :func:`engram_ray.io.lease._remove_s3`), so a renewal landing between a breaker's
+read and its delete is not deleted with the lease it replaced.
+
 A renewal that finds the lease gone or someone else's marks the heartbeat
 :attr:`~Heartbeat.lost`: the holder calls :meth:`Heartbeat.check` (which also reads the
 lease then) before it publishes anything that needs the lease (a tick before it moves
@@ -44,13 +48,18 @@ import secrets
 import threading
 import time
 
-from engram_ray.io.lease import Lease, LeaseHeld, locked_local, parse_body
+from engram_ray.io.lease import (
+    _S3,
+    Lease,
+    LeaseHeld,
+    _get_with_etag,  # shared with the S3 break and release (lease.py)
+    _precondition_failed,
+    locked_local,
+    parse_body,
+)
 from engram_ray.io.storage import StorageError
 
 __all__ = ["Heartbeat", "renew"]
-
-
-_S3 = ("s3", "s3a")
 
 
 def _ours(body: dict | None, lease: Lease) -> dict | None:
@@ -125,31 +134,6 @@ def _renew_s3(lease: Lease) -> bool:
             return False
     fs.invalidate_cache(storage.path())
     return True
-
-
-def _get_with_etag(fs, bucket: str, key: str) -> tuple[bytes, str]:
-    """The object's bytes and the ETag of that very version: one GET (a HEAD then a GET could
-    pair one version's ETag with another's body)."""
-    from fsspec.asyn import sync
-
-    async def get():
-        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-        try:
-            return await resp["Body"].read(), resp["ETag"]
-        finally:
-            resp["Body"].close()
-
-    return sync(fs.loop, get)
-
-
-def _precondition_failed(e: BaseException) -> bool:
-    """True for S3's 412 PreconditionFailed (s3fs raises it as a plain OSError, EINVAL, whose
-    cause is botocore's ClientError with the code)."""
-    for err in (e, e.__cause__):
-        code = (getattr(err, "response", None) or {}).get("Error", {}).get("Code")
-        if code == "PreconditionFailed" or "PreconditionFailed" in str(err or ""):
-            return True
-    return False
 
 
 class Heartbeat:

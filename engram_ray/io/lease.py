@@ -33,7 +33,8 @@ A holder that dies leaves its lease behind. It is broken
 
 Breaking re-reads the body and removes it only if it is still the one judged gone (a renewal
 in between keeps it); two breakers racing on the same lease then both try the exclusive create,
-and exactly one wins.
+and exactly one wins. Releasing removes the lease only if it still carries the holder's token
+(one broken and retaken by another stays).
 
 Locally, every change of an existing lease (a break, a release, a renewal by
 ``io/heartbeat.py``) happens while holding an exclusive ``flock`` on the file the lease's name
@@ -47,11 +48,27 @@ another process may be waiting on it) and litter ``_leases/``. A holder that die
 the lock releases it with its last file descriptor (the kernel does), so a crash never wedges a
 lease. Where ``flock`` is missing (Windows) or refused by the filesystem (``ENOLCK``: some NFS
 setups), the same steps run unlocked: the previous check-then-act, with its small window.
+
+On S3 (s3/s3a) a break or a release reads the lease's body and its ETag with one GET, judges
+the body, and deletes with ``DeleteObject`` ``If-Match: <that ETag>`` (:func:`_remove_s3`), so
+the judged body and the deleted one are the same version. Without the condition, a renewal, or
+a retake by another writer, landing between the read and the delete was deleted: a holder then
+lost a live lease (it saw so at its next renewal or check, so there were never two holders, but
+its work stopped), and a release deleted another writer's lease. A 412 (the lease changed since
+the read) makes it read and judge again: a lease retaken by another is then not ours to release,
+a renewed one is no longer the one judged gone (the break gives up, and the taker reports
+:class:`LeaseHeld` as for any live lease); a 404 means it is gone already. The residual window:
+a server that refuses ``If-Match`` on ``DeleteObject`` (``NotImplemented``/501: some
+S3-compatible stores), or a botocore too old to send it (s3fs would drop the parameter
+silently), gets the previous unconditional delete after the check, and a server that ignores the
+header deletes unconditionally without saying so. ``gs://``, ``az://`` and ``memory://`` keep
+read, check, then delete (GCS's ``ifGenerationMatch`` and Azure's ``If-Match`` would close it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -61,7 +78,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from engram_ray.io.storage import Storage
+from engram_ray.io.storage import Storage, StorageError
 from engram_ray.uris import EXCLUSIVE_CREATE, UnsupportedScheme
 
 __all__ = ["DEFAULT_TIMEOUT_S", "UNREADABLE_GRACE_S", "Lease", "LeaseHeld", "holder_gone",
@@ -75,6 +92,11 @@ UNREADABLE_GRACE_S = 30.0
 # within a minute; the holder's heartbeat renews it every timeout/4 (15 s).
 DEFAULT_TIMEOUT_S = 60.0
 _MEMORY_LOCK = threading.Lock()  # memory:// lives in this process: a lock makes create exclusive
+_S3 = ("s3", "s3a")
+# Reads and conditional deletes of one S3 lease before a break or release gives up: each retry
+# follows a 412, i.e. a change of the lease since its read, and a live lease changes once per
+# renewal (every timeout/4), so more than one retry in a row means something is wrong.
+_S3_REMOVE_TRIES = 3
 
 try:
     import fcntl
@@ -187,9 +209,13 @@ class Lease:
         return time.time() - float(when) if when else 0.0
 
     def _remove_if(self, same) -> None:
-        """Remove the lease if ``same(its body now)``; locally under the lease's lock, so that
-        nothing changes it between that read and the removal (module docstring)."""
-        if self.storage.remote:
+        """Remove the lease if ``same(its body now)``; locally under the lease's lock, on S3
+        with a delete conditional on the ETag of the body judged, so that nothing changes it
+        between that read and the removal (module docstring)."""
+        if self.storage.scheme in _S3:
+            _remove_s3(self.storage, same)
+            return
+        if self.storage.remote:  # gs, az, memory: read, check, then delete (module docstring)
             body = self._read()
             if body is not None and same(body):
                 self.storage.rm()
@@ -198,6 +224,94 @@ class Lease:
             if data is not None and same(parse_body(data)):
                 with self.storage.errors("removing"), contextlib.suppress(FileNotFoundError):
                     os.unlink(self.storage.root)
+
+
+def _remove_s3(storage: Storage, same) -> None:
+    """Delete the S3 lease at ``storage`` if ``same(its body)``, with ``If-Match`` on the ETag
+    of that very body: a lease renewed or retaken since the read is not deleted (412) but read
+    and judged again. Gone already (404, on the read or the delete): nothing to do."""
+    fs = storage.fs
+    bucket, key, _ = fs.split_path(storage.path())
+    try:
+        for _ in range(_S3_REMOVE_TRIES):
+            try:
+                with storage.errors("reading the lease"):
+                    data, etag = _get_with_etag(fs, bucket, key)
+            except FileNotFoundError:
+                return
+            if not same(parse_body(data)):
+                return  # not ours (release), or no longer the body judged gone (break)
+            if not _s3_knows("DeleteObject", "IfMatch"):
+                # botocore predates conditional deletes, and s3fs would drop IfMatch without a
+                # word: the unconditional delete after the check (module docstring: the window).
+                with contextlib.suppress(FileNotFoundError):  # gone meanwhile: fine
+                    storage.rm()
+                return
+            try:
+                fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+                return
+            except FileNotFoundError:
+                return  # removed since our read (or our own retried delete's first try landed)
+            except Exception as e:
+                if _precondition_failed(e):
+                    continue  # changed since our read: judge the lease as it is now
+                if not _not_implemented(e):
+                    raise StorageError(f"removing the lease {storage.uri} failed: {e}") from e
+                # This server refuses If-Match on DeleteObject (some S3-compatible stores): the
+                # unconditional delete, right after the check. The residual window is between
+                # the GET above and this delete (module docstring).
+                with contextlib.suppress(FileNotFoundError):  # gone meanwhile: fine
+                    storage.rm()
+                return
+    finally:
+        fs.invalidate_cache(storage.path())
+
+
+def _get_with_etag(fs, bucket: str, key: str) -> tuple[bytes, str]:
+    """The object's bytes and the ETag of that very version: one GET (a HEAD then a GET could
+    pair one version's ETag with another's body)."""
+    from fsspec.asyn import sync
+
+    async def get():
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return await resp["Body"].read(), resp["ETag"]
+        finally:
+            resp["Body"].close()
+
+    return sync(fs.loop, get)
+
+
+def _error_codes(e: BaseException) -> Iterator[tuple[str | None, int | None]]:
+    """(S3 error code, HTTP status) of ``e`` and of its cause: s3fs raises a ClientError as a
+    plain OSError whose cause holds the response."""
+    for err in (e, e.__cause__):
+        response = getattr(err, "response", None) or {}
+        yield (response.get("Error", {}).get("Code"),
+               response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """True for S3's 412 PreconditionFailed (s3fs raises it as a plain OSError, EINVAL, whose
+    cause is botocore's ClientError with the code)."""
+    return (any(code == "PreconditionFailed" or status == 412 for code, status in _error_codes(e))
+            or any("PreconditionFailed" in str(err or "") for err in (e, e.__cause__)))
+
+
+def _not_implemented(e: BaseException) -> bool:
+    """True for a server's "conditional delete not supported": ``NotImplemented`` or a 501 (s3fs
+    raises an OSError, ENOSYS)."""
+    return any(code == "NotImplemented" or status == 501 for code, status in _error_codes(e))
+
+
+@functools.cache
+def _s3_knows(operation: str, parameter: str) -> bool:
+    """True if the installed botocore sends ``parameter`` with ``operation`` (s3fs filters out
+    parameters the service model lacks, silently)."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("s3")
+    return parameter in model.operation_model(operation).input_shape.members
 
 
 def parse_body(data: bytes) -> dict:
