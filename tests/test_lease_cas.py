@@ -219,3 +219,25 @@ def test_s3_renewal_whose_retried_put_meets_its_own_first_try(s3_where, monkeypa
     assert renew(ours) is True
     monkeypatch.undo()
     assert _token(s3_where) == ours.token
+
+
+def test_s3_renewal_with_a_botocore_without_conditional_puts_still_renews(s3_where,
+                                                                           monkeypatch):
+    """A botocore older than S3's conditional writes would have s3fs drop ``IfMatch`` without a
+    word; the renewal then writes plainly (the old window) rather than pass a parameter that is
+    silently ignored."""
+    sent = []
+    monkeypatch.setattr(heartbeat, "_s3_knows", lambda op, param: False)
+    real = s3_where.fs.call_s3
+
+    def spy(method, *args, **kwargs):
+        sent.append((method, "IfMatch" in kwargs))
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(s3_where.fs, "call_s3", spy)
+    ours = Lease(s3_where, timeout_s=60).acquire()
+    first = json.loads(s3_where.read_bytes())
+    assert renew(ours)
+    assert json.loads(s3_where.read_bytes())["expires"] > first["expires"]
+    assert ("put_object", True) not in sent
+    ours.release()

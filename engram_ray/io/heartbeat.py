@@ -54,6 +54,7 @@ from engram_ray.io.lease import (
     LeaseHeld,
     _get_with_etag,  # shared with the S3 break and release (lease.py)
     _precondition_failed,
+    _s3_knows,
     locked_local,
     parse_body,
 )
@@ -121,6 +122,12 @@ def _renew_s3(lease: Lease) -> bool:
         return False
     body["expires"] = time.time() + lease.timeout_s
     new = json.dumps(body).encode()
+    if not _s3_knows("PutObject", "IfMatch"):
+        # botocore predates conditional writes (Nov 2024) and s3fs would drop IfMatch without a
+        # word: an unconditional write, with the read-check-write window this function closes
+        # on newer clients.
+        storage.write_bytes("", new)
+        return True
     try:
         fs.call_s3("put_object", Bucket=bucket, Key=key, Body=new, IfMatch=etag)
     except FileNotFoundError:
