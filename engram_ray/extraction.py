@@ -39,7 +39,7 @@ from engram_ray.core.moments import ModuleInfo, Moments, check_counts, merge_sum
 from engram_ray.core.solve import solution_warnings, solve_group
 from engram_ray.incremental import Extension, prepare_extension
 from engram_ray.io.sigma_checkpoint import Generation, SigmaCheckpoint, config_digest, slices
-from engram_ray.io.storage import Storage
+from engram_ray.io.storage import Location, Storage, as_storage
 from engram_ray.io.store import RunWriter, run_exists, split_run_uri, weight_digest
 from engram_ray.runinfo import new_run_id, run_metadata
 
@@ -77,6 +77,14 @@ class Plan:
     extension: Extension | None = None
     checkpoint: SigmaCheckpoint | None = None
     digest: str | None = None  # config_digest: what a checkpoint was written for
+    location: Storage | None = field(default=None, repr=False)  # the run's, see run_storage
+
+    def run_storage(self) -> Storage:
+        """The run's :class:`Storage`, built once per pass (``plan_for`` builds it) and used by
+        the existence check, the writer and the reader of the committed run alike."""
+        if self.location is None:
+            self.location = as_storage(self.uri, self.store.storage_options)
+        return self.location
 
     @property
     def base(self):
@@ -90,15 +98,16 @@ class Plan:
         """The data config reading only ``files``."""
         return dataclasses.replace(self.data, paths=list(files))
 
-    def group_solve(self, staging_uri: str) -> GroupSolve:
-        """The per-group solve step, writing payloads into the writer's staging area."""
+    def group_solve(self, staging_uri: Location) -> GroupSolve:
+        """The per-group solve step, writing payloads into the writer's staging area (its
+        Storage, or URI)."""
         keep = self.store.keep_statistics or self.extension is not None
         return GroupSolve(staging_uri, self.store.storage_options, self.solver, keep, self.base,
                           tuple(self.sources))
 
     def writer(self) -> RunWriter:
         """The run's writer: takes the run's lease and a staging area (``io/store.py``)."""
-        return RunWriter(self.uri, self.store.storage_options, overwrite=self.store.overwrite,
+        return RunWriter(self.run_storage(), overwrite=self.store.overwrite,
                          lease_timeout_s=self.store.lease_timeout_s,
                          break_lease=self.store.break_lease)
 
@@ -146,7 +155,7 @@ class GroupSolve:
     driver's :class:`RunWriter` made it): merge the base Σ, one eigh, every engram's norm; the
     spectrum, the concepts' rows or blocks (and Σ_total if kept) are what the run stores."""
 
-    uri: str  # the writer's staging URI, not the run's
+    uri: Location  # the writer's staging area (its Storage: a solver task rebuilds it once)
     storage_options: Mapping | None = field(repr=False)
     solver: SolverConfig
     keep_statistics: bool
@@ -210,12 +219,13 @@ def plan_for(uri: str, store: StoreConfig, run_id: str, **fields) -> Plan:
     ``store.overwrite``, and so is a run id that is not one safe path component."""
     uri = uri.rstrip("/")
     split_run_uri(uri)
-    if run_exists(uri, store.storage_options) and not store.overwrite:
+    location = as_storage(uri, store.storage_options)
+    if run_exists(location) and not store.overwrite:
         raise FileExistsError(f"a committed run already exists at {uri}; choose another "
                               "run_id or pass overwrite")
     fields.setdefault("select", SelectConfig())
     fields.setdefault("solver", SolverConfig())
-    return Plan(run_id=run_id, uri=uri, store=store, **fields)
+    return Plan(run_id=run_id, uri=uri, store=store, location=location, **fields)
 
 
 def _check_model_paths(cfg: ExtractConfig) -> None:
@@ -242,7 +252,7 @@ def run_extraction(plan: Plan, executor: Executor, log: TextIO | None = None) ->
             _accumulate(plan, executor, log)
             t_stats = time.time()
             layout = _checked_layout(plan, executor.layout())
-            rows = executor.solve(plan.group_solve(writer.staging_uri), layout)
+            rows = executor.solve(plan.group_solve(writer.storage), layout)
             kept, warnings = _warnings(rows, layout, log)
             timings = {"statistics_s": t_stats - t0, "solve_s": time.time() - t_stats,
                        "total_s": time.time() - t0}

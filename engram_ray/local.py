@@ -150,7 +150,7 @@ def extract(
     once = iter([batches])
     executor = LocalExecutor(model, lambda files: next(once), progress)
     run_extraction(plan, executor, log=io.StringIO())  # the Python API reports by returning
-    return open_run(plan.uri, storage_options, model=model)  # bound to the module given
+    return open_run(plan.run_storage(), model=model)  # bound to the module given
 
 
 def extract_from_config(cfg: ExtractConfig, *, progress=None, log: TextIO | None = None) -> Run:
@@ -175,7 +175,8 @@ def extract_from_config(cfg: ExtractConfig, *, progress=None, log: TextIO | None
         progress = _progress_lines(plan, cfg.parallel.progress_interval_s, log)
     executor = LocalExecutor(model, lambda files: iter_batches(plan.restrict(files), tokenizer),
                              progress)
-    return open_run(run_extraction(plan, executor, log), cfg.store.storage_options)
+    run_extraction(plan, executor, log)
+    return open_run(plan.run_storage())
 
 
 def _progress_lines(plan: Plan, interval_s: float | None, log: TextIO | None):
@@ -204,7 +205,7 @@ def solve_statistics(stats: Statistics, weights: Mapping, writer: RunWriter,
     rows: list[dict] = []
     for group in sorted(stats.groups, key=lambda g: (-stats.groups[g].dim, g)):
         moments, members = stats.groups[group], stats.members(group)
-        step = GroupSolve(writer.staging_uri, writer.storage_options, solver or SolverConfig(),
+        step = GroupSolve(writer.storage, writer.storage_options, solver or SolverConfig(),
                           keep_statistics=False, base=None, sources=tuple(moments.sources))
         rows += step(moments, members, {i.name: weights[i.name] for i in members})
     return rows

@@ -34,6 +34,7 @@ from torch import nn
 
 from engram_ray.config import ModelSpec, SolverConfig
 from engram_ray.core.layers import weight_matrix
+from engram_ray.io.storage import Location, Storage, as_storage
 from engram_ray.io.store import Run
 
 __all__ = ["BUILTIN_FACTORIES", "ModelBinder", "adapter_base", "bind_module", "check_trusted",
@@ -214,7 +215,7 @@ class ModelBinder:
         return _ModuleWeights(model, f"factory {spec.factory}")
 
 
-def open_run(uri: str, storage_options: Mapping | None = None, *,
+def open_run(uri: Location, storage_options: Mapping | None = None, *,
              model: str | nn.Module | None = None,
              solver: SolverConfig | Mapping | Sequence[str] | None = None,
              trust_factory: bool = False, allow_other_weights: bool = False,
@@ -229,6 +230,8 @@ def open_run(uri: str, storage_options: Mapping | None = None, *,
     if allow_other_weights and model is None:
         raise ValueError("allow_other_weights needs a model (--model): the run's own model is "
                          "the one it was extracted from, or it has changed")
+    if isinstance(uri, Storage):  # the run's Storage, built by the caller: its options
+        storage_options = as_storage(uri, storage_options).options
     run = Run(uri, storage_options,
               binder=ModelBinder(model, trust_factory=trust_factory,
                                  storage_options=storage_options,

@@ -1,0 +1,94 @@
+"""One :class:`~engram_ray.io.storage.Storage` per location per operation (issue 21, item 6).
+
+An *operation* is one user-facing call: one ``engram-ray`` subcommand (``extract --local``,
+``apply``, ``batch --local``, ``gc``, ``show``, ``list``) run in-process through
+:func:`engram_ray.cli.main`. A *location* is one URI as :func:`engram_ray.uris.normalize`
+spells it, without a trailing ``/``: a store, a run, an output folder, a data file, a model
+folder. A location below another reached with ``Storage.child`` shares its parent's
+filesystems and is not a construction (it never calls ``Storage.__init__``).
+
+Why: building a ``Storage`` re-checks and re-resolves the storage options and builds new
+fsspec (and pyarrow) filesystems — for S3 a new client, a new credential lookup and new
+connections each time. Each operation builds each location's ``Storage`` once at its entry
+and passes the object down. On these ``--local`` paths nothing runs in another process, so no
+rebuild (a Ray task unpickling its ``Storage``) is excused.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from engram_ray.cli import main
+from engram_ray.io.storage import Storage
+from engram_ray.uris import normalize
+
+
+@pytest.fixture()
+def built(monkeypatch):
+    """A counter of ``Storage.__init__`` calls by location, reset by the test between
+    operations."""
+    counts: collections.Counter = collections.Counter()
+    real = Storage.__init__
+
+    def counting(self, uri, options=None):
+        counts[normalize(uri).rstrip("/") or uri] += 1
+        real(self, uri, options)
+
+    monkeypatch.setattr(Storage, "__init__", counting)
+    return counts
+
+
+def once(counts, operation):
+    """Assert no location was built twice by ``operation``; reset the counter."""
+    twice = {uri: n for uri, n in counts.items() if n > 1}
+    counts.clear()
+    assert not twice, f"{operation}: Storage built more than once for {twice}"
+
+
+def test_each_operation_builds_each_location_once(tmp_path, tiny_llama_dir, built, capsys):
+    rng = np.random.default_rng(0)
+    words = "who wrote the sea book river town born award".split()
+    rows = [{"author": ["ada", "bo", None][i % 3], "question": " ".join(rng.choice(words, 4)),
+             "answer": " ".join(rng.choice(words, 3))} for i in range(9)]
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "part-0.parquet")
+    runs = tmp_path / "runs"
+    cfg = {"model": {"path": tiny_llama_dir},
+           "data": {"paths": [str(tmp_path / "data")], "concept_column": "author",
+                    "prompt_column": "question", "answer_column": "answer",
+                    "max_length": 32, "batch_size": 4},
+           "store": {"uri": str(runs), "run_id": "base"}}
+    (tmp_path / "extract.yaml").write_text(yaml.safe_dump(cfg))
+
+    built.clear()
+    assert main(["extract", str(tmp_path / "extract.yaml"), "--local"]) == 0
+    run = capsys.readouterr().out.strip().splitlines()[-1]
+    assert run == str(runs / "base") and built[run] >= 1
+    once(built, "extract --local")
+
+    assert main(["apply", "--run", run, "--forget", "ada", "--out", str(tmp_path / "e")]) == 0
+    assert os.path.exists(tmp_path / "e" / "edit.json") and built[run] >= 1
+    once(built, "apply")
+
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"request_id": "r1", "run": run, "concepts": ["ada"], "out": str(tmp_path / "r1")},
+        {"request_id": "r2", "run": run, "concepts": ["bo"], "out": str(tmp_path / "r2")}]))
+    assert main(["batch", str(tmp_path / "requests.jsonl"), "--local"]) == 0
+    assert os.path.exists(tmp_path / "r2" / "edit.json") and built[run] >= 1
+    once(built, "batch --local")
+
+    assert main(["show", run]) == 0
+    once(built, "show")
+    assert main(["list", str(runs)]) == 0
+    once(built, "list")
+    assert main(["gc", str(runs), "--keep", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dry_run"]
+    once(built, "gc")
