@@ -78,6 +78,7 @@ class Plan:
     checkpoint: SigmaCheckpoint | None = None
     digest: str | None = None  # config_digest: what a checkpoint was written for
     location: Storage | None = field(default=None, repr=False)  # the run's, see run_storage
+    inputs: dict[str, Storage] = field(default_factory=dict, repr=False)  # source → Storage
 
     def run_storage(self) -> Storage:
         """The run's :class:`Storage`, built once per pass (``plan_for`` builds it) and used by
@@ -97,6 +98,11 @@ class Plan:
     def restrict(self, files: Sequence[str]) -> DataConfig:
         """The data config reading only ``files``."""
         return dataclasses.replace(self.data, paths=list(files))
+
+    def inputs_of(self, files: Sequence[str]) -> list[Location]:
+        """``files`` sorted, each as the ``Storage`` :func:`prepare` resolved it to (its URI
+        when it has none): the readers open each file through that one ``Storage``."""
+        return [self.inputs.get(f, f) for f in sorted(set(files))]
 
     def group_solve(self, staging_uri: Location) -> GroupSolve:
         """The per-group solve step, writing payloads into the writer's staging area (its
@@ -191,18 +197,19 @@ class GroupCheckpoint:
 def prepare(cfg: ExtractConfig, log: TextIO | None = None) -> Plan:
     """Everything checked before work starts: model path, data files, an existing run, what an
     extension adds, what a checkpoint already counted (a rerun resumes from it)."""
-    from engram_ray.io.data import resolve_paths
+    from engram_ray.io.data import resolve_files
 
     extension = prepare_extension(cfg)
     if extension is not None:
         cfg = extension.config  # the shards the base run has not counted
         say(log, f"extending {extension.base.uri} with {len(extension.new_files)} new shard(s)")
     _check_model_paths(cfg)
-    files = resolve_paths(cfg.data)
+    found = resolve_files(cfg.data)
+    files = [f.uri for f in found]
     run_id = cfg.store.run_id or new_run_id()
     plan = plan_for(cfg.store.run_uri(run_id), cfg.store, run_id, select=cfg.select,
                     solver=cfg.solver, sources=files, config=cfg.to_dict(), data=cfg.data,
-                    extension=extension)
+                    extension=extension, inputs={f.uri: f for f in found})
     if cfg.store.checkpoint_shards:
         plan.digest = config_digest(cfg)
         ck = plan.checkpoint = SigmaCheckpoint(cfg.store.uri, run_id, cfg.store.storage_options)

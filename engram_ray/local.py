@@ -173,8 +173,9 @@ def extract_from_config(cfg: ExtractConfig, *, progress=None, log: TextIO | None
     tokenizer = None if cfg.data.features_column else load_tokenizer(cfg.model, storage)
     if progress is None:  # the CLI's progress lines (rows, rates, ETA), as the Ray path prints
         progress = _progress_lines(plan, cfg.parallel.progress_interval_s, log)
-    executor = LocalExecutor(model, lambda files: iter_batches(plan.restrict(files), tokenizer),
-                             progress)
+    executor = LocalExecutor(
+        model, lambda files: iter_batches(plan.restrict(files), tokenizer, plan.inputs_of(files)),
+        progress)
     run_extraction(plan, executor, log)
     return open_run(plan.run_storage())
 
@@ -187,8 +188,8 @@ def _progress_lines(plan: Plan, interval_s: float | None, log: TextIO | None):
         return None
     from engram_ray.io.data import count_rows
 
-    line = Progress(count_rows(plan.restrict(plan.sources)) if plan.sources else None,
-                    interval_s, log)
+    line = Progress(count_rows(plan.restrict(plan.sources), files=plan.inputs_of(plan.sources))
+                    if plan.sources else None, interval_s, log)
     tokens = [0]
 
     def progress(rows: int, batch_tokens: int) -> None:

@@ -238,6 +238,15 @@ class Storage:
         parent.uri = self.uri.rsplit("/", 1)[0] if self.remote else parent.root
         return parent
 
+    def at(self, fs_path: str) -> Storage:
+        """The location at ``fs_path`` (a path this location's fs returned: a listing's, a
+        glob's), sharing its filesystems: a data file found below a configured folder."""
+        other = object.__new__(Storage)
+        other.__dict__.update(self.__dict__)
+        other.root = fs_path.rstrip("/") or fs_path
+        other.uri = self.to_uri(other.root)
+        return other
+
     def child(self, *parts: str) -> Storage:
         """The location ``parts`` below this one, sharing its filesystems."""
         child = object.__new__(Storage)
