@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from engram_ray.io.lease import DEFAULT_TIMEOUT_S
-from engram_ray.io.storage import Storage
+from engram_ray.io.storage import Location, Storage, as_storage, location_uri
 
 __all__ = ["QUEUE_YAML", "STATE", "QueueSpec", "TickResult", "extension_id", "init_queue",
            "read_queue", "tick"]
@@ -96,11 +96,11 @@ class TickResult:
     message: str = ""
 
 
-def read_queue(queue: str, storage_options: Mapping | None = None) -> QueueSpec:
+def read_queue(queue: Location, storage_options: Mapping | None = None) -> QueueSpec:
     """The validated ``queue.yaml`` of ``queue``. A queue without one is missing
     (``FileNotFoundError`` naming it and how to create it); a malformed one is a
     ``ValueError`` naming the file and the key."""
-    store = Storage(queue, storage_options)
+    store = as_storage(queue, storage_options)
     where = store.uri_of(QUEUE_YAML)
     if not store.exists(QUEUE_YAML):
         raise FileNotFoundError(
@@ -183,7 +183,7 @@ def init_queue(queue: str, config: str, run: str, *, trust_factory: bool = False
     return spec
 
 
-def tick(queue: str, *, extract: Callable, map_fn: Callable | None = None,
+def tick(queue: Location, *, extract: Callable, map_fn: Callable | None = None,
          storage_options: Mapping | None = None, lease_timeout_s: float = DEFAULT_TIMEOUT_S,
          break_lease: bool = False) -> TickResult:
     """One tick of ``queue``. ``extract(cfg) -> run URI`` runs an extraction (the Ray or the
@@ -192,8 +192,9 @@ def tick(queue: str, *, extract: Callable, map_fn: Callable | None = None,
     from engram_ray.io.heartbeat import Heartbeat
     from engram_ray.io.lease import Lease, LeaseHeld
 
-    spec = read_queue(queue, storage_options)  # a missing queue is not created by its lease
-    store = Storage(queue, storage_options)
+    store = as_storage(queue, storage_options)  # the queue's one Storage for the whole tick
+    queue = location_uri(queue)
+    spec = read_queue(store)  # a missing queue is not created by its lease
     lease = Lease(store.child("_lease"), timeout_s=lease_timeout_s, what=f"queue {queue}")
     try:
         if break_lease:
@@ -203,7 +204,7 @@ def tick(queue: str, *, extract: Callable, map_fn: Callable | None = None,
         return TickResult(worked=False, message=f"another tick is working on {queue}: {e}")
     try:
         with Heartbeat(lease) as beat:
-            return _work(store, spec, extract, map_fn, storage_options, beat)
+            return _work(store, spec, extract, map_fn, store.options, beat)
     finally:
         lease.release()
 
@@ -323,8 +324,7 @@ def _run_requests(store: Storage, state: dict, result: TickResult, spec: QueueSp
         store.makedirs("results")
     for name in _pending(store, state):
         try:
-            requests = read_requests(store.uri_of("requests", name), storage_options,
-                                     default_run=result.run)
+            requests = read_requests(store.child("requests", name), default_run=result.run)
         except _FILE_ERRORS as e:
             failed[name] = _sha256(store, name)
             # The state first: a tick killed before its end still knows the file failed (and
@@ -335,8 +335,8 @@ def _run_requests(store: Storage, state: dict, result: TickResult, spec: QueueSp
             continue
         failed.pop(name, None)
         rows = _run_trusted(requests, spec, map_fn, storage_options)
-        _publish(store, _result_of(name), lambda uri, rows=rows, requests=requests:
-                 write_summary(rows, uri, requests, storage_options))
+        _publish(store, _result_of(name), lambda dest, rows=rows, requests=requests:
+                 write_summary(rows, dest.uri, requests, store.options))  # its one build
         result.request_files.append(name)
     state["failed_files"] = failed
 
@@ -396,20 +396,21 @@ def _write_failed(store: Storage, name: str, error: BaseException) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     data = sink.getvalue().to_pybytes()
-    _publish(store, _result_of(name), lambda uri: Storage(uri, store.options).write_bytes("", data))
+    _publish(store, _result_of(name), lambda dest: dest.write_bytes("", data))
 
 
-def _publish(store: Storage, rel: str, write: Callable[[str], object]) -> None:
-    """Write ``rel`` whole or not at all with ``write(uri)``: a result or state that a killed
+def _publish(store: Storage, rel: str, write: Callable[[Storage], object]) -> None:
+    """Write ``rel`` whole or not at all with ``write(location)`` (a child of ``store``, sharing
+    its filesystems): a result or state that a killed
     tick left half-written would be taken for done (a result) or fail every later tick (the
     state). An object store's PUT is atomic; locally the file is written beside its name and
     renamed over it."""
     if store.remote:
-        write(store.uri_of(rel))
+        write(store.child(rel))
         return
     tmp = f"{rel}.tmp-{secrets.token_hex(4)}"
     try:
-        write(store.uri_of(tmp))
+        write(store.child(tmp))
         os.replace(store.path(tmp), store.path(rel))
     finally:
         if os.path.exists(store.path(tmp)):
@@ -423,4 +424,4 @@ def _save_state(store: Storage, run: str, state: dict) -> None:
 
 def _write_state(store: Storage, state: dict) -> None:
     data = json.dumps(state, indent=2, sort_keys=True).encode()
-    _publish(store, STATE, lambda uri: Storage(uri, store.options).write_bytes("", data))
+    _publish(store, STATE, lambda dest: dest.write_bytes("", data))
