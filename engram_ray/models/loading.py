@@ -35,7 +35,7 @@ from torch import nn
 
 from engram_ray import hub
 from engram_ray.config import ModelSpec
-from engram_ray.io.storage import StorageOptions, filesystem, is_remote, join
+from engram_ray.io.storage import Location, StorageOptions, as_storage, is_remote, location_uri
 from engram_ray.models.weights import (
     WeightFiles,
     cache_dir_for,
@@ -102,14 +102,16 @@ def call_factory(spec: ModelSpec) -> nn.Module:
 
 
 def model_dir(
-    path: str, storage_options: StorageOptions | None = None, *, weights: bool = True
+    path: Location, storage_options: StorageOptions | None = None, *, weights: bool = True
 ) -> str:
     """A local directory with the HF checkpoint at ``path`` (copied into the cache if remote).
 
     ``weights=False`` copies only the small files (config, tokenizer, index json): a stage reads
     its own shards later through :class:`~engram_ray.models.weights.WeightFiles`. A Hub id is
-    its snapshot in the Hugging Face cache (fetched there first when online).
+    its snapshot in the Hugging Face cache (fetched there first when online). A remote
+    folder's files are fetched through its one ``Storage`` (``path`` may already be it).
     """
+    given, path = path, location_uri(path)
     if hub.is_hub_path(path):
         local = hub.snapshot(path, weights=weights)
         if not os.path.exists(os.path.join(local, "config.json")):
@@ -122,7 +124,8 @@ def model_dir(
         if not os.path.exists(os.path.join(local, "config.json")):
             raise FileNotFoundError(f"model path {path} has no config.json")
         return local
-    fs = filesystem(path, storage_options)
+    store = as_storage(given, storage_options)
+    fs = store.fs
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
@@ -137,7 +140,7 @@ def model_dir(
     for name in sorted(names):
         if name.endswith(_OTHER_WEIGHTS) or (name.endswith(".safetensors") and not weights):
             continue
-        download(join(path, name), local, storage_options)
+        download(store.child(name), local)
     return local
 
 
@@ -147,10 +150,11 @@ def _not_found(path: str, local: str) -> str:
             f"hf://org/name@revision) held by the Hub cache {hub.cache_dir()}")
 
 
-def check_model_path(path: str, storage_options: StorageOptions | None = None) -> None:
+def check_model_path(path: Location, storage_options: StorageOptions | None = None) -> None:
     """Fail early, in one line, when ``path`` names no model: a missing folder, an empty URI
     prefix, a Hub id neither cached nor served (the small files are fetched into the cache when
     online); the message names what was tried."""
+    given, path = path, location_uri(path)
     if hub.is_hub_path(path):
         hub.snapshot(path, weights=False)
         return
@@ -158,7 +162,7 @@ def check_model_path(path: str, storage_options: StorageOptions | None = None) -
         local = os.path.abspath(os.path.expanduser(path))
         if not os.path.exists(local):
             raise FileNotFoundError(_not_found(path, local))
-    elif not filesystem(path, storage_options).exists(path):
+    elif not as_storage(given, storage_options).fs.exists(path):
         raise FileNotFoundError(f"model path {path} does not exist")
 
 
