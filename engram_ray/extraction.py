@@ -204,7 +204,9 @@ def prepare(cfg: ExtractConfig, log: TextIO | None = None) -> Plan:
         cfg = extension.config  # the shards the base run has not counted
         say(log, f"extending {extension.base.uri} with {len(extension.new_files)} new shard(s)")
     _check_model_paths(cfg)
-    found = resolve_files(cfg.data)
+    # An extension resolved its new shards already: the same Storages, not built again.
+    found = ([extension.inputs[f] for f in extension.new_files] if extension is not None
+             else resolve_files(cfg.data))
     files = [f.uri for f in found]
     run_id = cfg.store.run_id or new_run_id()
     plan = plan_for(cfg.store.run_uri(run_id), cfg.store, run_id, select=cfg.select,
@@ -212,7 +214,7 @@ def prepare(cfg: ExtractConfig, log: TextIO | None = None) -> Plan:
                     extension=extension, inputs={f.uri: f for f in found})
     if cfg.store.checkpoint_shards:
         plan.digest = config_digest(cfg)
-        ck = plan.checkpoint = SigmaCheckpoint(cfg.store.uri, run_id, cfg.store.storage_options)
+        ck = plan.checkpoint = SigmaCheckpoint(plan.run_storage().parent(), run_id)
         ck.check(plan.digest)
         if ck.generation is not None:
             plan.sources = [f for f in files if f not in ck.sources]

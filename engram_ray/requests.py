@@ -169,19 +169,20 @@ def _request(uri: str, i: int, row: Any) -> EditRequest:
 
 
 def run_group(requests: Sequence[EditRequest], storage_options: Mapping | None = None,
-              trust_factory: bool = False) -> list[dict]:
+              trust_factory: bool = False, run: Location | None = None) -> list[dict]:
     """The summary rows of the requests of one run, in request order, all through the one
     edit driver (``apply.apply``, module docstring: the work shared by all of them, full
     checkpoints and adapters alike): a request whose output already holds it — its marker
     names this very request and every file verifies — is skipped, an incomplete earlier
     attempt redone, another request's output refused. Errors are recorded, never raised; the
-    seconds of the shared pass are split evenly among the requests it wrote."""
+    seconds of the shared pass are split evenly among the requests it wrote. ``run``: the
+    requests' run as a Storage the caller already built (default: built from its URI)."""
     from engram_ray.apply import SKIPPED, apply
 
     t0 = time.time()
     outs: dict[int, Storage] = {}  # each output's Storage, as the driver built it
     try:
-        outcomes = apply(requests[0].run, [r.spec for r in requests],
+        outcomes = apply(requests[0].run if run is None else run, [r.spec for r in requests],
                          storage_options=storage_options, trust_factory=trust_factory,
                          skip_complete=True, outputs=outs)
     except Exception as e:  # noqa: BLE001 - the run itself failed: every request of it
@@ -249,15 +250,17 @@ def _eval_columns(evaluation: Mapping | None) -> dict:
 
 def run_batch(requests: Sequence[EditRequest], *, storage_options: Mapping | None = None,
               trust_factory: bool = False,
-              map_fn: Callable[[Callable, Iterable], list] | None = None) -> list[dict]:
+              map_fn: Callable[[Callable, Iterable], list] | None = None,
+              runs: Mapping[str, Location] | None = None) -> list[dict]:
     """Every request's summary row, in request order. Requests are grouped by run
     (:func:`run_group`); ``map_fn(fn, items)`` runs the groups (default: one after another
-    here; the CLI passes Ray's one-task-per-item map)."""
+    here; the CLI passes Ray's one-task-per-item map). ``runs``: run URI → its Storage, for
+    runs the caller already built (a tick's new run): used instead of building them again."""
     by_run: dict[str, list[int]] = {}
     for i, r in enumerate(requests):
         by_run.setdefault(r.run, []).append(i)
-    items = [([requests[i] for i in idx], storage_options, trust_factory)
-             for idx in by_run.values()]
+    items = [([requests[i] for i in idx], storage_options, trust_factory,
+              (runs or {}).get(run)) for run, idx in by_run.items()]
     results = [_run_item(x) for x in items] if map_fn is None else map_fn(_run_item, items)
     rows: dict[int, dict] = {}
     for idx, group_rows in zip(by_run.values(), results):

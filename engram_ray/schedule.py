@@ -219,10 +219,12 @@ def _work(store: Storage, spec: QueueSpec, extract, map_fn, storage_options,
     _check_factory(cfg.model.factory, spec, store.uri)
     result = TickResult(worked=True, run=state["run"])
     new_run = _extend(store, state, cfg, extract)
+    runs = {}
     if new_run is not None:
-        result.run, result.extended = new_run, True
+        result.run, result.extended = new_run.uri, True
+        runs[new_run.uri] = new_run
     beat.check()
-    _run_requests(store, state, result, spec, map_fn, storage_options)
+    _run_requests(store, state, result, spec, map_fn, storage_options, runs)
     beat.check()  # a tick that lost its lease does not move the queue on
     _save_state(store, result.run, state)
     failed = (f", {len(result.failed_files)} unreadable request file(s) recorded as failed "
@@ -259,8 +261,9 @@ def _state(store: Storage, spec: QueueSpec) -> dict:
     return state
 
 
-def _extend(store: Storage, state: dict, cfg, extract: Callable) -> str | None:
-    """Extend the current run with the queue's uncounted shards; ``None`` when none is new.
+def _extend(store: Storage, state: dict, cfg, extract: Callable) -> Storage | None:
+    """Extend the current run with the queue's uncounted shards; the new run's Storage (the
+    requests of this tick use it), ``None`` when no shard is new.
 
     The new run's id is a digest of the base run and the new shards (:func:`extension_id`),
     so a tick killed after the extension committed but before ``state.json`` moved on adopts
@@ -284,10 +287,11 @@ def _extend(store: Storage, state: dict, cfg, extract: Callable) -> str | None:
         raise
     run_id = extension_id(state["run"], extension.new_files)
     cfg = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, run_id=run_id))
-    uri = cfg.store.run_uri(run_id)
-    if run_exists(uri, cfg.store.storage_options):
-        return uri  # committed by a tick that was killed before it saved the state
-    return extract(cfg)
+    run = as_storage(cfg.store.run_uri(run_id), cfg.store.storage_options)
+    if run_exists(run):
+        return run  # committed by a tick that was killed before it saved the state
+    made = extract(cfg)  # its own operation (on Ray, its own driver): builds its locations
+    return run if made.rstrip("/") == run.uri else as_storage(made, run.options)
 
 
 def extension_id(base_run: str, new_shards) -> str:
@@ -314,7 +318,7 @@ def _pending(store: Storage, state: dict) -> list[str]:
 
 
 def _run_requests(store: Storage, state: dict, result: TickResult, spec: QueueSpec, map_fn,
-                  storage_options) -> None:
+                  storage_options, runs: Mapping[str, Storage]) -> None:
     """Every pending request file as one batch; each file's outcome beside it. A file that
     cannot be read is recorded as failed (with its sha256 in the state) and skipped."""
     from engram_ray.requests import read_requests, write_summary
@@ -334,14 +338,15 @@ def _run_requests(store: Storage, state: dict, result: TickResult, spec: QueueSp
             result.failed_files.append(name)
             continue
         failed.pop(name, None)
-        rows = _run_trusted(requests, spec, map_fn, storage_options)
+        rows = _run_trusted(requests, spec, map_fn, storage_options, runs)
         _publish(store, _result_of(name), lambda dest, rows=rows, requests=requests:
                  write_summary(rows, dest.uri, requests, store.options))  # its one build
         result.request_files.append(name)
     state["failed_files"] = failed
 
 
-def _run_trusted(requests: list, spec: QueueSpec, map_fn, storage_options) -> list[dict]:
+def _run_trusted(requests: list, spec: QueueSpec, map_fn, storage_options,
+                 runs: Mapping[str, Storage]) -> list[dict]:
     """``run_batch`` with the queue's trust: requests of runs built with the trusted factory
     in one batch with ``trust_factory``, the others in one without; rows in request order."""
     from engram_ray.requests import run_batch
@@ -352,7 +357,7 @@ def _run_trusted(requests: list, spec: QueueSpec, map_fn, storage_options) -> li
         idx = [i for i, r in enumerate(requests) if (r.run in trusted) == trust]
         if idx:
             done = run_batch([requests[i] for i in idx], storage_options=storage_options,
-                             trust_factory=trust, map_fn=map_fn)
+                             trust_factory=trust, map_fn=map_fn, runs=runs)
             for i, row in zip(idx, done):
                 rows[i] = row
     return rows
