@@ -154,3 +154,44 @@ def test_an_extension_and_a_tick_build_each_location_once(tmp_path, tiny_llama_d
     assert main(["tick", str(queue), "--local"]) == 0
     assert nested and os.path.exists(tmp_path / "r" / "edit.json")
     once(built, "tick --local")
+
+
+def test_a_remote_model_data_run_and_output_build_each_location_once(tmp_path, tiny_llama_dir,
+                                                                     built, capsys):
+    """Everything on ``memory://`` (a remote scheme: options resolved, the model folder listed
+    and fetched into the cache, outputs uploaded): ``extract --local`` and ``apply``."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    prefix = f"once-{os.urandom(4).hex()}"
+    root = f"memory://{prefix}"
+    rng = np.random.default_rng(2)
+    words = "who wrote the sea book river town born award".split()
+    try:
+        for name in os.listdir(tiny_llama_dir):
+            with open(os.path.join(tiny_llama_dir, name), "rb") as f:
+                fs.pipe_file(f"/{prefix}/model/{name}", f.read())
+        rows = [{"author": ["ada", "bo", None][i % 3],
+                 "question": " ".join(rng.choice(words, 4)),
+                 "answer": " ".join(rng.choice(words, 3))} for i in range(9)]
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), sink)
+        fs.pipe_file(f"/{prefix}/data/part-0.parquet", sink.getvalue().to_pybytes())
+        cfg = {"model": {"path": f"{root}/model"},
+               "data": {"paths": [f"{root}/data"], "concept_column": "author",
+                        "prompt_column": "question", "answer_column": "answer",
+                        "max_length": 32, "batch_size": 4},
+               "store": {"uri": f"{root}/runs", "run_id": "base"}}
+        (tmp_path / "extract.yaml").write_text(yaml.safe_dump(cfg))
+
+        built.clear()
+        assert main(["extract", str(tmp_path / "extract.yaml"), "--local"]) == 0
+        run = capsys.readouterr().out.strip().splitlines()[-1]
+        assert run == f"{root}/runs/base" and built[f"{root}/model"] >= 1
+        once(built, "extract --local (memory://)")
+
+        assert main(["apply", "--run", run, "--forget", "ada", "--out", f"{root}/e"]) == 0
+        assert fs.exists(f"/{prefix}/e/edit.json") and built[f"{root}/model"] >= 1
+        once(built, "apply (memory://)")
+    finally:
+        fs.rm(f"/{prefix}", recursive=True)

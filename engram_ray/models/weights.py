@@ -106,6 +106,7 @@ class WeightFiles:
         self.location = location = location_uri(location)
         self.storage_options = storage.options
         self.remote = is_remote(location)
+        self._storage = storage  # every file of the checkpoint is reached through it
         self._fs = storage.fs
         self._local_dir = cache_dir_for(location) if self.remote else None
         self.keys_read: set[str] = set()
@@ -138,7 +139,10 @@ class WeightFiles:
         """A local path for ``file`` (downloaded into the cache first if remote)."""
         if not self.remote:
             return file
-        return download(file, self._local_dir, self.storage_options)
+        # ``file`` is the location itself or ``join(location, name)``: a child, not a new build
+        at = self._storage if file == self.location else \
+            self._storage.child(file[len(self.location):].lstrip("/"))
+        return download(at, self._local_dir)
 
     # --- reading -------------------------------------------------------------------------------
     def keys(self) -> set[str]:
