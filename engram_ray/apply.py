@@ -58,6 +58,7 @@ from engram_ray.runs import (
     BUILTIN_FACTORIES,
     bind_module,
     check_trusted,
+    model_at,
     open_run,
     run_dtype,
     run_model_spec,
@@ -127,6 +128,9 @@ def apply(run_uri: Location, specs: Sequence[EditSpec], *, model: str | None = N
                    allow_other_weights=allow_other_weights, device=device)
     base = run_model_spec(run, model)
     check_trusted(base, run.uri, given=model is not None, trust_factory=trust_factory)
+    # The base model folder as the run's binder reads it: the writers read it through the same
+    # location (a remote folder's one Storage).
+    at = None if base.path is None else model_at(run, base.path, storage_options)
     results: list[BaseException | str | None] = [None] * len(specs)
     outs: dict[int, Storage] = {} if outputs is None else outputs  # built once, by _claim
     with contextlib.ExitStack() as held:
@@ -147,9 +151,9 @@ def apply(run_uri: Location, specs: Sequence[EditSpec], *, model: str | None = N
         full = {i: p for i, p in plans.items() if specs[i].format == "full"}
         peft = {i: p for i, p in plans.items() if specs[i].format == "peft"}
         if full:
-            _write_full(run, base, specs, full, results, outs, storage_options, evals, net)
+            _write_full(run, base, at, specs, full, results, outs, storage_options, evals, net)
         if peft:
-            _write_adapters(run, base, specs, peft, results, outs, storage_options, evals)
+            _write_adapters(run, base, at, specs, peft, results, outs, storage_options, evals)
     return results
 
 
@@ -258,7 +262,8 @@ def _plans(shared: SharedEngrams, specs: Sequence[EditSpec], todo: Sequence[int]
     return plans
 
 
-def _write_full(run, base: ModelSpec, specs: Sequence[EditSpec], plans: dict[int, EditPlan],
+def _write_full(run, base: ModelSpec, at: Location | None, specs: Sequence[EditSpec],
+                plans: dict[int, EditPlan],
                 errors: list, outs: dict[int, Storage], storage_options,
                 evals: dict[int, dict], net=None) -> None:
     """The full checkpoints of ``plans``, in lockstep over the base checkpoint (one read of
@@ -270,8 +275,8 @@ def _write_full(run, base: ModelSpec, specs: Sequence[EditSpec], plans: dict[int
         start(stages[i], request_digest(run, specs[i]))
     try:
         if base.path is not None:
-            src = model_dir(base.path, storage_options)
-            aliases = tied_aliases(build_empty(base, storage_options))
+            src = model_dir(at, storage_options)
+            aliases = tied_aliases(build_empty(base, storage_options, location=at))
             done = write_edited_files_many(src, [stages[i] for i in plans],
                                            list(plans.values()), aliases)
         else:
@@ -292,7 +297,7 @@ def _factory_edit(stage: str, net, plan: EditPlan) -> BaseException | None:
     return None
 
 
-def _write_adapters(run, base: ModelSpec, specs: Sequence[EditSpec],
+def _write_adapters(run, base: ModelSpec, at: Location | None, specs: Sequence[EditSpec],
                     plans: dict[int, EditPlan], errors: list, outs: dict[int, Storage],
                     storage_options, evals: dict[int, dict]) -> None:
     """The adapters of ``plans``, in one pass over the modules (``write_peft_adapters``), each
@@ -309,7 +314,8 @@ def _write_adapters(run, base: ModelSpec, specs: Sequence[EditSpec],
                        max_rank=specs[i].adapter_max_rank) for i, p in plans.items()]
     try:
         results = write_peft_adapters(run, jobs, storage_options=storage_options,
-                                      base=adapter_base(run, base, storage_options))
+                                      base=adapter_base(run, base, storage_options,
+                                                        location=at))
     except Exception as ex:  # noqa: BLE001 - the base model failed: every adapter of it
         results = [ex] * len(jobs)
     for i, result in zip(plans, results):

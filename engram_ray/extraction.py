@@ -78,6 +78,7 @@ class Plan:
     checkpoint: SigmaCheckpoint | None = None
     digest: str | None = None  # config_digest: what a checkpoint was written for
     location: Storage | None = field(default=None, repr=False)  # the run's, see run_storage
+    model: Location | None = field(default=None, repr=False)  # model.path as prepare checked it
     inputs: dict[str, Storage] = field(default_factory=dict, repr=False)  # source → Storage
 
     def run_storage(self) -> Storage:
@@ -203,7 +204,7 @@ def prepare(cfg: ExtractConfig, log: TextIO | None = None) -> Plan:
     if extension is not None:
         cfg = extension.config  # the shards the base run has not counted
         say(log, f"extending {extension.base.uri} with {len(extension.new_files)} new shard(s)")
-    _check_model_paths(cfg)
+    model = _check_model_paths(cfg)
     # An extension resolved its new shards already: the same Storages, not built again.
     found = ([extension.inputs[f] for f in extension.new_files] if extension is not None
              else resolve_files(cfg.data))
@@ -212,6 +213,7 @@ def prepare(cfg: ExtractConfig, log: TextIO | None = None) -> Plan:
     plan = plan_for(cfg.store.run_uri(run_id), cfg.store, run_id, select=cfg.select,
                     solver=cfg.solver, sources=files, config=cfg.to_dict(), data=cfg.data,
                     extension=extension, inputs={f.uri: f for f in found})
+    plan.model = model
     if cfg.store.checkpoint_shards:
         plan.digest = config_digest(cfg)
         ck = plan.checkpoint = SigmaCheckpoint(plan.run_storage().parent(), run_id)
@@ -237,16 +239,19 @@ def plan_for(uri: str, store: StoreConfig, run_id: str, **fields) -> Plan:
     return Plan(run_id=run_id, uri=uri, store=store, location=location, **fields)
 
 
-def _check_model_paths(cfg: ExtractConfig) -> None:
+def _check_model_paths(cfg: ExtractConfig) -> Location | None:
     """Fail in one line before any work when the model is not there (a folder, a URI, or a
-    Hub id in the cache: ``models.loading.check_model_path`` names what it tried)."""
-    from engram_ray.models.loading import check_model_path
+    Hub id in the cache: ``models.loading.check_model_path`` names what it tried); returns
+    ``model.path`` as checked (a remote folder's Storage: the loaders reuse it)."""
+    from engram_ray.models.loading import check_model_path, model_location
 
     options = cfg.store.storage_options
-    if cfg.model.path is not None:
-        check_model_path(cfg.model.path, options)
+    model = model_location(cfg.model.path, options)
+    if model is not None:
+        check_model_path(model, options)
     if cfg.model.weights is not None and not Storage(cfg.model.weights, options).exists():
         raise FileNotFoundError(f"model weights {cfg.model.weights!r} do not exist")
+    return model
 
 
 def run_extraction(plan: Plan, executor: Executor, log: TextIO | None = None) -> str:

@@ -169,8 +169,11 @@ def extract_from_config(cfg: ExtractConfig, *, progress=None, log: TextIO | None
     plan = prepare(cfg, log)
     storage = cfg.data.storage_options or cfg.store.storage_options
     device = resolve_device(cfg.parallel.device, cfg.parallel.num_gpus)
-    model = load_model(cfg.model, storage, dtype=cfg.parallel.dtype).to(device)
-    tokenizer = None if cfg.data.features_column else load_tokenizer(cfg.model, storage)
+    # The model folder prepare checked, when it was built with the options loading uses.
+    at = plan.model if storage == cfg.store.storage_options else None
+    model = load_model(cfg.model, storage, dtype=cfg.parallel.dtype, location=at).to(device)
+    tokenizer = None if cfg.data.features_column else load_tokenizer(cfg.model, storage,
+                                                                      location=at)
     if progress is None:  # the CLI's progress lines (rows, rates, ETA), as the Ray path prints
         progress = _progress_lines(plan, cfg.parallel.progress_interval_s, log)
     executor = LocalExecutor(

@@ -35,7 +35,14 @@ from torch import nn
 
 from engram_ray import hub
 from engram_ray.config import ModelSpec
-from engram_ray.io.storage import Location, StorageOptions, as_storage, is_remote, location_uri
+from engram_ray.io.storage import (
+    Location,
+    Storage,
+    StorageOptions,
+    as_storage,
+    is_remote,
+    location_uri,
+)
 from engram_ray.models.weights import (
     WeightFiles,
     cache_dir_for,
@@ -54,6 +61,7 @@ __all__ = [
     "load_model_config",
     "load_tokenizer",
     "model_dir",
+    "model_location",
     "open_weights",
     "resolve_factory",
     "tied_aliases",
@@ -112,6 +120,8 @@ def model_dir(
     folder's files are fetched through its one ``Storage`` (``path`` may already be it).
     """
     given, path = path, location_uri(path)
+    if isinstance(given, Storage):
+        storage_options = None  # the Storage carries its own options
     if hub.is_hub_path(path):
         local = hub.snapshot(path, weights=weights)
         if not os.path.exists(os.path.join(local, "config.json")):
@@ -155,6 +165,8 @@ def check_model_path(path: Location, storage_options: StorageOptions | None = No
     prefix, a Hub id neither cached nor served (the small files are fetched into the cache when
     online); the message names what was tried."""
     given, path = path, location_uri(path)
+    if isinstance(given, Storage):
+        storage_options = None  # the Storage carries its own options
     if hub.is_hub_path(path):
         hub.snapshot(path, weights=False)
         return
@@ -166,11 +178,33 @@ def check_model_path(path: Location, storage_options: StorageOptions | None = No
         raise FileNotFoundError(f"model path {path} does not exist")
 
 
-def load_model_config(spec: ModelSpec, storage_options: StorageOptions | None = None):
-    """The HF config of a ``path`` spec (only the small files are fetched)."""
+def model_location(path: str | None, storage_options: StorageOptions | None = None
+                   ) -> Location | None:
+    """A model ``path`` as an operation passes it down: a remote folder's :class:`Storage`,
+    built once here (every later read of the model goes through it); a local folder or a Hub
+    id as is (they are not read through a Storage)."""
+    if path is None or hub.is_hub_path(path) or not is_remote(path):
+        return path
+    return as_storage(path, storage_options)
+
+
+def _path(spec: ModelSpec, location: Location | None) -> Location:
+    """``spec.path``, or the caller's ``location`` of it (:func:`model_location`)."""
+    if location is None:
+        return spec.path
+    if location_uri(location).rstrip("/") != spec.path.rstrip("/"):
+        raise ValueError(f"model location {location_uri(location)} is not the model's path "
+                         f"{spec.path}")
+    return location
+
+
+def load_model_config(spec: ModelSpec, storage_options: StorageOptions | None = None, *,
+                      location: Location | None = None):
+    """The HF config of a ``path`` spec (only the small files are fetched). ``location``:
+    ``spec.path`` as the caller built it (:func:`model_location`), here and below."""
     if spec.path is None:
         raise ValueError(f"model {spec.name} is a factory: it has no HF config")
-    return _hf_config(model_dir(spec.path, storage_options, weights=False))
+    return _hf_config(model_dir(_path(spec, location), storage_options, weights=False))
 
 
 def _hf_config(local: str):
@@ -215,6 +249,8 @@ def build_empty(
     spec: ModelSpec,
     storage_options: StorageOptions | None = None,
     dtype: torch.dtype | str | None = None,
+    *,
+    location: Location | None = None,
 ) -> nn.Module:
     """The full model with every parameter on the meta device (costs no memory).
 
@@ -223,21 +259,23 @@ def build_empty(
     """
     dtype = as_dtype(dtype)
     if spec.path is not None:
-        config = load_model_config(spec, storage_options)
+        config = load_model_config(spec, storage_options, location=location)
         with empty_parameters():
             return _auto_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
     with empty_parameters():
         return call_factory(spec)
 
 
-def open_weights(spec: ModelSpec, storage_options: StorageOptions | None = None) -> WeightFiles:
+def open_weights(spec: ModelSpec, storage_options: StorageOptions | None = None, *,
+                 location: Location | None = None) -> WeightFiles:
     """The spec's safetensors weights as lazily read :class:`WeightFiles`."""
     if spec.path is not None:
         if hub.is_hub_path(spec.path):  # the cache holds whole files: fetch them once
             return WeightFiles(model_dir(spec.path, weights=True), storage_options)
         if not is_remote(spec.path):
             model_dir(spec.path)  # a clear FileNotFoundError for a missing directory
-        return WeightFiles(spec.path, storage_options)
+        path = _path(spec, location)
+        return WeightFiles(path, None if isinstance(path, Storage) else storage_options)
     if spec.weights is None:
         raise ValueError(f"model factory {spec.factory!r} has no `weights` to load from")
     return WeightFiles(spec.weights, storage_options)
@@ -274,6 +312,8 @@ def load_model(
     spec: ModelSpec,
     storage_options: StorageOptions | None = None,
     dtype: torch.dtype | str | None = None,
+    *,
+    location: Location | None = None,
 ) -> nn.Module:
     """The whole model in eval mode on CPU, for the single-process path.
 
@@ -282,7 +322,7 @@ def load_model(
     """
     dtype = as_dtype(dtype)
     if spec.path is not None:
-        local = model_dir(spec.path, storage_options, weights=True)
+        local = model_dir(_path(spec, location), storage_options, weights=True)
         cls = _auto_class(_hf_config(local))
         kwargs = {} if dtype is None else {"dtype": dtype}
         return cls.from_pretrained(local, trust_remote_code=False, **kwargs).eval()
@@ -295,11 +335,12 @@ def load_model(
     return model.eval()
 
 
-def load_tokenizer(spec: ModelSpec, storage_options: StorageOptions | None = None):
+def load_tokenizer(spec: ModelSpec, storage_options: StorageOptions | None = None, *,
+                   location: Location | None = None):
     """The HF tokenizer stored with a ``path`` spec (``AutoTokenizer`` on the local copy)."""
     if spec.path is None:
         raise ValueError(f"model factory {spec.factory!r} has no tokenizer")
     from transformers import AutoTokenizer
 
-    local = model_dir(spec.path, storage_options, weights=False)
+    local = model_dir(_path(spec, location), storage_options, weights=False)
     return AutoTokenizer.from_pretrained(local, trust_remote_code=False)
