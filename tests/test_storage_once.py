@@ -159,7 +159,8 @@ def test_an_extension_and_a_tick_build_each_location_once(tmp_path, tiny_llama_d
 def test_a_remote_model_data_run_and_output_build_each_location_once(tmp_path, tiny_llama_dir,
                                                                      built, capsys):
     """Everything on ``memory://`` (a remote scheme: options resolved, the model folder listed
-    and fetched into the cache, outputs uploaded): ``extract --local`` and ``apply``."""
+    and fetched into the cache, outputs uploaded): ``extract --local``, ``apply``, ``batch
+    --local`` (a full checkpoint and an adapter) and ``gc``."""
     import fsspec
 
     fs = fsspec.filesystem("memory")
@@ -193,5 +194,16 @@ def test_a_remote_model_data_run_and_output_build_each_location_once(tmp_path, t
         assert main(["apply", "--run", run, "--forget", "ada", "--out", f"{root}/e"]) == 0
         assert fs.exists(f"/{prefix}/e/edit.json") and built[f"{root}/model"] >= 1
         once(built, "apply (memory://)")
+
+        (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+            {"request_id": "r1", "run": run, "concepts": ["ada"], "out": f"{root}/r1"},
+            {"request_id": "r2", "run": run, "concepts": ["bo"], "out": f"{root}/r2",
+             "format": "peft"}]))
+        assert main(["batch", str(tmp_path / "requests.jsonl"), "--local",
+                     "--summary", f"{root}/summary.parquet"]) == 0
+        assert fs.exists(f"/{prefix}/r2/adapter_meta.json")
+        once(built, "batch --local (memory://)")
+        assert main(["gc", f"{root}/runs", "--keep", "1"]) == 0
+        once(built, "gc (memory://)")
     finally:
         fs.rm(f"/{prefix}", recursive=True)
