@@ -207,3 +207,40 @@ def test_a_remote_model_data_run_and_output_build_each_location_once(tmp_path, t
         once(built, "gc (memory://)")
     finally:
         fs.rm(f"/{prefix}", recursive=True)
+
+
+@pytest.mark.ray
+def test_the_ray_drivers_build_each_location_once(ray_cluster, tmp_path, tiny_llama_dir, built,
+                                                  capsys):
+    """``extract`` and ``batch`` on Ray: the driver builds each location once. Ray's tasks and
+    actors run in other processes: each rebuilds what it was sent (a ``Storage`` pickles as its
+    URI and options) once there, which this process does not see."""
+    rng = np.random.default_rng(3)
+    words = "who wrote the sea book river town born award".split()
+    (tmp_path / "data").mkdir()
+    for i in range(2):
+        rows = [{"author": ["ada", "bo", None][j % 3],
+                 "question": " ".join(rng.choice(words, 4)),
+                 "answer": " ".join(rng.choice(words, 3))} for j in range(6)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / f"part-{i}.parquet")
+    cfg = {"model": {"path": tiny_llama_dir},
+           "data": {"paths": [str(tmp_path / "data")], "concept_column": "author",
+                    "prompt_column": "question", "answer_column": "answer",
+                    "max_length": 32, "batch_size": 4},
+           "parallel": {"stages": 1, "replicas": 1, "num_cpus": 0.25, "encode_num_cpus": 0.25,
+                        "solver_num_cpus": 0.25},
+           "store": {"uri": str(tmp_path / "runs"), "run_id": "ray"}}
+    (tmp_path / "extract.yaml").write_text(yaml.safe_dump(cfg))
+
+    built.clear()
+    assert main(["extract", str(tmp_path / "extract.yaml")]) == 0
+    run = capsys.readouterr().out.strip().splitlines()[-1]
+    assert built[run] >= 1
+    once(built, "extract (Ray)")
+
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"request_id": "r1", "run": run, "concepts": ["ada"], "out": str(tmp_path / "r1")},
+        {"request_id": "r2", "run": run, "concepts": ["bo"], "out": str(tmp_path / "r2")}]))
+    assert main(["batch", str(tmp_path / "requests.jsonl")]) == 0
+    assert os.path.exists(tmp_path / "r2" / "edit.json")
+    once(built, "batch (Ray)")
