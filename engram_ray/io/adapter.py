@@ -360,7 +360,7 @@ def _dtypes(base: AdapterBase, names: Sequence[str], dtype) -> dict[str, torch.d
             raise ValueError(f"the base checkpoint {weights.location} has no tensor {key!r}")
         file = next(iter(weights.files_for([key])))
         if file not in headers:
-            headers[file] = _safetensors_header(file, base.storage_options)
+            headers[file] = _safetensors_header(weights.location_of(file))
         name = headers[file][key]["dtype"]
         if name not in _ST_DTYPES:
             raise ValueError(f"{key} is stored as {name}: pass an adapter dtype explicitly")
@@ -368,9 +368,9 @@ def _dtypes(base: AdapterBase, names: Sequence[str], dtype) -> dict[str, torch.d
     return out
 
 
-def _safetensors_header(file: str, storage_options) -> dict:
+def _safetensors_header(file: Storage) -> dict:
     """A safetensors file's JSON header, read without its tensors (a range read on S3)."""
-    with Storage(file, storage_options).open("", "rb") as f:
+    with file.open("", "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(n))
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from engram_ray.io.storage import (
     Location,
+    Storage,
     StorageOptions,
     as_storage,
     is_remote,
@@ -139,10 +140,14 @@ class WeightFiles:
         """A local path for ``file`` (downloaded into the cache first if remote)."""
         if not self.remote:
             return file
-        # ``file`` is the location itself or ``join(location, name)``: a child, not a new build
-        at = self._storage if file == self.location else \
-            self._storage.child(file[len(self.location):].lstrip("/"))
-        return download(at, self._local_dir)
+        return download(self.location_of(file), self._local_dir)
+
+    def location_of(self, file: str) -> Storage:
+        """The Storage of one of :meth:`files_for`'s files: the checkpoint's own (``file`` is
+        the location itself, or ``join(location, name)``), not a new build."""
+        if file == self.location:
+            return self._storage
+        return self._storage.child(file[len(self.location):].lstrip("/"))
 
     # --- reading -------------------------------------------------------------------------------
     def keys(self) -> set[str]:
