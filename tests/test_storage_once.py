@@ -244,3 +244,28 @@ def test_the_ray_drivers_build_each_location_once(ray_cluster, tmp_path, tiny_ll
     assert main(["batch", str(tmp_path / "requests.jsonl")]) == 0
     assert os.path.exists(tmp_path / "r2" / "edit.json")
     once(built, "batch (Ray)")
+
+
+def test_as_storage_passes_a_storage_through_and_refuses_other_options(tmp_path):
+    """The one converter: a ``Storage`` is returned as is (its options win; others given
+    beside it are refused, never dropped silently), a URI is built; ``parent``, ``child`` and
+    ``at`` are other locations sharing the filesystems (no build)."""
+    from engram_ray.io.storage import as_storage, location_uri
+
+    st = Storage("memory://once/a/b", {"endpoint_url": "http://127.0.0.1:9"})
+    assert as_storage(st) is st
+    assert as_storage(st, {"endpoint_url": "http://127.0.0.1:9"}) is st
+    with pytest.raises(ValueError, match="memory://once/a/b: storage options given beside"):
+        as_storage(st, {"endpoint_url": "http://127.0.0.1:8"})
+    with pytest.raises(TypeError, match="URI string or a Storage"):
+        as_storage(3)
+    built = as_storage(str(tmp_path / "x"))
+    assert isinstance(built, Storage) and built.uri == str(tmp_path / "x")
+    assert location_uri(st) == st.uri and location_uri("s3://b/k") == "s3://b/k"
+    up = st.parent()
+    assert (up.uri, up.root, up.fs) == ("memory://once/a", "/once/a", st.fs)
+    assert up.child("b").uri == st.uri and up.at("/once/a/b").uri == st.uri
+    local = Storage(str(tmp_path / "runs" / "r"))
+    assert local.parent().uri == local.parent().root == str(tmp_path / "runs")
+    with pytest.raises(ValueError, match="names a bucket"):
+        Storage("memory://bucket").parent()
