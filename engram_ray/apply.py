@@ -147,7 +147,7 @@ def apply(run_uri: Location, specs: Sequence[EditSpec], *, model: str | None = N
                                      else run.run_solver.updated(dict(solver)))
             group = [i for i in todo if specs[i].solver == solver]
             plans.update(_plans(SharedEngrams(source), specs, group, results))
-        evals = _evaluate(run, base, specs, plans, results, storage_options)
+        evals = _evaluate(run, base, at, specs, plans, results, storage_options)
         full = {i: p for i, p in plans.items() if specs[i].format == "full"}
         peft = {i: p for i, p in plans.items() if specs[i].format == "peft"}
         if full:
@@ -226,8 +226,8 @@ def write_peft_adapter(run, forget: Sequence[str], *, out: str, alpha: float = 1
     return meta
 
 
-def _evaluate(run, spec: ModelSpec, edits: Sequence[EditSpec], plans: dict[int, EditPlan],
-              errors: list, storage_options) -> dict[int, dict]:
+def _evaluate(run, spec: ModelSpec, at: Location | None, edits: Sequence[EditSpec],
+              plans: dict[int, EditPlan], errors: list, storage_options) -> dict[int, dict]:
     """The eval summary of every planned edit with an ``eval`` set, before any is written (the
     run's model loaded once, each set's base scores computed once: ``EditEvaluator``). An edit
     whose eval fails gets the error and leaves ``plans``: nothing of it is written."""
@@ -236,7 +236,7 @@ def _evaluate(run, spec: ModelSpec, edits: Sequence[EditSpec], plans: dict[int, 
         return {}
     from engram_ray.eval.edit_scores import EditEvaluator
 
-    evaluator, out = EditEvaluator(run, spec, storage_options), {}
+    evaluator, out = EditEvaluator(run, spec, storage_options, location=at), {}
     for i in wanted:
         label = "edited checkpoint" if edits[i].format == "full" else "dense edit"
         try:

@@ -160,7 +160,7 @@ def test_a_remote_model_data_run_and_output_build_each_location_once(tmp_path, t
                                                                      built, capsys):
     """Everything on ``memory://`` (a remote scheme: options resolved, the model folder listed
     and fetched into the cache, outputs uploaded): ``extract --local``, ``apply``, ``batch
-    --local`` (a full checkpoint and an adapter) and ``gc``."""
+    --local`` (a full checkpoint and an adapter, each scored on an eval set) and ``gc``."""
     import fsspec
 
     fs = fsspec.filesystem("memory")
@@ -196,12 +196,14 @@ def test_a_remote_model_data_run_and_output_build_each_location_once(tmp_path, t
         once(built, "apply (memory://)")
 
         (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-            {"request_id": "r1", "run": run, "concepts": ["ada"], "out": f"{root}/r1"},
+            {"request_id": "r1", "run": run, "concepts": ["ada"], "out": f"{root}/r1",
+             "eval": f"{root}/data/part-0.parquet"},
             {"request_id": "r2", "run": run, "concepts": ["bo"], "out": f"{root}/r2",
-             "format": "peft"}]))
+             "format": "peft", "eval": f"{root}/data/part-0.parquet"}]))
         assert main(["batch", str(tmp_path / "requests.jsonl"), "--local",
                      "--summary", f"{root}/summary.parquet"]) == 0
-        assert fs.exists(f"/{prefix}/r2/adapter_meta.json")
+        assert json.loads(fs.cat_file(f"/{prefix}/r1/edit.json"))["eval"]["set"]
+        assert json.loads(fs.cat_file(f"/{prefix}/r2/adapter_meta.json"))["eval"]["set"]
         once(built, "batch --local (memory://)")
         assert main(["gc", f"{root}/runs", "--keep", "1"]) == 0
         once(built, "gc (memory://)")
