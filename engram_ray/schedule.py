@@ -351,7 +351,8 @@ def _run_trusted(requests: list, spec: QueueSpec, map_fn, storage_options,
     in one batch with ``trust_factory``, the others in one without; rows in request order."""
     from engram_ray.requests import run_batch
 
-    trusted = _trusted_runs({r.run for r in requests}, spec, storage_options)
+    runs = dict(runs)
+    trusted = _trusted_runs({r.run for r in requests}, spec, storage_options, runs)
     rows: list = [None] * len(requests)
     for trust in (True, False):
         idx = [i for i, r in enumerate(requests) if (r.run in trusted) == trust]
@@ -363,8 +364,10 @@ def _run_trusted(requests: list, spec: QueueSpec, map_fn, storage_options,
     return rows
 
 
-def _trusted_runs(runs: set[str], spec: QueueSpec, storage_options) -> set[str]:
-    """The runs whose recorded model factory is the one the queue trusts."""
+def _trusted_runs(runs: set[str], spec: QueueSpec, storage_options,
+                  built: dict[str, Storage]) -> set[str]:
+    """The runs whose recorded model factory is the one the queue trusts. Each run's Storage
+    goes into ``built`` (the batch then reuses it)."""
     from engram_ray.io.store import open_run
 
     if spec.trust_factory is None:
@@ -372,7 +375,9 @@ def _trusted_runs(runs: set[str], spec: QueueSpec, storage_options) -> set[str]:
     out = set()
     for uri in runs:
         try:
-            model = (open_run(uri, storage_options).info.get("config") or {}).get("model")
+            if uri not in built:
+                built[uri] = as_storage(uri, storage_options)
+            model = (open_run(built[uri]).info.get("config") or {}).get("model")
         except (ValueError, KeyError, OSError):
             continue  # the batch reports it, without trust
         if (model or {}).get("factory") == spec.trust_factory:
