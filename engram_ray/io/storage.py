@@ -44,8 +44,9 @@ missing bucket or refused credentials say so in words.
 One ``Storage`` per location per operation. Building one checks and resolves the options and
 builds new filesystems (for S3 a new client, a credential lookup, new connections), so an
 operation (a command, a public entry point) builds each location's ``Storage`` once at its
-entry and passes the object down; a location below it is :meth:`Storage.child`, the one above
-:meth:`Storage.parent`, both sharing its filesystems. Functions that take a location accept a
+entry and passes the object down; a location below it is :meth:`Storage.child` (or
+:meth:`Storage.at`, a path its listing returned), the one above :meth:`Storage.parent`, all
+sharing its filesystems. Functions that take a location accept a
 :data:`Location` (a URI string or a ``Storage``) and go through :func:`as_storage`, which
 returns a given ``Storage`` unchanged. A ``Storage`` sent to another process (a Ray task)
 pickles as ``(uri, options)`` and is rebuilt there: once per process.
@@ -82,8 +83,8 @@ from engram_ray.uris import (
 )
 
 __all__ = [
-    "REDACTED",
     "Location",
+    "REDACTED",
     "S3_CONNECT_TIMEOUT_S",
     "S3_MAX_ATTEMPTS",
     "Storage",
@@ -92,11 +93,11 @@ __all__ = [
     "UnsupportedScheme",
     "arrow_filesystem",
     "as_storage",
-    "location_uri",
     "filesystem",
     "is_remote",
     "is_secret_key",
     "join",
+    "location_uri",
     "one_line",
     "redact",
     "redact_text",
