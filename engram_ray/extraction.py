@@ -78,7 +78,7 @@ class Plan:
     checkpoint: SigmaCheckpoint | None = None
     digest: str | None = None  # config_digest: what a checkpoint was written for
     location: Storage | None = field(default=None, repr=False)  # the run's, see run_storage
-    model: Location | None = field(default=None, repr=False)  # model.path as prepare checked it
+    model: Location | None = field(default=None, repr=False)  # model.path (or weights), checked
     inputs: dict[str, Storage] = field(default_factory=dict, repr=False)  # source → Storage
 
     def run_storage(self) -> Storage:
@@ -242,15 +242,19 @@ def plan_for(uri: str, store: StoreConfig, run_id: str, **fields) -> Plan:
 def _check_model_paths(cfg: ExtractConfig) -> Location | None:
     """Fail in one line before any work when the model is not there (a folder, a URI, or a
     Hub id in the cache: ``models.loading.check_model_path`` names what it tried); returns
-    ``model.path`` as checked (a remote folder's Storage: the loaders reuse it)."""
+    ``model.path`` as checked (a remote folder's Storage: the loaders reuse it), or a
+    factory's ``model.weights`` Storage."""
     from engram_ray.models.loading import check_model_path, model_location
 
     options = cfg.store.storage_options
     model = model_location(cfg.model.path, options)
     if model is not None:
         check_model_path(model, options)
-    if cfg.model.weights is not None and not Storage(cfg.model.weights, options).exists():
-        raise FileNotFoundError(f"model weights {cfg.model.weights!r} do not exist")
+    if cfg.model.weights is not None:
+        weights = as_storage(cfg.model.weights, options)
+        if not weights.exists():
+            raise FileNotFoundError(f"model weights {cfg.model.weights!r} do not exist")
+        return model if cfg.model.path is not None else weights
     return model
 
 

@@ -189,12 +189,14 @@ def model_location(path: str | None, storage_options: StorageOptions | None = No
 
 
 def _path(spec: ModelSpec, location: Location | None) -> Location:
-    """``spec.path``, or the caller's ``location`` of it (:func:`model_location`)."""
+    """``spec.path`` (a factory's: ``spec.weights``), or the caller's ``location`` of it
+    (:func:`model_location`)."""
+    path = spec.path if spec.path is not None else spec.weights
     if location is None:
-        return spec.path
-    if location_uri(location).rstrip("/") != spec.path.rstrip("/"):
-        raise ValueError(f"model location {location_uri(location)} is not the model's path "
-                         f"{spec.path}")
+        return path
+    if path is None or location_uri(location).rstrip("/") != path.rstrip("/"):
+        raise ValueError(f"model location {location_uri(location)} is not the model's "
+                         f"{path}")
     return location
 
 
@@ -278,7 +280,8 @@ def open_weights(spec: ModelSpec, storage_options: StorageOptions | None = None,
         return WeightFiles(path, None if isinstance(path, Storage) else storage_options)
     if spec.weights is None:
         raise ValueError(f"model factory {spec.factory!r} has no `weights` to load from")
-    return WeightFiles(spec.weights, storage_options)
+    path = _path(spec, location)
+    return WeightFiles(path, None if isinstance(path, Storage) else storage_options)
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -329,7 +332,7 @@ def load_model(
     if spec.weights is None:
         model = call_factory(spec)
         return (model.to(dtype) if dtype is not None else model).eval()
-    weights = open_weights(spec, storage_options)
+    weights = open_weights(spec, storage_options, location=location)
     model = build_empty(spec)
     materialize(model, weights, dtype=dtype, aliases=tied_aliases(model))
     return model.eval()
