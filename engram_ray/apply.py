@@ -50,7 +50,7 @@ from engram_ray.io.outputs import (
     remove_stale,
     start,
 )
-from engram_ray.io.storage import Storage, StorageError
+from engram_ray.io.storage import Location, Storage, StorageError, as_storage
 from engram_ray.io.store import held_lease
 from engram_ray.models.loading import ModelSpec, build_empty, load_model, model_dir, tied_aliases
 from engram_ray.runinfo import VERSION
@@ -58,6 +58,7 @@ from engram_ray.runs import (
     BUILTIN_FACTORIES,
     bind_module,
     check_trusted,
+    model_at,
     open_run,
     recorded_checkpoint,
     run_dtype,
@@ -73,7 +74,7 @@ SKIPPED = "skipped"  # the outcome of an edit whose output already holds it, ver
 
 
 def apply_run(
-    run_uri: str,
+    run_uri: Location,
     forget: Sequence[str],
     *,
     out: str,
@@ -102,10 +103,10 @@ def apply_run(
     return out
 
 
-def apply(run_uri: str, specs: Sequence[EditSpec], *, model: str | None = None,
+def apply(run_uri: Location, specs: Sequence[EditSpec], *, model: str | None = None,
           storage_options=None, trust_factory: bool = False, allow_other_weights: bool = False,
-          skip_complete: bool = False, log: TextIO | None = None, device: str = "cpu"
-          ) -> list[BaseException | str | None]:
+          skip_complete: bool = False, log: TextIO | None = None, device: str = "cpu",
+          outputs: dict[int, Storage] | None = None) -> list[BaseException | str | None]:
     """The one edit driver: every :class:`EditSpec` of one run (``apply``, a batch's requests,
     a tick's), each output exactly what it would be alone, with the work shared: each input
     group's half of each union is formed once (``core.solve.union_right``, through one
@@ -121,14 +122,20 @@ def apply(run_uri: str, specs: Sequence[EditSpec], *, model: str | None = None,
     outcome: None (written), :data:`SKIPPED`, or its error; one failed edit never stops the
     others. An edit with an ``eval`` set is scored before anything is written (its summary
     goes into its marker); an eval that fails fails that edit only. ``device``: where the
-    updates are formed (``runs.edit_device``: ``cpu``, ``cuda[:N]`` or ``auto``)."""
+    updates are formed (``runs.edit_device``: ``cpu``, ``cuda[:N]`` or ``auto``).
+    ``outputs``: a dict to fill with each edit's output :class:`Storage` (by index), so that a
+    caller reading an output back (a batch's summary) does not build it again."""
     run = open_run(run_uri, storage_options, model=model, trust_factory=trust_factory,
                    allow_other_weights=allow_other_weights, device=device)
     base = run_model_spec(run, model)
     check_trusted(base, run.uri, given=model is not None, trust_factory=trust_factory)
+    # The base model folder as the run's binder reads it: the writers read it through the same
+    # location (a remote folder's one Storage).
+    at = None if base.path is None else model_at(run, base.path, storage_options)
     results: list[BaseException | str | None] = [None] * len(specs)
+    outs: dict[int, Storage] = {} if outputs is None else outputs  # built once, by _claim
     with contextlib.ExitStack() as held:
-        todo = _claim(run, specs, results, storage_options, held, skip_complete, log)
+        todo = _claim(run, specs, results, outs, storage_options, held, skip_complete, log)
         net = None
         if base.path is None and any(specs[i].format == "full" for i in todo):
             # A factory model is edited in memory: built once, bound, and copied per edit.
@@ -141,13 +148,13 @@ def apply(run_uri: str, specs: Sequence[EditSpec], *, model: str | None = None,
                                      else run.run_solver.updated(dict(solver)))
             group = [i for i in todo if specs[i].solver == solver]
             plans.update(_plans(SharedEngrams(source), specs, group, results))
-        evals = _evaluate(run, base, specs, plans, results, storage_options)
+        evals = _evaluate(run, base, at, specs, plans, results, storage_options)
         full = {i: p for i, p in plans.items() if specs[i].format == "full"}
         peft = {i: p for i, p in plans.items() if specs[i].format == "peft"}
         if full:
-            _write_full(run, base, specs, full, results, storage_options, evals, net)
+            _write_full(run, base, at, specs, full, results, outs, storage_options, evals, net)
         if peft:
-            _write_adapters(run, base, specs, peft, results, storage_options, evals)
+            _write_adapters(run, base, at, specs, peft, results, outs, storage_options, evals)
     return results
 
 
@@ -159,18 +166,18 @@ def request_digest(run, spec: EditSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _claim(run, specs: Sequence[EditSpec], results: list, storage_options, held,
-           skip_complete: bool, log: TextIO | None) -> list[int]:
+def _claim(run, specs: Sequence[EditSpec], results: list, outs: dict[int, Storage],
+           storage_options, held, skip_complete: bool, log: TextIO | None) -> list[int]:
     """Take each output's lease (held until the driver ends) and inspect it: the edits still
     to write. A complete output of the same request is skipped (or refused), an incomplete
-    one of an earlier attempt cleared, stale stages of dead writers removed."""
+    one of an earlier attempt cleared, stale stages of dead writers removed. Each output's
+    Storage goes into ``outs`` (the writers use it: one per output)."""
     todo = []
     for i, spec in enumerate(specs):
         try:
-            dest = Storage(spec.out, storage_options)
+            dest = outs[i] = as_storage(spec.out, storage_options)
             try:
-                held.enter_context(held_lease(spec.out, storage_options,
-                                              what=f"output {dest.uri}"))
+                held.enter_context(held_lease(dest, what=f"output {dest.uri}"))
             except StorageError as e:  # name the output the user gave, not the lease file
                 raise StorageError(f"output {dest.uri}: {e}") from e.__cause__
             state, why = inspect(dest, MARKERS[spec.format], request_digest(run, spec))
@@ -220,8 +227,8 @@ def write_peft_adapter(run, forget: Sequence[str], *, out: str, alpha: float = 1
     return meta
 
 
-def _evaluate(run, spec: ModelSpec, edits: Sequence[EditSpec], plans: dict[int, EditPlan],
-              errors: list, storage_options) -> dict[int, dict]:
+def _evaluate(run, spec: ModelSpec, at: Location | None, edits: Sequence[EditSpec],
+              plans: dict[int, EditPlan], errors: list, storage_options) -> dict[int, dict]:
     """The eval summary of every planned edit with an ``eval`` set, before any is written (the
     run's model loaded once, each set's base scores computed once: ``EditEvaluator``). An edit
     whose eval fails gets the error and leaves ``plans``: nothing of it is written."""
@@ -230,7 +237,7 @@ def _evaluate(run, spec: ModelSpec, edits: Sequence[EditSpec], plans: dict[int, 
         return {}
     from engram_ray.eval.edit_scores import EditEvaluator
 
-    evaluator, out = EditEvaluator(run, spec, storage_options), {}
+    evaluator, out = EditEvaluator(run, spec, storage_options, location=at), {}
     for i in wanted:
         label = "edited checkpoint" if edits[i].format == "full" else "dense edit"
         try:
@@ -256,28 +263,30 @@ def _plans(shared: SharedEngrams, specs: Sequence[EditSpec], todo: Sequence[int]
     return plans
 
 
-def _write_full(run, base: ModelSpec, specs: Sequence[EditSpec], plans: dict[int, EditPlan],
-                errors: list, storage_options, evals: dict[int, dict], net=None) -> None:
+def _write_full(run, base: ModelSpec, at: Location | None, specs: Sequence[EditSpec],
+                plans: dict[int, EditPlan],
+                errors: list, outs: dict[int, Storage], storage_options,
+                evals: dict[int, dict], net=None) -> None:
     """The full checkpoints of ``plans``, in lockstep over the base checkpoint (one read of
     each tensor), each published whole with ``edit.json`` last (holding ``evals[i]``). A
     factory model (``net``, the one the run is bound to) is copied and edited per edit."""
     stages = {}
     for i in plans:
-        stages[i] = new_stage(Storage(specs[i].out, storage_options))
+        stages[i] = new_stage(outs[i])
         start(stages[i], request_digest(run, specs[i]))
     try:
         if base.path is not None:
-            src = model_dir(base.path, storage_options)
+            src = model_dir(at, storage_options)
             recorded = recorded_checkpoint(run)
             aliases = recorded["checkpoint"].get("aliases") or {} if recorded is not None \
-                else tied_aliases(build_empty(base, storage_options))
+                else tied_aliases(build_empty(base, storage_options, location=at))
             done = write_edited_files_many(src, [stages[i] for i in plans],
                                            list(plans.values()), aliases)
         else:
             done = [_factory_edit(stages[i], net, plans[i]) for i in plans]
         for i, err in zip(list(plans), done):
-            errors[i] = err or _finish(run, base, plans[i], specs[i], stages[i],
-                                       storage_options, evals.get(i))
+            errors[i] = err or _finish(run, base, plans[i], specs[i], stages[i], outs[i],
+                                       evals.get(i))
     finally:
         for stage in stages.values():
             shutil.rmtree(stage, ignore_errors=True)
@@ -291,15 +300,15 @@ def _factory_edit(stage: str, net, plan: EditPlan) -> BaseException | None:
     return None
 
 
-def _write_adapters(run, base: ModelSpec, specs: Sequence[EditSpec],
-                    plans: dict[int, EditPlan], errors: list, storage_options,
-                    evals: dict[int, dict]) -> None:
+def _write_adapters(run, base: ModelSpec, at: Location | None, specs: Sequence[EditSpec],
+                    plans: dict[int, EditPlan], errors: list, outs: dict[int, Storage],
+                    storage_options, evals: dict[int, dict]) -> None:
     """The adapters of ``plans``, in one pass over the modules (``write_peft_adapters``), each
     ``adapter_meta.json`` holding ``evals[i]`` and the solver used."""
     from engram_ray.io.adapter import AdapterJob, write_peft_adapters
     from engram_ray.runs import adapter_base
 
-    jobs = [AdapterJob(p, specs[i].out, specs[i].scale, specs[i].adapter_rtol,
+    jobs = [AdapterJob(p, outs[i], specs[i].scale, specs[i].adapter_rtol,
                        specs[i].adapter_exact_dense,
                        {"solver": _source_run(p.source).solver.to_dict(),
                         "edit_digest": specs[i].digest(),
@@ -308,23 +317,23 @@ def _write_adapters(run, base: ModelSpec, specs: Sequence[EditSpec],
                        max_rank=specs[i].adapter_max_rank) for i, p in plans.items()]
     try:
         results = write_peft_adapters(run, jobs, storage_options=storage_options,
-                                      base=adapter_base(run, base, storage_options))
+                                      base=adapter_base(run, base, storage_options,
+                                                        location=at))
     except Exception as ex:  # noqa: BLE001 - the base model failed: every adapter of it
         results = [ex] * len(jobs)
     for i, result in zip(plans, results):
         errors[i] = result if isinstance(result, BaseException) else None
 
 
-def _finish(run, base: ModelSpec, plan: EditPlan, spec: EditSpec, stage: str,
-            storage_options, evaluation: dict | None = None) -> BaseException | None:
+def _finish(run, base: ModelSpec, plan: EditPlan, spec: EditSpec, stage: str, dest: Storage,
+            evaluation: dict | None = None) -> BaseException | None:
     """``edit.json`` (with ``evaluation`` as its ``"eval"``) into a written ``stage``, then
-    publish it to ``spec.out``; the error, if any."""
+    publish it to ``dest`` (``spec.out``'s Storage); the error, if any."""
     try:
         provenance = _provenance(run, base, plan, spec)
         if evaluation is not None:
             provenance["eval"] = evaluation
         _write_marker(stage, plan, provenance)
-        dest = Storage(spec.out, storage_options)
         if dest.remote:
             upload_dir(stage, dest, MARKER)  # the attempt's note first, the marker last
         else:

@@ -169,14 +169,16 @@ def cmd_list(args) -> str:
 def cmd_batch(args) -> str:
     """Run every request of a requests file (one Ray task per run, or here with ``--local``);
     writes the summary table and returns its URI. Failed requests make the exit status 1."""
+    from engram_ray.io.storage import as_storage
     from engram_ray.requests import read_requests, run_batch, write_summary
 
     storage = _storage(args.storage_option)
     requests = read_requests(args.requests, storage)
-    summary = args.summary or default_summary(args.requests, storage)
+    summary = (as_storage(args.summary, storage) if args.summary
+               else default_summary(args.requests, storage))  # checked now, written last
     rows = run_batch(requests, storage_options=storage, trust_factory=args.trust_factory,
                      map_fn=None if args.local else _ray_map(args.num_cpus))
-    write_summary(rows, summary, requests, storage)
+    summary = write_summary(rows, summary, requests)
     failed = [r for r in rows if r["status"] == "failed"]
     for r in rows:
         print(f"{r['request_id']}: {r['status']} {r['error'] or r['out']}", file=sys.stderr)
@@ -240,12 +242,12 @@ def cmd_gc(args) -> str:
     return result.to_json()
 
 
-def default_summary(requests: str, storage_options: dict | None = None) -> str:
+def default_summary(requests: str, storage_options: dict | None = None):
     """``batch``'s summary when ``--summary`` is not given: ``STEM.summary.parquet`` beside
     the requests file (``reqs.jsonl`` → ``reqs.summary.parquet``; ``./reqs`` →
     ``./reqs.summary.parquet``, never a name in the parent directory). Decided before any
     request runs: an existing file there is replaced only if it is a batch summary (a re-run's
-    table); anything else is refused, naming it."""
+    table); anything else is refused, naming it. Returns its ``Storage`` (the writer's)."""
     from engram_ray.io.storage import Storage
 
     folder, _, name = requests.rstrip("/").rpartition("/")
@@ -255,7 +257,7 @@ def default_summary(requests: str, storage_options: dict | None = None) -> str:
     if dest.exists() and not _is_summary(dest):
         raise FileExistsError(f"the default summary {uri} exists and is not a batch summary; "
                               "pass --summary to name another file")
-    return uri
+    return dest
 
 
 def _is_summary(dest) -> bool:

@@ -46,7 +46,7 @@ from engram_ray.core.moments import ModuleInfo, Moments, check_counts, merge_sum
 from engram_ray.core.solve import solution_warnings, solve_group
 from engram_ray.incremental import Extension, prepare_extension
 from engram_ray.io.sigma_checkpoint import Generation, SigmaCheckpoint, config_digest, slices
-from engram_ray.io.storage import Storage
+from engram_ray.io.storage import Location, Storage, as_storage
 from engram_ray.io.store import RunWriter, run_exists, split_run_uri, weight_digest
 from engram_ray.runinfo import new_run_id, run_metadata
 
@@ -84,6 +84,16 @@ class Plan:
     extension: Extension | None = None
     checkpoint: SigmaCheckpoint | None = None
     digest: str | None = None  # config_digest: what a checkpoint was written for
+    location: Storage | None = field(default=None, repr=False)  # the run's, see run_storage
+    model: Location | None = field(default=None, repr=False)  # model.path (or weights), checked
+    inputs: dict[str, Storage] = field(default_factory=dict, repr=False)  # source → Storage
+
+    def run_storage(self) -> Storage:
+        """The run's :class:`Storage`, built once per pass (``plan_for`` builds it) and used by
+        the existence check, the writer and the reader of the committed run alike."""
+        if self.location is None:
+            self.location = as_storage(self.uri, self.store.storage_options)
+        return self.location
 
     @property
     def base(self):
@@ -97,15 +107,21 @@ class Plan:
         """The data config reading only ``files``."""
         return dataclasses.replace(self.data, paths=list(files))
 
-    def group_solve(self, staging_uri: str) -> GroupSolve:
-        """The per-group solve step, writing payloads into the writer's staging area."""
+    def inputs_of(self, files: Sequence[str]) -> list[Location]:
+        """``files`` sorted, each as the ``Storage`` :func:`prepare` resolved it to (its URI
+        when it has none): the readers open each file through that one ``Storage``."""
+        return [self.inputs.get(f, f) for f in sorted(set(files))]
+
+    def group_solve(self, staging_uri: Location) -> GroupSolve:
+        """The per-group solve step, writing payloads into the writer's staging area (its
+        Storage, or URI)."""
         keep = self.store.keep_statistics or self.extension is not None
         return GroupSolve(staging_uri, self.store.storage_options, self.solver, keep, self.base,
                           tuple(self.sources))
 
     def writer(self) -> RunWriter:
         """The run's writer: takes the run's lease and a staging area (``io/store.py``)."""
-        return RunWriter(self.uri, self.store.storage_options, overwrite=self.store.overwrite,
+        return RunWriter(self.run_storage(), overwrite=self.store.overwrite,
                          lease_timeout_s=self.store.lease_timeout_s,
                          break_lease=self.store.break_lease)
 
@@ -153,7 +169,7 @@ class GroupSolve:
     driver's :class:`RunWriter` made it): merge the base Σ, one eigh, every engram's norm; the
     spectrum, the concepts' rows or blocks (and Σ_total if kept) are what the run stores."""
 
-    uri: str  # the writer's staging URI, not the run's
+    uri: Location  # the writer's staging area (its Storage: a solver task rebuilds it once)
     storage_options: Mapping | None = field(repr=False)
     solver: SolverConfig
     keep_statistics: bool
@@ -189,21 +205,25 @@ class GroupCheckpoint:
 def prepare(cfg: ExtractConfig, log: TextIO | None = None) -> Plan:
     """Everything checked before work starts: model path, data files, an existing run, what an
     extension adds, what a checkpoint already counted (a rerun resumes from it)."""
-    from engram_ray.io.data import resolve_paths
+    from engram_ray.io.data import resolve_files
 
     extension = prepare_extension(cfg)
     if extension is not None:
         cfg = extension.config  # the shards the base run has not counted
         say(log, f"extending {extension.base.uri} with {len(extension.new_files)} new shard(s)")
-    _check_model_paths(cfg)
-    files = resolve_paths(cfg.data)
+    model = _check_model_paths(cfg)
+    # An extension resolved its new shards already: the same Storages, not built again.
+    found = ([extension.inputs[f] for f in extension.new_files] if extension is not None
+             else resolve_files(cfg.data))
+    files = [f.uri for f in found]
     run_id = cfg.store.run_id or new_run_id()
     plan = plan_for(cfg.store.run_uri(run_id), cfg.store, run_id, select=cfg.select,
                     solver=cfg.solver, sources=files, config=cfg.to_dict(), data=cfg.data,
-                    extension=extension)
+                    extension=extension, inputs={f.uri: f for f in found})
+    plan.model = model
     if cfg.store.checkpoint_shards:
         plan.digest = config_digest(cfg)
-        ck = plan.checkpoint = SigmaCheckpoint(cfg.store.uri, run_id, cfg.store.storage_options)
+        ck = plan.checkpoint = SigmaCheckpoint(plan.run_storage().parent(), run_id)
         ck.check(plan.digest)
         if ck.generation is not None:
             plan.sources = [f for f in files if f not in ck.sources]
@@ -217,24 +237,32 @@ def plan_for(uri: str, store: StoreConfig, run_id: str, **fields) -> Plan:
     ``store.overwrite``, and so is a run id that is not one safe path component."""
     uri = uri.rstrip("/")
     split_run_uri(uri)
-    if run_exists(uri, store.storage_options) and not store.overwrite:
+    location = as_storage(uri, store.storage_options)
+    if run_exists(location) and not store.overwrite:
         raise FileExistsError(f"a committed run already exists at {uri}; choose another "
                               "run_id or pass overwrite")
     fields.setdefault("select", SelectConfig())
     fields.setdefault("solver", SolverConfig())
-    return Plan(run_id=run_id, uri=uri, store=store, **fields)
+    return Plan(run_id=run_id, uri=uri, store=store, location=location, **fields)
 
 
-def _check_model_paths(cfg: ExtractConfig) -> None:
+def _check_model_paths(cfg: ExtractConfig) -> Location | None:
     """Fail in one line before any work when the model is not there (a folder, a URI, or a
-    Hub id in the cache: ``models.loading.check_model_path`` names what it tried)."""
-    from engram_ray.models.loading import check_model_path
+    Hub id in the cache: ``models.loading.check_model_path`` names what it tried); returns
+    ``model.path`` as checked (a remote folder's Storage: the loaders reuse it), or a
+    factory's ``model.weights`` Storage."""
+    from engram_ray.models.loading import check_model_path, model_location
 
     options = cfg.store.storage_options
-    if cfg.model.path is not None:
-        check_model_path(cfg.model.path, options)
-    if cfg.model.weights is not None and not Storage(cfg.model.weights, options).exists():
-        raise FileNotFoundError(f"model weights {cfg.model.weights!r} do not exist")
+    model = model_location(cfg.model.path, options)
+    if model is not None:
+        check_model_path(model, options)
+    if cfg.model.weights is not None:
+        weights = as_storage(cfg.model.weights, options)
+        if not weights.exists():
+            raise FileNotFoundError(f"model weights {cfg.model.weights!r} do not exist")
+        return model if cfg.model.path is not None else weights
+    return model
 
 
 def run_extraction(plan: Plan, executor: Executor, log: TextIO | None = None) -> str:
@@ -249,7 +277,7 @@ def run_extraction(plan: Plan, executor: Executor, log: TextIO | None = None) ->
             _accumulate(plan, executor, log)
             t_stats = time.time()
             layout = _checked_layout(plan, executor.layout())
-            rows = executor.solve(plan.group_solve(writer.staging_uri), layout)
+            rows = executor.solve(plan.group_solve(writer.storage), layout)
             kept, warnings = _warnings(rows, layout, log)
             timings = {"statistics_s": t_stats - t0, "solve_s": time.time() - t_stats,
                        "total_s": time.time() - t0}
@@ -363,4 +391,5 @@ def _checkpoint_layout(plan: Plan, layout: Layout) -> dict | None:
     dtype = (config.get("parallel") or {}).get("dtype")
     return checkpoint_layout(ModelSpec.from_dict(model),
                              {n: m.bias for n, m in layout.modules.items()},
-                             plan.store.storage_options, dtype)
+                             plan.store.storage_options, dtype,
+                             location=plan.model)

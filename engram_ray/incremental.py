@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engram_ray.core.moments import merge_summaries
 from engram_ray.io.store import Run, open_run
@@ -33,6 +33,7 @@ class Extension:
     config: object  # the ExtractConfig over the new shards only, keep_statistics on
     new_files: list[str]
     old_sources: frozenset[str]
+    inputs: dict = field(default_factory=dict, repr=False)  # new file → its Storage (resolved)
 
     @property
     def fingerprint(self) -> str | None:
@@ -62,7 +63,7 @@ class Extension:
 def prepare_extension(cfg) -> Extension | None:
     """``None`` without ``store.extend``; else the base run (committed, with its Σ kept) and a
     config over only the shards it has not counted. No new shard is an error naming them."""
-    from engram_ray.io.data import resolve_paths
+    from engram_ray.io.data import resolve_files
 
     if cfg.store.extend is None:
         return None
@@ -72,7 +73,8 @@ def prepare_extension(cfg) -> Extension | None:
         raise ValueError(f"store.extend: run {base.uri} lists no modules")
     first_group = sorted({d["group"] for d in modules.values()})[0]
     old = base.group_statistics(first_group).sources  # every group covers the same shards
-    files = resolve_paths(cfg.data)
+    found = {f.uri: f for f in resolve_files(cfg.data)}
+    files = list(found)
     new = [f for f in files if f not in old]
     if not new:
         raise ValueError(f"store.extend: all {len(files)} shard(s) of data.paths are already "
@@ -80,4 +82,5 @@ def prepare_extension(cfg) -> Extension | None:
     restricted = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, paths=new),
         store=dataclasses.replace(cfg.store, keep_statistics=True))
-    return Extension(base=base, config=restricted, new_files=new, old_sources=old)
+    return Extension(base=base, config=restricted, new_files=new, old_sources=old,
+                     inputs={f: found[f] for f in new})

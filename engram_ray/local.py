@@ -150,7 +150,7 @@ def extract(
     once = iter([batches])
     executor = LocalExecutor(model, lambda files: next(once), progress)
     run_extraction(plan, executor, log=io.StringIO())  # the Python API reports by returning
-    return open_run(plan.uri, storage_options, model=model)  # bound to the module given
+    return open_run(plan.run_storage(), model=model)  # bound to the module given
 
 
 def extract_from_config(cfg: ExtractConfig, *, progress=None, log: TextIO | None = None) -> Run:
@@ -169,13 +169,18 @@ def extract_from_config(cfg: ExtractConfig, *, progress=None, log: TextIO | None
     plan = prepare(cfg, log)
     storage = cfg.data.storage_options or cfg.store.storage_options
     device = resolve_device(cfg.parallel.device, cfg.parallel.num_gpus)
-    model = load_model(cfg.model, storage, dtype=cfg.parallel.dtype).to(device)
-    tokenizer = None if cfg.data.features_column else load_tokenizer(cfg.model, storage)
+    # The model folder prepare checked, when it was built with the options loading uses.
+    at = plan.model if storage == cfg.store.storage_options else None
+    model = load_model(cfg.model, storage, dtype=cfg.parallel.dtype, location=at).to(device)
+    tokenizer = None if cfg.data.features_column else load_tokenizer(cfg.model, storage,
+                                                                      location=at)
     if progress is None:  # the CLI's progress lines (rows, rates, ETA), as the Ray path prints
         progress = _progress_lines(plan, cfg.parallel.progress_interval_s, log)
-    executor = LocalExecutor(model, lambda files: iter_batches(plan.restrict(files), tokenizer),
-                             progress)
-    return open_run(run_extraction(plan, executor, log), cfg.store.storage_options)
+    executor = LocalExecutor(
+        model, lambda files: iter_batches(plan.restrict(files), tokenizer, plan.inputs_of(files)),
+        progress)
+    run_extraction(plan, executor, log)
+    return open_run(plan.run_storage())
 
 
 def _progress_lines(plan: Plan, interval_s: float | None, log: TextIO | None):
@@ -186,8 +191,8 @@ def _progress_lines(plan: Plan, interval_s: float | None, log: TextIO | None):
         return None
     from engram_ray.io.data import count_rows
 
-    line = Progress(count_rows(plan.restrict(plan.sources)) if plan.sources else None,
-                    interval_s, log)
+    line = Progress(count_rows(plan.restrict(plan.sources), files=plan.inputs_of(plan.sources))
+                    if plan.sources else None, interval_s, log)
     tokens = [0]
 
     def progress(rows: int, batch_tokens: int) -> None:
@@ -204,7 +209,7 @@ def solve_statistics(stats: Statistics, weights: Mapping, writer: RunWriter,
     rows: list[dict] = []
     for group in sorted(stats.groups, key=lambda g: (-stats.groups[g].dim, g)):
         moments, members = stats.groups[group], stats.members(group)
-        step = GroupSolve(writer.staging_uri, writer.storage_options, solver or SolverConfig(),
+        step = GroupSolve(writer.storage, writer.storage_options, solver or SolverConfig(),
                           keep_statistics=False, base=None, sources=tuple(moments.sources))
         rows += step(moments, members, {i.name: weights[i.name] for i in members})
     return rows

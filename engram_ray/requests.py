@@ -62,7 +62,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engram_ray.config import EditSpec
-from engram_ray.io.storage import Storage
+from engram_ray.io.storage import Location, Storage, as_storage, location_uri
 
 __all__ = ["EVAL_COLUMNS", "EditRequest", "read_requests", "run_batch", "run_group",
            "write_summary"]
@@ -107,11 +107,12 @@ class EditRequest:
         return self.spec.eval
 
 
-def read_requests(uri: str, storage_options: Mapping | None = None,
+def read_requests(uri: Location, storage_options: Mapping | None = None,
                   default_run: str | None = None) -> list[EditRequest]:
     """Read and validate a requests file; errors name the file, the row and the column.
     ``default_run`` fills rows that name no run (a scheduled queue's current run)."""
-    data = Storage(uri, storage_options).read_bytes()
+    data = as_storage(uri, storage_options).read_bytes()
+    uri = location_uri(uri)
     try:
         if uri.endswith((".parquet", ".pq")):
             rows = pq.read_table(pa.BufferReader(data)).to_pylist()
@@ -168,54 +169,61 @@ def _request(uri: str, i: int, row: Any) -> EditRequest:
 
 
 def run_group(requests: Sequence[EditRequest], storage_options: Mapping | None = None,
-              trust_factory: bool = False) -> list[dict]:
+              trust_factory: bool = False, run: Location | None = None) -> list[dict]:
     """The summary rows of the requests of one run, in request order, all through the one
     edit driver (``apply.apply``, module docstring: the work shared by all of them, full
     checkpoints and adapters alike): a request whose output already holds it — its marker
     names this very request and every file verifies — is skipped, an incomplete earlier
     attempt redone, another request's output refused. Errors are recorded, never raised; the
-    seconds of the shared pass are split evenly among the requests it wrote."""
+    seconds of the shared pass are split evenly among the requests it wrote. ``run``: the
+    requests' run as a Storage the caller already built (default: built from its URI)."""
     from engram_ray.apply import SKIPPED, apply
 
     t0 = time.time()
+    outs: dict[int, Storage] = {}  # each output's Storage, as the driver built it
     try:
-        outcomes = apply(requests[0].run, [r.spec for r in requests],
+        outcomes = apply(requests[0].run if run is None else run, [r.spec for r in requests],
                          storage_options=storage_options, trust_factory=trust_factory,
-                         skip_complete=True)
+                         skip_complete=True, outputs=outs)
     except Exception as e:  # noqa: BLE001 - the run itself failed: every request of it
         outcomes = [e] * len(requests)
     written = [o for o in outcomes if o != SKIPPED]
     each = (time.time() - t0) / max(1, len(written))
     rows = []
-    for r, outcome in zip(requests, outcomes):
+    for i, (r, outcome) in enumerate(zip(requests, outcomes)):
+        out = outs.get(i) or r.out
         if outcome == SKIPPED:
             try:
-                rows.append(_row(r, "skipped", 0.0, evaluation=_marker_eval(r, storage_options)))
+                rows.append(_row(r, "skipped", 0.0,
+                                 evaluation=_marker_eval(r, out, storage_options)))
             except Exception as e:  # noqa: BLE001 - complete; only its eval is unreadable
                 rows.append(_row(r, "skipped", 0.0, e))
         else:
-            rows.append(_written_row(r, each, outcome, storage_options))
+            rows.append(_written_row(r, out, each, outcome, storage_options))
     return rows
 
 
-def _written_row(request: EditRequest, seconds: float, error: BaseException | None,
-                 storage_options: Mapping | None) -> dict:
+def _written_row(request: EditRequest, out: Location, seconds: float,
+                 error: BaseException | None, storage_options: Mapping | None) -> dict:
     """The row of a request ``apply.apply`` ran: failed, or done with its marker's eval (an
     eval that cannot be read back is reported as the done request's error)."""
     if error is not None:
         return _row(request, "failed", seconds, error)
     try:
-        return _row(request, "done", seconds, evaluation=_marker_eval(request, storage_options))
+        return _row(request, "done", seconds,
+                    evaluation=_marker_eval(request, out, storage_options))
     except Exception as e:  # noqa: BLE001 - written; only its eval summary is unreadable
         return _row(request, "done", seconds, e)
 
 
-def _marker_eval(request: EditRequest, storage_options: Mapping | None) -> dict | None:
+def _marker_eval(request: EditRequest, out: Location,
+                 storage_options: Mapping | None) -> dict | None:
     """The eval summary a complete output's marker holds (None: the request names no eval
-    set); the table reports what the output carries, whether written now or before."""
+    set); the table reports what the output carries, whether written now or before. ``out``:
+    the request's output (its Storage when the driver built one)."""
     if request.eval is None:
         return None
-    marker = Storage(request.out, storage_options).read_json(COMPLETE[request.format])
+    marker = as_storage(out, storage_options).read_json(COMPLETE[request.format])
     return marker.get("eval") if isinstance(marker, Mapping) else None
 
 
@@ -242,15 +250,17 @@ def _eval_columns(evaluation: Mapping | None) -> dict:
 
 def run_batch(requests: Sequence[EditRequest], *, storage_options: Mapping | None = None,
               trust_factory: bool = False,
-              map_fn: Callable[[Callable, Iterable], list] | None = None) -> list[dict]:
+              map_fn: Callable[[Callable, Iterable], list] | None = None,
+              runs: Mapping[str, Location] | None = None) -> list[dict]:
     """Every request's summary row, in request order. Requests are grouped by run
     (:func:`run_group`); ``map_fn(fn, items)`` runs the groups (default: one after another
-    here; the CLI passes Ray's one-task-per-item map)."""
+    here; the CLI passes Ray's one-task-per-item map). ``runs``: run URI → its Storage, for
+    runs the caller already built (a tick's new run): used instead of building them again."""
     by_run: dict[str, list[int]] = {}
     for i, r in enumerate(requests):
         by_run.setdefault(r.run, []).append(i)
-    items = [([requests[i] for i in idx], storage_options, trust_factory)
-             for idx in by_run.values()]
+    items = [([requests[i] for i in idx], storage_options, trust_factory,
+              (runs or {}).get(run)) for run, idx in by_run.items()]
     results = [_run_item(x) for x in items] if map_fn is None else map_fn(_run_item, items)
     rows: dict[int, dict] = {}
     for idx, group_rows in zip(by_run.values(), results):
@@ -262,7 +272,7 @@ def _run_item(item: tuple) -> list[dict]:
     return run_group(*item)
 
 
-def write_summary(rows: Sequence[dict], uri: str, requests: Sequence[EditRequest],
+def write_summary(rows: Sequence[dict], uri: Location, requests: Sequence[EditRequest],
                   storage_options: Mapping | None = None) -> str:
     """The summary table: one row per request with its status, output, seconds and error,
     plus the request itself (concepts, α, scale, eval set) so the table stands on its own, and
@@ -281,5 +291,5 @@ def write_summary(rows: Sequence[dict], uri: str, requests: Sequence[EditRequest
                                      table.column(name).cast(typ))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    Storage(uri, storage_options).write_bytes("", sink.getvalue().to_pybytes())
-    return uri
+    as_storage(uri, storage_options).write_bytes("", sink.getvalue().to_pybytes())
+    return location_uri(uri)

@@ -40,7 +40,7 @@ import os
 from collections.abc import Iterable, Mapping
 
 from engram_ray.io.catalog import describe_run
-from engram_ray.io.storage import Storage
+from engram_ray.io.storage import Location, Storage, as_storage, location_uri
 from engram_ray.io.store import (
     COMMIT_MARKER,
     GENERATION_PREFIX,
@@ -88,15 +88,15 @@ def _norm(uri: str) -> str:
     return os.path.realpath(os.path.abspath(os.path.expanduser(uri)))
 
 
-def _committed_runs(store: Storage, storage_options, skipped: dict[str, str]) -> dict[str, dict]:
+def _committed_runs(store: Storage, skipped: dict[str, str]) -> dict[str, dict]:
     """``{normalized uri: description}`` of every readable committed run below ``store``."""
     runs = {}
     for name in sorted(store.ls()):
         uri = store.uri_of(name)
-        if name.startswith("_") or not run_exists(uri, storage_options):
+        if name.startswith("_") or not run_exists(store.child(name)):
             continue  # reserved names, and anything that is not a committed run
         try:
-            runs[_norm(uri)] = describe_run(open_run(uri, storage_options))
+            runs[_norm(uri)] = describe_run(open_run(store.child(name)))
         except Exception as e:  # noqa: BLE001 - unreadable: neither deleted nor a proof
             skipped[uri] = f"unreadable, kept: {type(e).__name__}: {e}"
     return runs
@@ -147,20 +147,24 @@ def _queue_runs(queues: Iterable[str], storage_options) -> set[str]:
     return out
 
 
-def plan_gc(store_uri: str, keep: int, *, queues: Iterable[str] = (),
-            storage_options=None) -> GcResult:
-    """What ``gc`` would delete: committed runs of depth ≥ ``keep`` not named by a queue."""
+def _check_keep(keep) -> None:
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"--keep must be an integer ≥ 1 (the newest runs of each lineage "
                          f"to keep), got {keep!r}")
-    store = Storage(store_uri, storage_options)
+
+
+def plan_gc(store_uri: Location, keep: int, *, queues: Iterable[str] = (),
+            storage_options=None) -> GcResult:
+    """What ``gc`` would delete: committed runs of depth ≥ ``keep`` not named by a queue."""
+    _check_keep(keep)
+    store = as_storage(store_uri, storage_options)
     if not store.exists():
-        raise FileNotFoundError(f"store {store_uri} does not exist")
+        raise FileNotFoundError(f"store {location_uri(store_uri)} does not exist")
     result = GcResult(store=store.uri, keep_n=keep, dry_run=True)
-    runs = _committed_runs(store, storage_options, result.skipped)
+    runs = _committed_runs(store, result.skipped)
     children = _children(runs)
     depth = _depths(children)
-    protected = _queue_runs(queues, storage_options)
+    protected = _queue_runs(queues, store.options)
     for uri, d in sorted(runs.items(), key=lambda kv: (kv[1]["committed_at"] or 0, kv[0])):
         if depth[uri] >= keep and uri not in protected:
             result.delete.append(d["uri"])
@@ -170,17 +174,20 @@ def plan_gc(store_uri: str, keep: int, *, queues: Iterable[str] = (),
     return result
 
 
-def gc(store_uri: str, keep: int, *, delete: bool = False, queues: Iterable[str] = (),
+def gc(store_uri: Location, keep: int, *, delete: bool = False, queues: Iterable[str] = (),
        storage_options=None, lease_timeout_s: float = 3600.0) -> GcResult:
     """Delete (``delete=True``; else only plan) the superseded runs of ``store_uri`` beyond
-    the newest ``keep`` of each lineage, each under its lease (module docstring)."""
-    result = plan_gc(store_uri, keep, queues=queues, storage_options=storage_options)
+    the newest ``keep`` of each lineage, each under its lease (module docstring). The store's
+    :class:`Storage` is built once; every run is reached as its child."""
+    _check_keep(keep)  # before the store is touched
+    store = as_storage(store_uri, storage_options)
+    result = plan_gc(store, keep, queues=queues)
     if not delete:
         return result
     result.dry_run = False
     done = []
     for uri in result.delete:
-        why = _delete_run(uri, result.extended_by[uri], storage_options, lease_timeout_s)
+        why = _delete_run(store, uri, result.extended_by[uri], lease_timeout_s)
         if why is None:
             done.append(uri)
         else:
@@ -196,20 +203,26 @@ def _foreign(run: Storage) -> list[str]:
                   and not n.startswith(COMMIT_MARKER + "."))
 
 
-def _delete_run(uri: str, extended_by: list[str], storage_options,
+def _below(store: Storage, uri: str) -> Storage:
+    """The run ``uri`` of ``store``'s listing (``store.uri_of(name)``) as the store's child."""
+    return store.child(uri.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _delete_run(store: Storage, uri: str, extended_by: list[str],
                 lease_timeout_s: float) -> str | None:
-    """Delete the committed run at ``uri`` under its lease; ``None``, or why it was kept.
-    ``extended_by``: the committed runs that extended it when gc planned (one must still be
-    committed: an overwrite re-commits a run and may change what it extends)."""
-    run = Storage(uri, storage_options)
+    """Delete the committed run at ``uri`` (of ``store``) under its lease; ``None``, or why
+    it was kept. ``extended_by``: the committed runs of ``store`` that extended it when gc
+    planned (one must still be committed: an overwrite re-commits a run and may change what
+    it extends)."""
+    run = _below(store, uri)
     try:
         marker = run.read_bytes(COMMIT_MARKER)
     except FileNotFoundError:
         return "no longer a committed run"
-    if not any(_extends(child, uri, storage_options) for child in extended_by):
+    if not any(_extends(_below(store, child), uri) for child in extended_by):
         return "no committed run extends it any more, kept"
     try:
-        lease = run_lease(uri, storage_options, timeout_s=lease_timeout_s,
+        lease = run_lease(run, timeout_s=lease_timeout_s,
                           what=f"run {uri} (gc)", how_to_break="rerun gc later")
     except LeaseHeld as e:
         return f"in use, kept: {e}"
@@ -231,10 +244,10 @@ def _delete_run(uri: str, extended_by: list[str], storage_options,
         lease.release()
 
 
-def _extends(child: str, uri: str, storage_options) -> bool:
+def _extends(child: Storage, uri: str) -> bool:
     """``child`` is (still) a committed run whose run.json extends ``uri``."""
     try:
-        info = open_run(child, storage_options).info
+        info = open_run(child).info
     except Exception:  # noqa: BLE001 - gone or unreadable: proves nothing
         return False
     return bool(info.get("extends")) and _norm(info["extends"]) == _norm(uri)

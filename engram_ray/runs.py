@@ -34,10 +34,12 @@ from torch import nn
 
 from engram_ray.config import ModelSpec, SolverConfig
 from engram_ray.core.layers import as_matrix, weight_matrix
+from engram_ray.io.storage import Location, Storage, as_storage
 from engram_ray.io.store import Run
 
 __all__ = ["BUILTIN_FACTORIES", "ModelBinder", "adapter_base", "bind_module", "check_trusted",
-           "edit_device", "open_run", "recorded_checkpoint", "run_dtype", "run_model_spec"]
+           "edit_device", "model_at", "open_run", "recorded_checkpoint", "run_dtype",
+           "run_model_spec"]
 
 # Factories shipped with engram-ray that only construct a module from numbers: running them
 # runs no code a run.json could choose. Any other factory needs the user's consent.
@@ -110,7 +112,8 @@ class _CheckpointWeights:
     allow_other = False
 
     def __init__(self, spec: ModelSpec, storage_options, dtype,
-                 device: torch.device | str = "cpu", recorded: Mapping | None = None) -> None:
+                 device: torch.device | str = "cpu", recorded: Mapping | None = None,
+                 location: Location | None = None) -> None:
         from engram_ray.models.loading import open_weights
 
         self.where, self.device = spec.path, torch.device(device)
@@ -118,11 +121,11 @@ class _CheckpointWeights:
         if recorded is None:
             from engram_ray.models.loading import build_empty, tied_aliases
 
-            self.empty = build_empty(spec, storage_options, dtype=dtype)
+            self.empty = build_empty(spec, storage_options, dtype=dtype, location=location)
             self.aliases = tied_aliases(self.empty)
         else:
             self.aliases = dict(recorded["checkpoint"].get("aliases") or {})
-        self.files = open_weights(spec, storage_options)
+        self.files = open_weights(spec, storage_options, location=location)
 
     def matrix(self, module: str, bias: bool) -> torch.Tensor:
         if self.recorded is not None:
@@ -194,11 +197,12 @@ def bind_module(run: Run, model: nn.Module, where: str = "the given model") -> R
 
 
 def adapter_base(run: Run, base=None, storage_options: Mapping | None = None, *,
-                 trust_factory: bool = False):
+                 trust_factory: bool = False, location: Location | None = None):
     """The model an adapter of ``run`` is for (``io.adapter.AdapterBase``): built on the meta
     device from ``base`` (an HF directory or URI, a :class:`ModelSpec` or its dict, or a live
     module; default the run's own model), with its checkpoint readable key by key. A factory
-    the run names is built only with ``trust_factory`` (building it imports its code)."""
+    the run names is built only with ``trust_factory`` (building it imports its code).
+    ``location``: the model's path as the caller built it (``models.loading.model_location``)."""
     from engram_ray.io.adapter import AdapterBase
     from engram_ray.models.loading import build_empty, open_weights
 
@@ -214,7 +218,7 @@ def adapter_base(run: Run, base=None, storage_options: Mapping | None = None, *,
     else:
         spec = ModelSpec(path=str(base))
     weights = None if spec.path is None and spec.weights is None \
-        else open_weights(spec, storage_options)
+        else open_weights(spec, storage_options, location=location)
     recorded = recorded_checkpoint(run)
     outline = (recorded or {}).get("checkpoint", {}).get("outline")
     binder = getattr(run, "_binder", None)
@@ -223,7 +227,8 @@ def adapter_base(run: Run, base=None, storage_options: Mapping | None = None, *,
         from engram_ray.models.outline import outline_module
 
         return AdapterBase(outline_module(outline), spec, storage_options, weights)
-    return AdapterBase(build_empty(spec, storage_options), spec, storage_options, weights)
+    return AdapterBase(build_empty(spec, storage_options, location=location), spec,
+                       storage_options, weights)
 
 
 class ModelBinder:
@@ -239,6 +244,19 @@ class ModelBinder:
         self.storage_options = storage_options
         self.allow_other_weights = allow_other_weights
         self.device = device
+        self._locations: dict[str, Location] = {}  # model path → its location, built once
+
+    def location(self, run: Run, path: str) -> Location:
+        """The model folder ``path`` as this binder reads it (a remote one's Storage, built on
+        first use; ``models.loading.model_location``): the driver that opened the run writes
+        the edited model from the same one (:func:`model_at`)."""
+        from engram_ray.models.loading import model_location
+
+        if path not in self._locations:
+            options = self.storage_options if self.storage_options is not None \
+                else run.storage_options
+            self._locations[path] = model_location(path, options)
+        return self._locations[path]
 
     def __call__(self, run: Run):
         weights = self._weights(run)
@@ -257,14 +275,27 @@ class ModelBinder:
         if spec.path is not None:
             # Other weights (e.g. a float16 copy) are cast as that model's own config says.
             recorded = None if self.allow_other_weights else recorded_checkpoint(run)
-            return _CheckpointWeights(spec, options, dtype, self.device, recorded)
+            return _CheckpointWeights(spec, options, dtype, self.device, recorded,
+                                      location=self.location(run, spec.path))
         from engram_ray.models.loading import load_model
 
         model = load_model(spec, options, dtype=dtype).to(self.device)
         return _ModuleWeights(model, f"factory {spec.factory}")
 
 
-def open_run(uri: str, storage_options: Mapping | None = None, *,
+def model_at(run: Run, path: str, storage_options: Mapping | None = None) -> Location:
+    """The model folder ``path`` as ``run``'s binder reads it (:meth:`ModelBinder.location`),
+    so that an apply reads and writes the base model through one location; built here for a
+    run bound to no binder."""
+    from engram_ray.models.loading import model_location
+
+    binder = getattr(run, "_binder", None)
+    if isinstance(binder, ModelBinder):
+        return binder.location(run, path)
+    return model_location(path, storage_options)
+
+
+def open_run(uri: Location, storage_options: Mapping | None = None, *,
              model: str | nn.Module | None = None,
              solver: SolverConfig | Mapping | Sequence[str] | None = None,
              trust_factory: bool = False, allow_other_weights: bool = False,
@@ -279,6 +310,8 @@ def open_run(uri: str, storage_options: Mapping | None = None, *,
     if allow_other_weights and model is None:
         raise ValueError("allow_other_weights needs a model (--model): the run's own model is "
                          "the one it was extracted from, or it has changed")
+    if isinstance(uri, Storage):  # the run's Storage, built by the caller: its options
+        storage_options = as_storage(uri, storage_options).options
     run = Run(uri, storage_options,
               binder=ModelBinder(model, trust_factory=trust_factory,
                                  storage_options=storage_options,

@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from engram_ray.io.lease import DEFAULT_TIMEOUT_S
-from engram_ray.io.storage import Storage
+from engram_ray.io.storage import Location, Storage, as_storage, location_uri
 
 __all__ = ["QUEUE_YAML", "STATE", "QueueSpec", "TickResult", "extension_id", "init_queue",
            "read_queue", "tick"]
@@ -96,11 +96,11 @@ class TickResult:
     message: str = ""
 
 
-def read_queue(queue: str, storage_options: Mapping | None = None) -> QueueSpec:
+def read_queue(queue: Location, storage_options: Mapping | None = None) -> QueueSpec:
     """The validated ``queue.yaml`` of ``queue``. A queue without one is missing
     (``FileNotFoundError`` naming it and how to create it); a malformed one is a
     ``ValueError`` naming the file and the key."""
-    store = Storage(queue, storage_options)
+    store = as_storage(queue, storage_options)
     where = store.uri_of(QUEUE_YAML)
     if not store.exists(QUEUE_YAML):
         raise FileNotFoundError(
@@ -183,7 +183,7 @@ def init_queue(queue: str, config: str, run: str, *, trust_factory: bool = False
     return spec
 
 
-def tick(queue: str, *, extract: Callable, map_fn: Callable | None = None,
+def tick(queue: Location, *, extract: Callable, map_fn: Callable | None = None,
          storage_options: Mapping | None = None, lease_timeout_s: float = DEFAULT_TIMEOUT_S,
          break_lease: bool = False) -> TickResult:
     """One tick of ``queue``. ``extract(cfg) -> run URI`` runs an extraction (the Ray or the
@@ -192,8 +192,9 @@ def tick(queue: str, *, extract: Callable, map_fn: Callable | None = None,
     from engram_ray.io.heartbeat import Heartbeat
     from engram_ray.io.lease import Lease, LeaseHeld
 
-    spec = read_queue(queue, storage_options)  # a missing queue is not created by its lease
-    store = Storage(queue, storage_options)
+    store = as_storage(queue, storage_options)  # the queue's one Storage for the whole tick
+    queue = location_uri(queue)
+    spec = read_queue(store)  # a missing queue is not created by its lease
     lease = Lease(store.child("_lease"), timeout_s=lease_timeout_s, what=f"queue {queue}")
     try:
         if break_lease:
@@ -203,7 +204,7 @@ def tick(queue: str, *, extract: Callable, map_fn: Callable | None = None,
         return TickResult(worked=False, message=f"another tick is working on {queue}: {e}")
     try:
         with Heartbeat(lease) as beat:
-            return _work(store, spec, extract, map_fn, storage_options, beat)
+            return _work(store, spec, extract, map_fn, store.options, beat)
     finally:
         lease.release()
 
@@ -218,10 +219,12 @@ def _work(store: Storage, spec: QueueSpec, extract, map_fn, storage_options,
     _check_factory(cfg.model.factory, spec, store.uri)
     result = TickResult(worked=True, run=state["run"])
     new_run = _extend(store, state, cfg, extract)
+    runs = {}
     if new_run is not None:
-        result.run, result.extended = new_run, True
+        result.run, result.extended = new_run.uri, True
+        runs[new_run.uri] = new_run
     beat.check()
-    _run_requests(store, state, result, spec, map_fn, storage_options)
+    _run_requests(store, state, result, spec, map_fn, storage_options, runs)
     beat.check()  # a tick that lost its lease does not move the queue on
     _save_state(store, result.run, state)
     failed = (f", {len(result.failed_files)} unreadable request file(s) recorded as failed "
@@ -258,8 +261,9 @@ def _state(store: Storage, spec: QueueSpec) -> dict:
     return state
 
 
-def _extend(store: Storage, state: dict, cfg, extract: Callable) -> str | None:
-    """Extend the current run with the queue's uncounted shards; ``None`` when none is new.
+def _extend(store: Storage, state: dict, cfg, extract: Callable) -> Storage | None:
+    """Extend the current run with the queue's uncounted shards; the new run's Storage (the
+    requests of this tick use it), ``None`` when no shard is new.
 
     The new run's id is a digest of the base run and the new shards (:func:`extension_id`),
     so a tick killed after the extension committed but before ``state.json`` moved on adopts
@@ -283,10 +287,11 @@ def _extend(store: Storage, state: dict, cfg, extract: Callable) -> str | None:
         raise
     run_id = extension_id(state["run"], extension.new_files)
     cfg = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, run_id=run_id))
-    uri = cfg.store.run_uri(run_id)
-    if run_exists(uri, cfg.store.storage_options):
-        return uri  # committed by a tick that was killed before it saved the state
-    return extract(cfg)
+    run = as_storage(cfg.store.run_uri(run_id), cfg.store.storage_options)
+    if run_exists(run):
+        return run  # committed by a tick that was killed before it saved the state
+    made = extract(cfg)  # its own operation (on Ray, its own driver): builds its locations
+    return run if made.rstrip("/") == run.uri else as_storage(made, run.options)
 
 
 def extension_id(base_run: str, new_shards) -> str:
@@ -313,7 +318,7 @@ def _pending(store: Storage, state: dict) -> list[str]:
 
 
 def _run_requests(store: Storage, state: dict, result: TickResult, spec: QueueSpec, map_fn,
-                  storage_options) -> None:
+                  storage_options, runs: Mapping[str, Storage]) -> None:
     """Every pending request file as one batch; each file's outcome beside it. A file that
     cannot be read is recorded as failed (with its sha256 in the state) and skipped."""
     from engram_ray.requests import read_requests, write_summary
@@ -323,8 +328,7 @@ def _run_requests(store: Storage, state: dict, result: TickResult, spec: QueueSp
         store.makedirs("results")
     for name in _pending(store, state):
         try:
-            requests = read_requests(store.uri_of("requests", name), storage_options,
-                                     default_run=result.run)
+            requests = read_requests(store.child("requests", name), default_run=result.run)
         except _FILE_ERRORS as e:
             failed[name] = _sha256(store, name)
             # The state first: a tick killed before its end still knows the file failed (and
@@ -334,32 +338,36 @@ def _run_requests(store: Storage, state: dict, result: TickResult, spec: QueueSp
             result.failed_files.append(name)
             continue
         failed.pop(name, None)
-        rows = _run_trusted(requests, spec, map_fn, storage_options)
-        _publish(store, _result_of(name), lambda uri, rows=rows, requests=requests:
-                 write_summary(rows, uri, requests, storage_options))
+        rows = _run_trusted(requests, spec, map_fn, storage_options, runs)
+        _publish(store, _result_of(name), lambda dest, rows=rows, requests=requests:
+                 write_summary(rows, dest.uri, requests, store.options))  # its one build
         result.request_files.append(name)
     state["failed_files"] = failed
 
 
-def _run_trusted(requests: list, spec: QueueSpec, map_fn, storage_options) -> list[dict]:
+def _run_trusted(requests: list, spec: QueueSpec, map_fn, storage_options,
+                 runs: Mapping[str, Storage]) -> list[dict]:
     """``run_batch`` with the queue's trust: requests of runs built with the trusted factory
     in one batch with ``trust_factory``, the others in one without; rows in request order."""
     from engram_ray.requests import run_batch
 
-    trusted = _trusted_runs({r.run for r in requests}, spec, storage_options)
+    runs = dict(runs)
+    trusted = _trusted_runs({r.run for r in requests}, spec, storage_options, runs)
     rows: list = [None] * len(requests)
     for trust in (True, False):
         idx = [i for i, r in enumerate(requests) if (r.run in trusted) == trust]
         if idx:
             done = run_batch([requests[i] for i in idx], storage_options=storage_options,
-                             trust_factory=trust, map_fn=map_fn)
+                             trust_factory=trust, map_fn=map_fn, runs=runs)
             for i, row in zip(idx, done):
                 rows[i] = row
     return rows
 
 
-def _trusted_runs(runs: set[str], spec: QueueSpec, storage_options) -> set[str]:
-    """The runs whose recorded model factory is the one the queue trusts."""
+def _trusted_runs(runs: set[str], spec: QueueSpec, storage_options,
+                  built: dict[str, Storage]) -> set[str]:
+    """The runs whose recorded model factory is the one the queue trusts. Each run's Storage
+    goes into ``built`` (the batch then reuses it)."""
     from engram_ray.io.store import open_run
 
     if spec.trust_factory is None:
@@ -367,7 +375,9 @@ def _trusted_runs(runs: set[str], spec: QueueSpec, storage_options) -> set[str]:
     out = set()
     for uri in runs:
         try:
-            model = (open_run(uri, storage_options).info.get("config") or {}).get("model")
+            if uri not in built:
+                built[uri] = as_storage(uri, storage_options)
+            model = (open_run(built[uri]).info.get("config") or {}).get("model")
         except (ValueError, KeyError, OSError):
             continue  # the batch reports it, without trust
         if (model or {}).get("factory") == spec.trust_factory:
@@ -396,20 +406,21 @@ def _write_failed(store: Storage, name: str, error: BaseException) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     data = sink.getvalue().to_pybytes()
-    _publish(store, _result_of(name), lambda uri: Storage(uri, store.options).write_bytes("", data))
+    _publish(store, _result_of(name), lambda dest: dest.write_bytes("", data))
 
 
-def _publish(store: Storage, rel: str, write: Callable[[str], object]) -> None:
-    """Write ``rel`` whole or not at all with ``write(uri)``: a result or state that a killed
+def _publish(store: Storage, rel: str, write: Callable[[Storage], object]) -> None:
+    """Write ``rel`` whole or not at all with ``write(location)`` (a child of ``store``, sharing
+    its filesystems): a result or state that a killed
     tick left half-written would be taken for done (a result) or fail every later tick (the
     state). An object store's PUT is atomic; locally the file is written beside its name and
     renamed over it."""
     if store.remote:
-        write(store.uri_of(rel))
+        write(store.child(rel))
         return
     tmp = f"{rel}.tmp-{secrets.token_hex(4)}"
     try:
-        write(store.uri_of(tmp))
+        write(store.child(tmp))
         os.replace(store.path(tmp), store.path(rel))
     finally:
         if os.path.exists(store.path(tmp)):
@@ -423,4 +434,4 @@ def _save_state(store: Storage, run: str, state: dict) -> None:
 
 def _write_state(store: Storage, state: dict) -> None:
     data = json.dumps(state, indent=2, sort_keys=True).encode()
-    _publish(store, STATE, lambda uri: Storage(uri, store.options).write_bytes("", data))
+    _publish(store, STATE, lambda dest: dest.write_bytes("", data))

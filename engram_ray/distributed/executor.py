@@ -78,6 +78,7 @@ class RayExecutor:
         self.rounds = 0
         self.startup: dict[str, float] = {}
         self.reduce: dict[str, float] = {}
+        self.plan: Plan | None = None
         self.launched: tuple | None = None  # (paths, consume refs) of a slice already started
         self.groups: dict[str, int] = {}  # input group → the stage that owns it
         self.placement = Placement(None, 0)  # the stage actors' placement group
@@ -85,7 +86,10 @@ class RayExecutor:
 
     def start(self, plan: Plan) -> None:
         self.t0 = t0 = time.time()
-        check_concepts(plan.data, validate_files(plan.data)[0])  # every file of the run
+        self.plan = plan  # its inputs: each file's Storage, as prepare resolved it
+        files = plan.inputs_of(list(plan.inputs)) or None  # every file of the run
+        paths, _ = validate_files(plan.data, files)
+        check_concepts(plan.data, files or paths)
         p = self.cfg.parallel
         ensure_ray(p.address, cpus_needed(p), connect_timeout_s=p.connect_timeout_s)
         self.startup["ray_init_s"] = time.time() - t0
@@ -318,7 +322,7 @@ def _launch(ex: RayExecutor, data) -> list:
     # fed row count can be checked against the files' row count exactly.
     ds = encoded_dataset(data, ex.tok_dir, drop_empty=False, num_cpus=p.encode_num_cpus,
                          concurrency=ingest_concurrency(p, ex.cores, len(data.paths)),
-                         read_num_cpus=p.encode_num_cpus)
+                         read_num_cpus=p.encode_num_cpus, files=_files(ex, data))
     splits = ds.streaming_split(len(ex.actors), equal=False)
     prefetch = max(2, p.max_in_flight)
     # The pad id's ref goes inside a list: a bare ref argument would hold the call until the
@@ -329,10 +333,15 @@ def _launch(ex: RayExecutor, data) -> list:
             for r, chain in enumerate(ex.actors)]
 
 
+def _files(ex: RayExecutor, data) -> list | None:
+    """``data``'s files (a slice of the plan's) as the plan's Storages (None: none known)."""
+    return ex.plan.inputs_of(data.paths) if ex.plan is not None and ex.plan.inputs else None
+
+
 def feed_slice(ex: RayExecutor, data) -> None:
     """Stream ``data``'s shards through the replicas, adding what each got to ``ex.fed``.
     Checks every row was read once and seen once by every stage."""
-    expected = count_rows(data)
+    expected = count_rows(data, files=_files(ex, data))
     if ex.launched is not None and ex.launched[0] == tuple(data.paths):
         refs, ex.launched = ex.launched[1], None
     else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -39,10 +40,11 @@ from engram_ray.io.data import (
     parquet_row_groups,
     read_schema,
     read_table,
-    resolve_paths,
+    resolve_files,
     to_arrow,
     tokenizer_from,
 )
+from engram_ray.io.storage import Location, location_uri
 
 # count_rows (Parquet footers; JSON lines counted; no Ray) is re-exported for the pipeline, which
 # compares it with the rows it accumulated to check that each row was counted exactly once.
@@ -60,17 +62,21 @@ def _map_files(fn, paths: list[str], max_workers: int = 16) -> list:
         return list(pool.map(fn, paths))
 
 
-def validate_files(cfg: DataConfig) -> tuple[list[str], str]:
+def validate_files(cfg: DataConfig, files: Sequence[Location] | None = None
+                   ) -> tuple[list[str], str]:
     """Resolve the files, check each one's schema, and return them with their common format.
+    ``files``: ``cfg``'s files already resolved (their Storages, ``io.data.resolve_files``'s),
+    read through as they are.
 
     Raises :class:`engram_ray.io.data.DataError` naming the file (unreadable) or the column and
     the file (missing column), or when the files mix Parquet and JSON without ``cfg.format``.
     """
-    paths = resolve_paths(cfg)
+    found = resolve_files(cfg) if files is None else list(files)
+    paths = [location_uri(f) for f in found]
     formats = {file_format(p, cfg) for p in paths}
     if len(formats) > 1:
         raise DataError(f"files mix formats {sorted(formats)}; read them separately or set format")
-    _map_files(lambda p: read_schema(p, cfg), paths)
+    _map_files(lambda f: read_schema(f, cfg), found)
     return paths, formats.pop()
 
 
@@ -90,15 +96,16 @@ class _Piece:
     nbytes: int | None  # uncompressed, from the footer
 
 
-def _pieces(path: str, fmt: str, cfg: DataConfig) -> list[_Piece]:
+def _pieces(path: Location, fmt: str, cfg: DataConfig) -> list[_Piece]:
     """A file as read pieces: JSON whole; Parquet as runs of row groups of ≤ PIECE_ROWS rows
-    (a larger row group alone)."""
+    (a larger row group alone). ``path``: a URI or its Storage (read tasks get the URI)."""
+    where, path = path, location_uri(path)
     if fmt != "parquet":
         return [_Piece(path, None, None, None)]
     out: list[_Piece] = []
     run: list[int] = []
     rows = nbytes = 0
-    for i, (n, size) in enumerate(parquet_row_groups(path, cfg)):
+    for i, (n, size) in enumerate(parquet_row_groups(where, cfg)):
         if run and rows + n > PIECE_ROWS:
             out.append(_Piece(path, tuple(run), rows, nbytes))
             run, rows, nbytes = [], 0, 0
@@ -145,11 +152,15 @@ class _FilesDatasource(ray.data.Datasource):
             for p in self.pieces]
 
 
-def read_dataset(cfg: DataConfig, *, num_cpus: float | None = None) -> ray.data.Dataset:
+def read_dataset(cfg: DataConfig, *, num_cpus: float | None = None,
+                 files: Sequence[Location] | None = None) -> ray.data.Dataset:
     """The raw rows of ``cfg``'s files as a Ray Dataset, holding only the needed columns,
-    read by :class:`_FilesDatasource` after every file's schema was checked here."""
-    paths, fmt = validate_files(cfg)
-    pieces = [p for ps in _map_files(lambda path: _pieces(path, fmt, cfg), paths) for p in ps]
+    read by :class:`_FilesDatasource` after every file's schema was checked here (through
+    ``files``, their Storages, when given; each read task opens its piece by URI: once per
+    task, in its own process)."""
+    found = resolve_files(cfg) if files is None else list(files)
+    _, fmt = validate_files(cfg, found)
+    pieces = [p for ps in _map_files(lambda f: _pieces(f, fmt, cfg), found) for p in ps]
     return ray.data.read_datasource(_FilesDatasource(cfg, pieces), num_cpus=num_cpus)
 
 
@@ -191,6 +202,7 @@ def encoded_dataset(
     num_cpus: float = 1.0,
     concurrency: int | None = None,
     read_num_cpus: float | None = None,
+    files: Sequence[Location] | None = None,
 ) -> ray.data.Dataset:
     """``read_dataset(cfg)`` encoded by :func:`engram_ray.io.data.encode_rows` in Ray tasks.
 
@@ -200,11 +212,12 @@ def encoded_dataset(
     dataset, while task workers are reused.
     ``drop_empty=False`` keeps rows with no counted token (``n_tokens == 0``), so a caller can
     count them against :func:`count_rows`. Each encode task reserves ``num_cpus``;
-    ``concurrency`` caps how many run at once (None: as many as resources allow).
+    ``concurrency`` caps how many run at once (None: as many as resources allow). ``files``:
+    as :func:`read_dataset`'s.
     """
     if tokenizer_dir is None and cfg.mode != "features":
         raise ValueError(f"tokenizer_dir is needed to encode {cfg.mode!r} rows")
-    ds = read_dataset(cfg, num_cpus=read_num_cpus)
+    ds = read_dataset(cfg, num_cpus=read_num_cpus, files=files)
     return ds.map_batches(
         _encode_block,
         fn_args=(cfg, tokenizer_dir, drop_empty),

@@ -41,7 +41,7 @@ from torch import nn
 
 from engram_ray.config import DataConfig
 from engram_ray.core.edit import EditPlan, apply_edit
-from engram_ray.io.data import collate, encode_rows, pad_token_id, read_table, resolve_paths
+from engram_ray.io.data import collate, encode_rows, pad_token_id, read_table, resolve_files
 from engram_ray.models.loading import ModelSpec, load_model, load_tokenizer
 
 __all__ = ["EditEvaluator", "EvalError", "RowScores", "edited", "eval_data_config",
@@ -89,7 +89,7 @@ def _read_encoded(cfg: DataConfig, tokenizer) -> dict[str, np.ndarray]:
     dropped); an :class:`EvalError` naming the set when it cannot be read."""
     uri = cfg.paths[0]
     try:
-        tables = [read_table(path, cfg) for path in resolve_paths(cfg)]
+        tables = [read_table(f, cfg) for f in resolve_files(cfg)]  # each set file built once
         parts = [encode_rows(t, cfg, tokenizer, stats={}) for t in tables]
     except (ValueError, OSError) as e:
         raise EvalError(f"eval {uri}: {str(e).splitlines()[0]}") from e
@@ -166,17 +166,21 @@ def edited(model: nn.Module, plan: EditPlan) -> Iterator[nn.Module]:
 
 class EditEvaluator:
     """The eval summaries of one run's edits: its base model and tokenizer loaded once (on
-    first use), each eval set read, encoded and scored on the base model once."""
+    first use), each eval set read, encoded and scored on the base model once. ``location``:
+    the model's path as the caller built it (``models.loading.model_location``)."""
 
-    def __init__(self, run, spec: ModelSpec, storage_options: Mapping | None = None) -> None:
+    def __init__(self, run, spec: ModelSpec, storage_options: Mapping | None = None, *,
+                 location=None) -> None:
         self.run, self.spec, self.storage_options = run, spec, storage_options
+        self.location = location
         self._model = self._tokenizer = None
         self._sets: dict[str, tuple[DataConfig, dict, RowScores]] = {}
 
     def _base(self):
         if self._model is None:
-            self._tokenizer = load_tokenizer(self.spec, self.storage_options)
-            self._model = load_model(self.spec, self.storage_options)
+            self._tokenizer = load_tokenizer(self.spec, self.storage_options,
+                                             location=self.location)
+            self._model = load_model(self.spec, self.storage_options, location=self.location)
         return self._model, self._tokenizer
 
     def _set(self, uri: str) -> tuple[DataConfig, dict, RowScores]:

@@ -81,7 +81,7 @@ from engram_ray.core.edit import EditPlan
 from engram_ray.core.layers import module_kind
 from engram_ray.io.export import SafetensorsWriter, publish_stage, upload_dir
 from engram_ray.io.outputs import IN_PROGRESS, file_records, new_stage, start
-from engram_ray.io.storage import Storage
+from engram_ray.io.storage import Location, Storage, as_storage
 from engram_ray.io.store import Run
 
 __all__ = [
@@ -136,7 +136,7 @@ class AdapterJob:
     ``extra``: more entries for ``adapter_meta.json`` (a batch request's ``eval`` summary)."""
 
     plan: EditPlan
-    out: str
+    out: Location  # a URI, or its Storage (built once by the driver)
     scale: str = "uniform"
     rtol: float | None = None
     exact_dense: bool = False
@@ -177,7 +177,7 @@ def write_peft_adapters(
         for i, state in states.items():
             if results[i] is None:
                 try:
-                    results[i] = _finish(run, jobs[i], state, base, storage_options, t0)
+                    results[i] = _finish(run, jobs[i], state, base, t0)
                 except Exception as e:  # noqa: BLE001 - this job fails, the others go on
                     results[i] = e
     finally:
@@ -196,11 +196,13 @@ class _State:
     rtol: float
     spool: _Spool
     stats: dict
+    dest: Storage  # the job's output, built once
 
 
 def _prepare(run: Run, job: AdapterJob, base: AdapterBase, storage_options) -> _State:
     """A job's checks, before any work: output free, rtol valid, every module carriable."""
-    _check_output(Storage(job.out, storage_options))
+    dest = as_storage(job.out, storage_options)
+    _check_output(dest)
     rtol, plan = _rtol(job.rtol), job.plan
     zero = [m for m in sorted(plan.scales) if plan.alpha * plan.scales[m] == 0.0]
     targets = [m for m in sorted(plan.scales) if m not in zero]
@@ -209,7 +211,7 @@ def _prepare(run: Run, job: AdapterJob, base: AdapterBase, storage_options) -> _
                          "scale is 0): no adapter to write")
     for m in targets:
         _check_module(base, m, run.module_info(m))
-    return _State(targets, zero, _bias_mode(run, targets, base), rtol, _Spool(), {})
+    return _State(targets, zero, _bias_mode(run, targets, base), rtol, _Spool(), {}, dest)
 
 
 def _fill(run: Run, jobs: Sequence[AdapterJob], states: Mapping[int, _State], results: list,
@@ -252,8 +254,7 @@ def _shared_inputs(run: Run, live: Mapping[int, _State], results: list, base: Ad
     return dtypes, (_base_biases(base, biased) if biased else {})
 
 
-def _finish(run: Run, job: AdapterJob, state: _State, base: AdapterBase, storage_options,
-            t0: float) -> dict:
+def _finish(run: Run, job: AdapterJob, state: _State, base: AdapterBase, t0: float) -> dict:
     """A job's config and metadata, then its files (metadata last); returns the metadata."""
     plan, stats = job.plan, state.stats
     config = _adapter_config(stats, base, state.bias_mode)
@@ -264,7 +265,7 @@ def _finish(run: Run, job: AdapterJob, state: _State, base: AdapterBase, storage
             "skipped": {m: "scale 0: no change" for m in state.zero},
             "max_rel_error": max(s["rel_error"] for s in stats.values()),
             "notes": list(plan.notes), **(job.extra or {})}
-    _write(job.out, state.spool, config, meta, storage_options, t0)
+    _write(state.dest, state.spool, config, meta, t0)
     return meta
 
 
@@ -359,7 +360,7 @@ def _dtypes(base: AdapterBase, names: Sequence[str], dtype) -> dict[str, torch.d
             raise ValueError(f"the base checkpoint {weights.location} has no tensor {key!r}")
         file = next(iter(weights.files_for([key])))
         if file not in headers:
-            headers[file] = _safetensors_header(file, base.storage_options)
+            headers[file] = _safetensors_header(weights.location_of(file))
         name = headers[file][key]["dtype"]
         if name not in _ST_DTYPES:
             raise ValueError(f"{key} is stored as {name}: pass an adapter dtype explicitly")
@@ -367,9 +368,9 @@ def _dtypes(base: AdapterBase, names: Sequence[str], dtype) -> dict[str, torch.d
     return out
 
 
-def _safetensors_header(file: str, storage_options) -> dict:
+def _safetensors_header(file: Storage) -> dict:
     """A safetensors file's JSON header, read without its tensors (a range read on S3)."""
-    with Storage(file, storage_options).open("", "rb") as f:
+    with file.open("", "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(n))
 
@@ -631,13 +632,11 @@ class _Spool:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _write(out: str, spool: _Spool, config: dict, meta: dict, storage_options,
-           t0: float) -> None:
+def _write(dest: Storage, spool: _Spool, config: dict, meta: dict, t0: float) -> None:
     """Write into a stage (``io/outputs.py``), metadata last: a local ``out`` appears whole or
     not at all (the stage renamed), a remote one is uploaded with the attempt's note first and
     the metadata last. The metadata lists every file's size and sha256 (what a later batch
     verifies before it skips the output)."""
-    dest = Storage(out, storage_options)
     _check_output(dest)
     stage = new_stage(dest)
     try:
@@ -657,6 +656,6 @@ def _write(out: str, spool: _Spool, config: dict, meta: dict, storage_options,
         else:
             if os.path.exists(os.path.join(stage, IN_PROGRESS)):
                 os.remove(os.path.join(stage, IN_PROGRESS))
-            publish_stage(stage, out)
+            publish_stage(stage, dest.root)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -8,11 +8,10 @@ the reason and nothing else: one bad run must not hide the good ones, nor pass f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
-from engram_ray.io.storage import Storage
-from engram_ray.io.store import COMMIT_MARKER, Run, open_run, run_exists
+from engram_ray.io.storage import Location, as_storage, location_uri
+from engram_ray.io.store import Run, open_run, run_exists
 
 __all__ = ["BAD_RUN_ERRORS", "describe_run", "list_runs"]
 
@@ -44,22 +43,24 @@ def describe_run(run: Run) -> dict:
 BAD_RUN_ERRORS = (ValueError, KeyError, OSError)
 
 
-def list_runs(uri: str, storage_options: Mapping | None = None) -> list[dict]:
+def list_runs(uri: Location, storage_options: Mapping | None = None) -> list[dict]:
     """Every committed run directly under the store ``uri``, oldest first, each with
     ``error: None``; a run that fails its checks is ``{uri, run_id, committed_at, error}``
-    with the reason, listed after the good ones."""
-    store = Storage(uri, storage_options)
+    with the reason, listed after the good ones. Each run is reached as a child of the
+    store's one :class:`Storage`."""
+    store = as_storage(uri, storage_options)
+    uri = location_uri(uri)
     if not store.exists():
         raise FileNotFoundError(f"store {uri} does not exist")
     if not store.fs.isdir(store.root):
         raise ValueError(f"store {uri} is a file, not a store (a folder of runs)")
     good, bad = [], []
     for name in sorted(store.ls()):
-        run_uri = store.uri_of(name)
-        if name.startswith("_") or not run_exists(run_uri, storage_options):
+        run_uri, run = store.uri_of(name), store.child(name)
+        if name.startswith("_") or not run_exists(run):
             continue
         try:
-            good.append({**describe_run(open_run(run_uri, storage_options)), "error": None})
+            good.append({**describe_run(open_run(run)), "error": None})
         except BAD_RUN_ERRORS as e:
             reason = (str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
             bad.append({"uri": run_uri, "run_id": name, "committed_at": None,
@@ -68,6 +69,5 @@ def list_runs(uri: str, storage_options: Mapping | None = None) -> list[dict]:
 
 
 def _committed_at(run: Run) -> float | None:
-    """When the run was committed (its marker says; the reader already verified it)."""
-    marker = json.loads(Storage(run.uri, run.storage_options).read_bytes(COMMIT_MARKER))
-    return marker.get("committed_at")
+    """When the run was committed (its marker says: the one the reader read and verified)."""
+    return run.marker.get("committed_at")

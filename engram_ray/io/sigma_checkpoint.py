@@ -23,10 +23,10 @@ import hashlib
 import json
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engram_ray.core.moments import Moments
-from engram_ray.io.storage import Storage, join
+from engram_ray.io.storage import Location, Storage, as_storage, join, location_uri
 
 __all__ = ["CHECKPOINT_DIR", "Generation", "SigmaCheckpoint", "config_digest", "restrict", "slices"]
 
@@ -60,10 +60,14 @@ class Generation:
 
     uri: str
     storage_options: Mapping | None = None
+    # The checkpoint's child, sharing its filesystems (None: built from ``uri`` on first use,
+    # as after unpickling in a Ray task: once per process).
+    location: Storage | None = field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def storage(self) -> Storage:
-        return Storage(self.uri, self.storage_options)
+        return self.location if self.location is not None \
+            else Storage(self.uri, self.storage_options)
 
     @property
     def name(self) -> str:
@@ -86,10 +90,11 @@ class SigmaCheckpoint:
     state at opening); :meth:`commit` moves the state on disk forward without changing them.
     """
 
-    def __init__(self, store_uri: str, run_id: str, storage_options=None) -> None:
-        self.uri = join(store_uri, CHECKPOINT_DIR, run_id)
-        self.storage_options = storage_options
-        self._storage = Storage(self.uri, storage_options)
+    def __init__(self, store_uri: Location, run_id: str, storage_options=None) -> None:
+        store = as_storage(store_uri, storage_options)  # the run's store (a Storage: as is)
+        self.uri = join(location_uri(store_uri), CHECKPOINT_DIR, run_id)
+        self.storage_options = store.options
+        self._storage = store.child(CHECKPOINT_DIR, run_id)
         self.state: dict | None = self._read_state()  # as found on opening
 
     @property
@@ -100,7 +105,8 @@ class SigmaCheckpoint:
     def generation(self) -> Generation | None:
         if not self.state:
             return None
-        return Generation(join(self.uri, self.state["generation"]), self.storage_options)
+        name = self.state["generation"]
+        return Generation(join(self.uri, name), self.storage_options, self._storage.child(name))
 
     def check(self, digest: str) -> None:
         """A checkpoint from another config cannot be resumed: name it and the way out."""
@@ -124,7 +130,7 @@ class SigmaCheckpoint:
     def new_generation(self) -> Generation:
         name = f"gen-{secrets.token_hex(4)}"
         self._storage.makedirs(name)
-        return Generation(join(self.uri, name), self.storage_options)
+        return Generation(join(self.uri, name), self.storage_options, self._storage.child(name))
 
     def commit(self, gen: Generation, *, sources, summaries, fingerprint: str, digest: str,
                keep: Generation | None = None) -> None:

@@ -41,6 +41,16 @@ still fails is raised as one :class:`StorageError` (an ``OSError``) whose one-li
 the location, the operation and the original error, which stays chained as ``__cause__``; a
 missing bucket or refused credentials say so in words.
 
+One ``Storage`` per location per operation. Building one checks and resolves the options and
+builds new filesystems (for S3 a new client, a credential lookup, new connections), so an
+operation (a command, a public entry point) builds each location's ``Storage`` once at its
+entry and passes the object down; a location below it is :meth:`Storage.child` (or
+:meth:`Storage.at`, a path its listing returned), the one above :meth:`Storage.parent`, all
+sharing its filesystems. Functions that take a location accept a
+:data:`Location` (a URI string or a ``Storage``) and go through :func:`as_storage`, which
+returns a given ``Storage`` unchanged. A ``Storage`` sent to another process (a Ray task)
+pickles as ``(uri, options)`` and is rebuilt there: once per process.
+
 The module-level functions (:func:`filesystem`, :func:`arrow_filesystem`, …) are thin wrappers
 kept for callers that want one filesystem rather than a location.
 """
@@ -50,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -72,6 +83,7 @@ from engram_ray.uris import (
 )
 
 __all__ = [
+    "Location",
     "REDACTED",
     "S3_CONNECT_TIMEOUT_S",
     "S3_MAX_ATTEMPTS",
@@ -80,10 +92,12 @@ __all__ = [
     "StorageOptions",
     "UnsupportedScheme",
     "arrow_filesystem",
+    "as_storage",
     "filesystem",
     "is_remote",
     "is_secret_key",
     "join",
+    "location_uri",
     "one_line",
     "redact",
     "redact_text",
@@ -214,6 +228,26 @@ class Storage:
         parts = tuple(p for p in parts if p)
         return join(self.uri, *parts) if parts else self.uri
 
+    def parent(self) -> Storage:
+        """The location directly above this one (a run's store), sharing its filesystems. A
+        local path's parent is absolute, as :func:`engram_ray.io.store.split_run_uri` says."""
+        if self.remote and "/" not in self.uri.split("://", 1)[1]:
+            raise ValueError(f"{self.uri} names a bucket: it has no parent location")
+        parent = object.__new__(Storage)
+        parent.__dict__.update(self.__dict__)
+        parent.root = self.root.rsplit("/", 1)[0] if self.remote else os.path.dirname(self.root)
+        parent.uri = self.uri.rsplit("/", 1)[0] if self.remote else parent.root
+        return parent
+
+    def at(self, fs_path: str) -> Storage:
+        """The location at ``fs_path`` (a path this location's fs returned: a listing's, a
+        glob's), sharing its filesystems: a data file found below a configured folder."""
+        other = object.__new__(Storage)
+        other.__dict__.update(self.__dict__)
+        other.root = fs_path.rstrip("/") or fs_path
+        other.uri = self.to_uri(other.root)
+        return other
+
     def child(self, *parts: str) -> Storage:
         """The location ``parts`` below this one, sharing its filesystems."""
         child = object.__new__(Storage)
@@ -304,6 +338,34 @@ class Storage:
 
     def _at(self, rel: str) -> str:
         return self.path(rel) if rel else self.root
+
+
+Location = str | Storage
+"""Where something is: a URI (built into a :class:`Storage` with the options given beside it)
+or a ``Storage`` already built (used as is)."""
+
+
+def as_storage(location: Location, options: StorageOptions | None = None) -> Storage:
+    """The :class:`Storage` of ``location``: a given ``Storage`` unchanged (no filesystems
+    rebuilt, no options resolved again), a URI built once with ``options``.
+
+    A ``Storage`` given with other ``options`` than its own is refused: which set reaches the
+    location would otherwise depend on the caller, and options are never silently dropped."""
+    if isinstance(location, Storage):
+        if options is not None and (options or None) != (location.options or None):
+            raise ValueError(f"{location.uri}: storage options given beside a Storage built "
+                             "with other options; pass the URI, or the Storage alone")
+        return location
+    if not isinstance(location, str):
+        raise TypeError(f"a location is a URI string or a Storage, not "
+                        f"{type(location).__name__}")
+    return Storage(location, options)
+
+
+def location_uri(location: Location) -> str:
+    """A location's URI as given: the string itself, or a ``Storage``'s ``uri`` (so a name
+    reported to users is the one they passed, whichever form the location came in)."""
+    return location.uri if isinstance(location, Storage) else location
 
 
 def _build_filesystem(scheme: str, opts: Mapping[str, Any]) -> fsspec.AbstractFileSystem:

@@ -108,7 +108,14 @@ from engram_ray.core.solve import (
 )
 from engram_ray.io.heartbeat import Heartbeat
 from engram_ray.io.lease import DEFAULT_TIMEOUT_S, Lease, LeaseHeld
-from engram_ray.io.storage import Storage, StorageError, is_remote
+from engram_ray.io.storage import (
+    Location,
+    Storage,
+    StorageError,
+    as_storage,
+    is_remote,
+    location_uri,
+)
 
 __all__ = [
     "COMMIT_FORMAT",
@@ -310,17 +317,18 @@ def split_run_uri(uri: str) -> tuple[str, str]:
     return os.path.dirname(os.path.abspath(os.path.expanduser(text))), last
 
 
-def run_lease(uri: str, storage_options=None, *, timeout_s: float = 3600.0,
+def run_lease(uri: Location, storage_options=None, *, timeout_s: float = 3600.0,
               break_lease: bool = False, what: str | None = None,
               how_to_break: str = "store.break_lease: true, or --set store.break_lease=true"
               ) -> Lease:
     """Take the exclusive lease on the run (or any output directory) at ``uri``: the object
     ``<parent>/_leases/<name>`` (``lease.py``; ``name`` must be a safe run id). A live lease of
     another holder raises :class:`LeaseHeld` naming it and ``how_to_break`` it; ``break_lease``
-    removes it first. Storage failures raise a one-line ``StorageError``."""
-    store_uri, name = split_run_uri(uri)
-    lease = Lease(Storage(store_uri, storage_options).child(LEASE_DIR, name),
-                  timeout_s=timeout_s, what=what or uri.rstrip("/"))
+    removes it first. Storage failures raise a one-line ``StorageError``. ``uri`` may be the
+    run's ``Storage``: the lease then shares its filesystems."""
+    _, name = split_run_uri(location_uri(uri))
+    lease = Lease(as_storage(uri, storage_options).parent().child(LEASE_DIR, name),
+                  timeout_s=timeout_s, what=what or location_uri(uri).rstrip("/"))
     try:
         with lease.storage.errors("taking the lease", keep=(LeaseHeld,)):
             if break_lease:
@@ -331,7 +339,7 @@ def run_lease(uri: str, storage_options=None, *, timeout_s: float = 3600.0,
 
 
 @contextmanager
-def held_lease(uri: str, storage_options=None, *, what: str | None = None,
+def held_lease(uri: Location, storage_options=None, *, what: str | None = None,
                how_to_break: str = "remove its lease file once no writer is alive"):
     """The exclusive lease on ``uri`` (:func:`run_lease`, default timeout), renewed by a
     heartbeat while the block runs and released after: one writer of an output at a time."""
@@ -398,26 +406,27 @@ class RunWriter:
     (``uri`` = the staging URI), which takes no lease and touches nothing else.
     """
 
-    def __init__(self, uri: str, storage_options=None, *, overwrite: bool = False,
+    def __init__(self, uri: Location, storage_options=None, *, overwrite: bool = False,
                  attach: bool = False, lease_timeout_s: float = 3600.0,
                  break_lease: bool = False) -> None:
-        self.uri = uri.rstrip("/")
-        self.storage_options = storage_options
+        location = as_storage(uri, storage_options)  # the run's (attach: the staging area's)
+        self.uri = location_uri(uri).rstrip("/")
+        self.storage_options = location.options
         self.lease: Lease | None = None
         self._published: list[str] = []
         self._marker: dict | None = None
         self._released = False
         if attach:
-            self.storage = Storage(self.uri, storage_options)
+            self.storage = location
             return
-        store_uri, self.run_id = split_run_uri(self.uri)
-        self.final = Storage(self.uri, storage_options)
-        self.lease = run_lease(self.uri, storage_options, timeout_s=lease_timeout_s,
+        _, self.run_id = split_run_uri(self.uri)
+        self.final = location
+        self.lease = run_lease(self.final, timeout_s=lease_timeout_s,
                                break_lease=break_lease, what=f"run {self.uri}")
         self._heartbeat = Heartbeat(self.lease).start()  # renews every timeout/4
         try:
             self._check_target(overwrite)
-            self._store = Storage(store_uri, storage_options)
+            self._store = self.final.parent()
             self.storage = self._store.child(STAGING_DIR,
                                              f"{self.run_id}-{secrets.token_hex(8)}")
             self.storage.makedirs(PAYLOAD_DIR)
@@ -612,9 +621,9 @@ def _write_atomic(storage: Storage, rel: str, data: bytes) -> None:
     os.replace(storage.path(tmp), storage.path(rel))
 
 
-def run_exists(uri: str, storage_options=None) -> bool:
+def run_exists(uri: Location, storage_options=None) -> bool:
     """True when a committed run is at ``uri``."""
-    return Storage(uri, storage_options).exists(COMMIT_MARKER)
+    return as_storage(uri, storage_options).exists(COMMIT_MARKER)
 
 
 def _read_marker(root: Storage) -> dict:
@@ -648,11 +657,12 @@ class Run:
     ``condition_cap``, ``rank_fraction`` or ``ridge`` can be applied at edit time).
     """
 
-    def __init__(self, uri: str, storage_options=None, *, solver: SolverConfig | None = None,
-                 binder=None) -> None:
-        self.uri = uri.rstrip("/")
-        self.storage_options = storage_options
-        root = Storage(self.uri, storage_options)
+    def __init__(self, uri: Location, storage_options=None, *,
+                 solver: SolverConfig | None = None, binder=None) -> None:
+        root = as_storage(uri, storage_options)
+        self.uri = location_uri(uri).rstrip("/")
+        self.storage_options = root.options
+        self.location = root  # the run's prefix (``_storage``: its committed generation)
         self.marker = _read_marker(root)
         gen = self.marker.get("generation", "")
         self._storage = root.child(gen) if gen else root  # the committed generation's files
@@ -957,7 +967,7 @@ def _nbytes(value) -> int:
     return 0
 
 
-def _reopen(uri: str, storage_options, solver, binder) -> Run:
+def _reopen(uri: Location, storage_options, solver, binder) -> Run:
     return Run(uri, storage_options, solver=solver, binder=binder)
 
 
@@ -1004,7 +1014,7 @@ def _check_info(storage: Storage, raw: bytes, marker: Mapping) -> dict:
     return info
 
 
-def open_run(uri: str, storage_options=None) -> Run:
+def open_run(uri: Location, storage_options=None) -> Run:
     """Open a committed run (local path or ``s3://`` URI), bound to no model: its manifest,
     metadata and statistics; ``engram_ray.open_run`` binds the base model for engrams."""
     return Run(uri, storage_options)

@@ -35,7 +35,14 @@ from torch import nn
 
 from engram_ray import hub
 from engram_ray.config import ModelSpec
-from engram_ray.io.storage import StorageOptions, filesystem, is_remote, join
+from engram_ray.io.storage import (
+    Location,
+    Storage,
+    StorageOptions,
+    as_storage,
+    is_remote,
+    location_uri,
+)
 from engram_ray.models.weights import (
     WeightFiles,
     cache_dir_for,
@@ -54,6 +61,7 @@ __all__ = [
     "load_model_config",
     "load_tokenizer",
     "model_dir",
+    "model_location",
     "open_weights",
     "resolve_factory",
     "tied_aliases",
@@ -102,14 +110,18 @@ def call_factory(spec: ModelSpec) -> nn.Module:
 
 
 def model_dir(
-    path: str, storage_options: StorageOptions | None = None, *, weights: bool = True
+    path: Location, storage_options: StorageOptions | None = None, *, weights: bool = True
 ) -> str:
     """A local directory with the HF checkpoint at ``path`` (copied into the cache if remote).
 
     ``weights=False`` copies only the small files (config, tokenizer, index json): a stage reads
     its own shards later through :class:`~engram_ray.models.weights.WeightFiles`. A Hub id is
-    its snapshot in the Hugging Face cache (fetched there first when online).
+    its snapshot in the Hugging Face cache (fetched there first when online). A remote
+    folder's files are fetched through its one ``Storage`` (``path`` may already be it).
     """
+    given, path = path, location_uri(path)
+    if isinstance(given, Storage):
+        storage_options = None  # the Storage carries its own options
     if hub.is_hub_path(path):
         local = hub.snapshot(path, weights=weights)
         if not os.path.exists(os.path.join(local, "config.json")):
@@ -122,7 +134,8 @@ def model_dir(
         if not os.path.exists(os.path.join(local, "config.json")):
             raise FileNotFoundError(f"model path {path} has no config.json")
         return local
-    fs = filesystem(path, storage_options)
+    store = as_storage(given, storage_options)
+    fs = store.fs
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
@@ -137,7 +150,7 @@ def model_dir(
     for name in sorted(names):
         if name.endswith(_OTHER_WEIGHTS) or (name.endswith(".safetensors") and not weights):
             continue
-        download(join(path, name), local, storage_options)
+        download(store.child(name), local)
     return local
 
 
@@ -147,10 +160,13 @@ def _not_found(path: str, local: str) -> str:
             f"hf://org/name@revision) held by the Hub cache {hub.cache_dir()}")
 
 
-def check_model_path(path: str, storage_options: StorageOptions | None = None) -> None:
+def check_model_path(path: Location, storage_options: StorageOptions | None = None) -> None:
     """Fail early, in one line, when ``path`` names no model: a missing folder, an empty URI
     prefix, a Hub id neither cached nor served (the small files are fetched into the cache when
     online); the message names what was tried."""
+    given, path = path, location_uri(path)
+    if isinstance(given, Storage):
+        storage_options = None  # the Storage carries its own options
     if hub.is_hub_path(path):
         hub.snapshot(path, weights=False)
         return
@@ -158,15 +174,39 @@ def check_model_path(path: str, storage_options: StorageOptions | None = None) -
         local = os.path.abspath(os.path.expanduser(path))
         if not os.path.exists(local):
             raise FileNotFoundError(_not_found(path, local))
-    elif not filesystem(path, storage_options).exists(path):
+    elif not as_storage(given, storage_options).fs.exists(path):
         raise FileNotFoundError(f"model path {path} does not exist")
 
 
-def load_model_config(spec: ModelSpec, storage_options: StorageOptions | None = None):
-    """The HF config of a ``path`` spec (only the small files are fetched)."""
+def model_location(path: str | None, storage_options: StorageOptions | None = None
+                   ) -> Location | None:
+    """A model ``path`` as an operation passes it down: a remote folder's :class:`Storage`,
+    built once here (every later read of the model goes through it); a local folder or a Hub
+    id as is (they are not read through a Storage)."""
+    if path is None or hub.is_hub_path(path) or not is_remote(path):
+        return path
+    return as_storage(path, storage_options)
+
+
+def _path(spec: ModelSpec, location: Location | None) -> Location:
+    """``spec.path`` (a factory's: ``spec.weights``), or the caller's ``location`` of it
+    (:func:`model_location`)."""
+    path = spec.path if spec.path is not None else spec.weights
+    if location is None:
+        return path
+    if path is None or location_uri(location).rstrip("/") != path.rstrip("/"):
+        raise ValueError(f"model location {location_uri(location)} is not the model's "
+                         f"{path}")
+    return location
+
+
+def load_model_config(spec: ModelSpec, storage_options: StorageOptions | None = None, *,
+                      location: Location | None = None):
+    """The HF config of a ``path`` spec (only the small files are fetched). ``location``:
+    ``spec.path`` as the caller built it (:func:`model_location`), here and below."""
     if spec.path is None:
         raise ValueError(f"model {spec.name} is a factory: it has no HF config")
-    return _hf_config(model_dir(spec.path, storage_options, weights=False))
+    return _hf_config(model_dir(_path(spec, location), storage_options, weights=False))
 
 
 def _hf_config(local: str):
@@ -211,6 +251,8 @@ def build_empty(
     spec: ModelSpec,
     storage_options: StorageOptions | None = None,
     dtype: torch.dtype | str | None = None,
+    *,
+    location: Location | None = None,
 ) -> nn.Module:
     """The full model with every parameter on the meta device (costs no memory).
 
@@ -219,24 +261,27 @@ def build_empty(
     """
     dtype = as_dtype(dtype)
     if spec.path is not None:
-        config = load_model_config(spec, storage_options)
+        config = load_model_config(spec, storage_options, location=location)
         with empty_parameters():
             return _auto_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
     with empty_parameters():
         return call_factory(spec)
 
 
-def open_weights(spec: ModelSpec, storage_options: StorageOptions | None = None) -> WeightFiles:
+def open_weights(spec: ModelSpec, storage_options: StorageOptions | None = None, *,
+                 location: Location | None = None) -> WeightFiles:
     """The spec's safetensors weights as lazily read :class:`WeightFiles`."""
     if spec.path is not None:
         if hub.is_hub_path(spec.path):  # the cache holds whole files: fetch them once
             return WeightFiles(model_dir(spec.path, weights=True), storage_options)
         if not is_remote(spec.path):
             model_dir(spec.path)  # a clear FileNotFoundError for a missing directory
-        return WeightFiles(spec.path, storage_options)
+        path = _path(spec, location)
+        return WeightFiles(path, None if isinstance(path, Storage) else storage_options)
     if spec.weights is None:
         raise ValueError(f"model factory {spec.factory!r} has no `weights` to load from")
-    return WeightFiles(spec.weights, storage_options)
+    path = _path(spec, location)
+    return WeightFiles(path, None if isinstance(path, Storage) else storage_options)
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -270,6 +315,8 @@ def load_model(
     spec: ModelSpec,
     storage_options: StorageOptions | None = None,
     dtype: torch.dtype | str | None = None,
+    *,
+    location: Location | None = None,
 ) -> nn.Module:
     """The whole model in eval mode on CPU, for the single-process path.
 
@@ -278,24 +325,25 @@ def load_model(
     """
     dtype = as_dtype(dtype)
     if spec.path is not None:
-        local = model_dir(spec.path, storage_options, weights=True)
+        local = model_dir(_path(spec, location), storage_options, weights=True)
         cls = _auto_class(_hf_config(local))
         kwargs = {} if dtype is None else {"dtype": dtype}
         return cls.from_pretrained(local, trust_remote_code=False, **kwargs).eval()
     if spec.weights is None:
         model = call_factory(spec)
         return (model.to(dtype) if dtype is not None else model).eval()
-    weights = open_weights(spec, storage_options)
+    weights = open_weights(spec, storage_options, location=location)
     model = build_empty(spec)
     materialize(model, weights, dtype=dtype, aliases=tied_aliases(model))
     return model.eval()
 
 
-def load_tokenizer(spec: ModelSpec, storage_options: StorageOptions | None = None):
+def load_tokenizer(spec: ModelSpec, storage_options: StorageOptions | None = None, *,
+                   location: Location | None = None):
     """The HF tokenizer stored with a ``path`` spec (``AutoTokenizer`` on the local copy)."""
     if spec.path is None:
         raise ValueError(f"model factory {spec.factory!r} has no tokenizer")
     from transformers import AutoTokenizer
 
-    local = model_dir(spec.path, storage_options, weights=False)
+    local = model_dir(_path(spec, location), storage_options, weights=False)
     return AutoTokenizer.from_pretrained(local, trust_remote_code=False)

@@ -23,7 +23,7 @@ from torch import nn
 
 from engram_ray.config import ModelSpec
 from engram_ray.core.layers import Conv1D, module_kind
-from engram_ray.io.storage import StorageOptions
+from engram_ray.io.storage import Location, StorageOptions
 from engram_ray.models.loading import build_empty, tied_aliases
 
 __all__ = ["checkpoint_layout", "describe", "outline_module"]
@@ -31,14 +31,16 @@ __all__ = ["checkpoint_layout", "describe", "outline_module"]
 
 def checkpoint_layout(spec: ModelSpec, modules: Mapping[str, bool],
                       storage_options: StorageOptions | None = None,
-                      dtype: torch.dtype | str | None = None) -> dict:
+                      dtype: torch.dtype | str | None = None, *,
+                      location: Location | None = None) -> dict:
     """The record of a ``path`` spec's checkpoint for ``modules`` (name → bias absorbed).
 
     ``dtypes``: each tensor's dtype in the model built from the config (``dtype``, else the
     config's, as ``from_pretrained`` gives it); ``aliases``: :func:`tied_aliases`;
     ``outline``: every module name, and for ``modules`` and the modules they share a weight
-    with: kind, weight shape and dtype, whether a bias exists, Conv2d options."""
-    return describe(build_empty(spec, storage_options, dtype=dtype), modules)
+    with: kind, weight shape and dtype, whether a bias exists, Conv2d options. ``location``:
+    the model folder as the operation built it (``models.loading.model_location``)."""
+    return describe(build_empty(spec, storage_options, dtype=dtype, location=location), modules)
 
 
 def describe(skeleton: nn.Module, modules: Mapping[str, bool]) -> dict:

@@ -27,7 +27,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from engram_ray.io.storage import StorageOptions, filesystem, is_remote, join
+from engram_ray.io.storage import (
+    Location,
+    Storage,
+    StorageOptions,
+    as_storage,
+    is_remote,
+    join,
+    location_uri,
+)
 
 __all__ = [
     "INDEX_FILE",
@@ -60,14 +68,16 @@ def cache_dir_for(uri: str) -> str:
     return os.path.join(cache_root(), "models", f"{name}-{digest}")
 
 
-def download(uri: str, local_dir: str, storage_options: StorageOptions | None = None) -> str:
-    """Copy the remote file ``uri`` into ``local_dir`` (atomically; skipped when already there).
+def download(uri: Location, local_dir: str, storage_options: StorageOptions | None = None) -> str:
+    """Copy the remote file ``uri`` (or its Storage) into ``local_dir`` (atomically; skipped
+    when already there).
 
     Several stage processes on one node may fetch the same shard at once: each writes a private
     temporary file and renames it into place, so a reader never sees a partial file.
     """
-    fs = filesystem(uri, storage_options)
-    target = os.path.join(local_dir, uri.rstrip("/").rsplit("/", 1)[-1])
+    storage = as_storage(uri, storage_options)
+    fs, uri = storage.fs, storage.root
+    target = os.path.join(local_dir, location_uri(storage).rstrip("/").rsplit("/", 1)[-1])
     size = fs.size(uri)
     if os.path.exists(target) and os.path.getsize(target) == size:
         return target
@@ -91,11 +101,14 @@ class WeightFiles:
     every tensor name read so far, so callers and tests can verify what a stage touched.
     """
 
-    def __init__(self, location: str, storage_options: StorageOptions | None = None) -> None:
-        self.location = location
-        self.storage_options = storage_options
+    def __init__(self, location: Location, storage_options: StorageOptions | None = None
+                 ) -> None:
+        storage = as_storage(location, storage_options)  # a Storage given is used as is
+        self.location = location = location_uri(location)
+        self.storage_options = storage.options
         self.remote = is_remote(location)
-        self._fs = filesystem(location, storage_options)
+        self._storage = storage  # every file of the checkpoint is reached through it
+        self._fs = storage.fs
         self._local_dir = cache_dir_for(location) if self.remote else None
         self.keys_read: set[str] = set()
         self._weight_map = self._build_weight_map()
@@ -127,7 +140,14 @@ class WeightFiles:
         """A local path for ``file`` (downloaded into the cache first if remote)."""
         if not self.remote:
             return file
-        return download(file, self._local_dir, self.storage_options)
+        return download(self.location_of(file), self._local_dir)
+
+    def location_of(self, file: str) -> Storage:
+        """The Storage of one of :meth:`files_for`'s files: the checkpoint's own (``file`` is
+        the location itself, or ``join(location, name)``), not a new build."""
+        if file == self.location:
+            return self._storage
+        return self._storage.child(file[len(self.location):].lstrip("/"))
 
     # --- reading -------------------------------------------------------------------------------
     def keys(self) -> set[str]:

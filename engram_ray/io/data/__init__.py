@@ -30,6 +30,7 @@ from engram_ray.io.data.files import (
     parquet_row_groups,
     read_schema,
     read_table,
+    resolve_files,
     resolve_paths,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "parquet_row_groups",
     "read_schema",
     "read_table",
+    "resolve_files",
     "resolve_paths",
     "to_arrow",
     "tokenizer_from",

@@ -32,14 +32,14 @@ token (e.g. the answer was truncated away) are dropped and reported with an
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from engram_ray.config import DataConfig
-from engram_ray.io.data.files import DataError, check_concepts, read_table, resolve_paths
+from engram_ray.io.data.files import DataError, check_concepts, read_table, resolve_files
 
 if TYPE_CHECKING:
     from engram_ray.core.batch import Batch
@@ -271,19 +271,22 @@ def _rows(encoded: Mapping[str, np.ndarray]) -> Iterator[dict[str, Any]]:
         yield dict(zip(names, values))
 
 
-def iter_batches(cfg: DataConfig, tokenizer=None) -> Iterator[Batch]:
+def iter_batches(cfg: DataConfig, tokenizer=None, files: Sequence | None = None
+                 ) -> Iterator[Batch]:
     """Batches of ``cfg.batch_size`` rows (the last may be smaller), in a deterministic order.
 
     Files are read in sorted path order and rows in file order; batches span file boundaries.
     ``tokenizer``: a tokenizer or a local HF directory; not needed for ``features_column``.
     Rows with no counted token are dropped and reported once at the end (EmptyMaskWarning).
     Data in which no row names a concept is refused before any batch (:func:`check_concepts`).
+    ``files``: ``cfg``'s files already resolved (their ``Storage``, ``resolve_files``'s), so
+    that an operation opens each file through the one ``Storage`` it built.
     """
     tokenizer = tokenizer_from(tokenizer)
     pad_id = pad_token_id(tokenizer) if tokenizer is not None else 0
     stats: dict[str, int] = {}
     buffer: list[dict[str, Any]] = []
-    paths = resolve_paths(cfg)
+    paths = resolve_files(cfg) if files is None else list(files)
     check_concepts(cfg, paths)
     for path in paths:
         table = read_table(path, cfg)

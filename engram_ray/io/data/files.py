@@ -10,7 +10,9 @@ that a missing column or an unreadable file fails with a :class:`DataError` nami
 
 Files: Parquet, or JSON lines (``.jsonl`` / ``.json`` / ``.ndjson``; a ``.json`` file holding
 one top-level array is accepted too). Every location goes through
-:class:`engram_ray.io.storage.Storage`.
+:class:`engram_ray.io.storage.Storage`: :func:`resolve_files` builds one per configured path
+and returns each file found as a location sharing its filesystems; the readers take a file's
+URI or that ``Storage`` (an operation passes the ``Storage`` and builds nothing again).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from engram_ray.config import DataConfig
-from engram_ray.io.storage import Storage
+from engram_ray.io.storage import Location, Storage, as_storage, location_uri
 
 __all__ = [
     "DataError",
@@ -86,9 +88,10 @@ def _is_data_file(path: str, cfg: DataConfig) -> bool:
     return fmt is not None and (cfg.format is None or fmt == cfg.format)
 
 
-def _expand(uri: str, cfg: DataConfig) -> list[str]:
-    """The data files ``uri`` names (a file, a directory, a glob), as URIs."""
-    storage = Storage(uri, cfg.storage_options)
+def _expand(uri: str, cfg: DataConfig) -> list[Storage]:
+    """The data files ``uri`` names (a file, a directory, a glob), as locations sharing the
+    one ``Storage`` of ``uri``."""
+    storage = as_storage(uri, cfg.storage_options)
     fs, target = storage.fs, storage.root
     if any(c in target for c in _GLOB_CHARS):
         found = [p for p in fs.glob(target) if fs.isfile(p)]
@@ -101,15 +104,22 @@ def _expand(uri: str, cfg: DataConfig) -> list[str]:
         raise DataError(f"data path does not exist: {uri}")
     if not files:
         raise DataError(f"no data files match {uri}")
-    return [storage.to_uri(p) for p in files]
+    return [storage.at(p) for p in files]
+
+
+def resolve_files(cfg: DataConfig) -> list[Storage]:
+    """Every data file named by ``cfg.paths`` (files, directories, globs), sorted by URI,
+    unique, each a ``Storage`` (one built per configured path, the files sharing it)."""
+    files: dict[str, Storage] = {}
+    for uri in cfg.paths:
+        for f in _expand(uri, cfg):
+            files.setdefault(f.uri, f)
+    return [files[u] for u in sorted(files)]
 
 
 def resolve_paths(cfg: DataConfig) -> list[str]:
     """Every data file named by ``cfg.paths`` (files, directories, globs), sorted, unique."""
-    files: set[str] = set()
-    for uri in cfg.paths:
-        files.update(_expand(uri, cfg))
-    return sorted(files)
+    return [f.uri for f in resolve_files(cfg)]
 
 
 def _missing_column_error(path: str, key: str, column: str, present: Sequence[str]) -> DataError:
@@ -133,12 +143,17 @@ def _read_json_bytes(data: bytes) -> pa.Table:
     return pajson.read_json(io.BytesIO(data))
 
 
+def _located(path: Location, cfg: DataConfig) -> tuple[Storage, str]:
+    """A data file's ``Storage`` (the one given, or built from its URI) and its URI."""
+    return as_storage(path, cfg.storage_options), location_uri(path)
+
+
 @contextmanager
-def _reading(path: str, cfg: DataConfig) -> Iterator[tuple[str, Any]]:
-    """Open one data file as ``(format, binary file)``; read failures become a DataError naming
-    the file. Column checks belong after the ``with`` block (a DataError inside is re-wrapped)."""
+def _reading(storage: Storage, path: str, cfg: DataConfig) -> Iterator[tuple[str, Any]]:
+    """Open one data file (``storage``, at URI ``path``) as ``(format, binary file)``; read
+    failures become a DataError naming the file. Column checks belong after the ``with`` block
+    (a DataError inside is re-wrapped)."""
     fmt = file_format(path, cfg)
-    storage = Storage(path, cfg.storage_options)
     try:
         with storage.open() as f:
             yield fmt, f
@@ -148,7 +163,8 @@ def _reading(path: str, cfg: DataConfig) -> Iterator[tuple[str, Any]]:
         raise DataError(f"cannot read {fmt} file {path}: {e}") from e
 
 
-def read_table(path: str, cfg: DataConfig, row_groups: Sequence[int] | None = None) -> pa.Table:
+def read_table(path: Location, cfg: DataConfig,
+               row_groups: Sequence[int] | None = None) -> pa.Table:
     """One data file as a table holding only the columns ``cfg`` needs (checked, named errors);
     ``row_groups``: only these row groups of a Parquet file (a piece of a large file).
 
@@ -158,7 +174,8 @@ def read_table(path: str, cfg: DataConfig, row_groups: Sequence[int] | None = No
     column."""
     columns = cfg.needed_columns()
     table, rows = None, None
-    with _reading(path, cfg) as (fmt, f):
+    storage, path = _located(path, cfg)
+    with _reading(storage, path, cfg) as (fmt, f):
         if fmt == "parquet":
             pf = pq.ParquetFile(f)
             present = pf.schema_arrow.names
@@ -255,14 +272,14 @@ def _first_invalid_utf8(col: pa.ChunkedArray) -> int | None:
     return None
 
 
-def check_concepts(cfg: DataConfig, paths: Sequence[str] | None = None) -> None:
+def check_concepts(cfg: DataConfig, paths: Sequence[Location] | None = None) -> None:
     """Refuse data in which no row names a concept (``concept_column`` null or ``""`` in every
     row of every file): such data would commit a run with no engram and exit 0. Reads only
     the concept column, and stops at the first file holding a concept (a Parquet file row
     group by row group), so good data costs one small read.
 
     Raises :class:`DataError` naming the column and the files."""
-    paths = resolve_paths(cfg) if paths is None else list(paths)
+    paths = resolve_files(cfg) if paths is None else list(paths)
     found = []
     for p in paths:
         found.append(_has_concept(p, cfg))
@@ -270,16 +287,18 @@ def check_concepts(cfg: DataConfig, paths: Sequence[str] | None = None) -> None:
             return
     if all(f is None for f in found):
         return  # no rows at all: that is its own error ("holds no rows"), raised later
-    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    shown = ", ".join(map(location_uri, paths[:3])) + (
+        f" and {len(paths) - 3} more" if len(paths) > 3 else "")
     raise DataError(f"column {cfg.concept_column!r} (concept_column) is null or empty in every "
                     f"row of {shown}: no row names a concept, so there is no engram to "
                     "extract (check concept_column)")
 
 
-def _has_concept(path: str, cfg: DataConfig) -> bool | None:
+def _has_concept(path: Location, cfg: DataConfig) -> bool | None:
     """Whether the file names a concept in some row (None: it has no rows)."""
     column = cfg.concept_column
-    with _reading(path, cfg) as (fmt, f):
+    storage, path = _located(path, cfg)
+    with _reading(storage, path, cfg) as (fmt, f):
         if fmt == "parquet":
             pf = pq.ParquetFile(f)
             present = pf.schema_arrow.names
@@ -324,13 +343,14 @@ def _json_head(f) -> bytes:
     return head[: head.rfind(b"\n") + 1]
 
 
-def read_schema(path: str, cfg: DataConfig) -> list[str]:
+def read_schema(path: Location, cfg: DataConfig) -> list[str]:
     """Column names of one file, cheaply (Parquet footer; the first JSON lines), checked.
 
     Raises :class:`DataError` naming the file when it cannot be read, or naming the column and
     the file when a needed column is absent.
     """
-    with _reading(path, cfg) as (fmt, f):
+    storage, path = _located(path, cfg)
+    with _reading(storage, path, cfg) as (fmt, f):
         if fmt == "parquet":
             present = pq.read_schema(f).names
         else:
@@ -339,11 +359,12 @@ def read_schema(path: str, cfg: DataConfig) -> list[str]:
     return present
 
 
-def parquet_row_groups(path: str, cfg: DataConfig) -> list[tuple[int, int]]:
+def parquet_row_groups(path: Location, cfg: DataConfig) -> list[tuple[int, int]]:
     """``(rows, uncompressed bytes)`` of each row group of one Parquet file, from its footer,
     its columns checked like :func:`read_schema`: what a reader needs to cut the file into
     pieces without reading any data."""
-    with _reading(path, cfg) as (_, f):
+    storage, path = _located(path, cfg)
+    with _reading(storage, path, cfg) as (_, f):
         meta = pq.ParquetFile(f).metadata
         present = meta.schema.to_arrow_schema().names
         groups = [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
@@ -352,9 +373,10 @@ def parquet_row_groups(path: str, cfg: DataConfig) -> list[tuple[int, int]]:
     return groups
 
 
-def count_file_rows(path: str, cfg: DataConfig) -> int:
+def count_file_rows(path: Location, cfg: DataConfig) -> int:
     """Rows in one file: Parquet footer metadata; JSON lines counted (arrays parsed)."""
-    with _reading(path, cfg) as (fmt, f):
+    storage, path = _located(path, cfg)
+    with _reading(storage, path, cfg) as (fmt, f):
         if fmt == "parquet":
             return pq.ParquetFile(f).metadata.num_rows
         data = f.read()
@@ -363,9 +385,12 @@ def count_file_rows(path: str, cfg: DataConfig) -> int:
         return sum(1 for line in data.splitlines() if line.strip())
 
 
-def count_rows(cfg: DataConfig, max_workers: int = 16) -> int:
-    """Total input rows over all files (before encoding drops any), files read concurrently."""
-    paths = resolve_paths(cfg)
+def count_rows(cfg: DataConfig, max_workers: int = 16,
+               files: Sequence[Location] | None = None) -> int:
+    """Total input rows over all files (before encoding drops any), files read concurrently.
+    ``files``: the files (their ``Storage``, as :func:`resolve_files` gave them), when the
+    caller already resolved ``cfg``."""
+    paths = resolve_files(cfg) if files is None else list(files)
     with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(paths)))) as pool:
         return sum(pool.map(lambda p: count_file_rows(p, cfg), paths))
 
