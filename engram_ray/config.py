@@ -648,6 +648,13 @@ class ExtractConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
+    @property
+    def model_storage_options(self) -> dict[str, Any] | None:
+        """The options ``model.path`` (and a factory's ``model.weights``) is read with, by
+        every step of an extraction (its check, the loaders, the stage actors, the record of
+        its checkpoint): ``data.storage_options``, else ``store.storage_options``."""
+        return self.data.storage_options or self.store.storage_options
+
     def to_dict(self) -> dict:
         """Every section as plain data, storage credentials redacted (``"***"``): this is what
         run.json records; the options themselves travel inside the config objects."""

@@ -253,7 +253,7 @@ def _check_model_paths(cfg: ExtractConfig) -> Location | None:
     factory's ``model.weights`` Storage."""
     from engram_ray.models.loading import check_model_path, model_location
 
-    options = cfg.store.storage_options
+    options = cfg.model_storage_options
     model = model_location(cfg.model.path, options)
     if model is not None:
         check_model_path(model, options)
@@ -389,7 +389,8 @@ def _checkpoint_layout(plan: Plan, layout: Layout) -> dict | None:
     if not model.get("path"):
         return None
     dtype = (config.get("parallel") or {}).get("dtype")
+    options = (plan.data.storage_options if plan.data is not None else None) \
+        or plan.store.storage_options  # ExtractConfig.model_storage_options
     return checkpoint_layout(ModelSpec.from_dict(model),
-                             {n: m.bias for n, m in layout.modules.items()},
-                             plan.store.storage_options, dtype,
+                             {n: m.bias for n, m in layout.modules.items()}, options, dtype,
                              location=plan.model)

@@ -167,10 +167,9 @@ def extract_from_config(cfg: ExtractConfig, *, progress=None, log: TextIO | None
         raise ValueError("store.checkpoint_shards checkpoints the Ray pipeline; the single-process "
                          "engine (--local) does not checkpoint: unset it or drop --local")
     plan = prepare(cfg, log)
-    storage = cfg.data.storage_options or cfg.store.storage_options
+    storage = cfg.model_storage_options
     device = resolve_device(cfg.parallel.device, cfg.parallel.num_gpus)
-    # The model folder prepare checked, when it was built with the options loading uses.
-    at = plan.model if storage == cfg.store.storage_options else None
+    at = plan.model  # the model folder prepare checked, with the options loading uses
     model = load_model(cfg.model, storage, dtype=cfg.parallel.dtype, location=at).to(device)
     tokenizer = None if cfg.data.features_column else load_tokenizer(cfg.model, storage,
                                                                       location=at)

@@ -271,3 +271,27 @@ def test_as_storage_passes_a_storage_through_and_refuses_other_options(tmp_path)
     assert local.parent().uri == local.parent().root == str(tmp_path / "runs")
     with pytest.raises(ValueError, match="names a bucket"):
         Storage("memory://bucket").parent()
+
+
+def test_every_step_reads_the_model_with_the_same_options(tmp_path, tiny_llama_dir, monkeypatch):
+    """The model folder is checked with the options it is loaded with
+    (``ExtractConfig.model_storage_options``: the data's, else the store's). Before, the check
+    used the store's while the loaders used the data's, so a model reachable only with the
+    data's options failed its check, and a remote one was built twice with two option sets."""
+    import engram_ray.models.loading as loading
+    from engram_ray.config import ExtractConfig
+    from engram_ray.extraction import prepare
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"concept": "a", "text": "hello"}) + "\n")
+    cfg = ExtractConfig.from_dict({
+        "model": {"path": tiny_llama_dir},
+        "data": {"paths": [str(data)], "text_column": "text",
+                 "storage_options": {"requester_pays": True}},
+        "store": {"uri": str(tmp_path / "runs")}})
+    seen = []
+    real = loading.check_model_path
+    monkeypatch.setattr(loading, "check_model_path",
+                        lambda path, options=None: seen.append(options) or real(path, options))
+    prepare(cfg)
+    assert seen == [{"requester_pays": True}] == [cfg.model_storage_options]

@@ -274,7 +274,7 @@ def _pad_id(cfg: ExtractConfig):
 
     if cfg.model.path is None:
         raise ValueError("text data needs an HF model directory with a tokenizer (model.path)")
-    storage = cfg.data.storage_options or cfg.store.storage_options
+    storage = cfg.model_storage_options
     local = model_dir(cfg.model.path, storage, weights=False)
     return tokenizer_pad_id.options(num_cpus=cfg.parallel.encode_num_cpus).remote(local), local
 
@@ -306,7 +306,7 @@ def _start_actors(cfg: ExtractConfig, threads: int, placed: Placement) -> list[l
     opts = {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
     if p.placement == "spread":
         opts["scheduling_strategy"] = "SPREAD"
-    storage = cfg.data.storage_options or cfg.store.storage_options
+    storage = cfg.model_storage_options
     return [[StageActor.options(**{**opts, **placed.strategy(r * p.stages + s)}).remote(
                 cfg.model, s, p.stages, r, cfg.select, dtype=p.dtype, storage_options=storage,
                 threads=threads, device=p.device)
