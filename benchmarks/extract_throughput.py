@@ -135,7 +135,7 @@ def run_all(tmp: str, args) -> None:
     t_dense, _ = timed(lambda: extract(model, all_batches, low_rank=False,
                                        uri=os.path.join(tmp, f"runs/dense-{time.time()}")),
                        repeat=args.repeat)
-    rows.append(("our engine end to end, 50 concepts, dense engrams (select.low_rank: false)",
+    rows.append(("our engine end to end, 50 concepts, dense Σ_c blocks (select.low_rank: false)",
                  t_dense, t_dense / t_fwd))
     peer = {}
     if peer_available():
@@ -203,10 +203,12 @@ What the rows mean:
 - **statistics pass**: our one forward pass that accumulates Σ_total and every concept's
   moments (Gram blocks in float64 by default; `gram_dtype=float32` shown for comparison).
 - **engine end to end**: statistics + one eigendecomposition per input group + every
-  (concept, module) engram + a committed run on local disk (payloads, manifest, sha256). Each
-  author has fewer answer tokens than half of any layer's width, so its engrams are the exact
-  rank-n_c factors `(W X_cᵀ)(X_c Σ⁺)` (`select.low_rank`, the default); the *dense engrams* row
-  turns that off (`W Σ_c Σ⁺` as a full matrix per module), same statistics otherwise.
+  (concept, module) norm + a committed run on local disk (run format 3: each group's float64
+  spectrum, each concept's rows, manifest, sha256; engrams are formed on read). Each author has
+  fewer answer tokens than half of any layer's width, so its rows are stored and its norms come
+  from the rank-n_c identities (`select.low_rank`, the default); the *dense Σ_c blocks* row
+  turns that off (a D×D float64 block per concept and group, norms by `⟨WᵀW, P Pᵀ⟩`), same
+  statistics otherwise.
 - **ai-engram**: the paper's reference implementation (`ai-engram==0.11.0`, a benchmark-only
   dependency) driven through its editor API the cheapest way (total statistics once, then one
   pass and one pseudo-inverse per concept; `benchmarks/peer.py`); its time excludes model
@@ -227,7 +229,7 @@ def verdicts(rows, ours, peer) -> str:
                    f"**{'met' if ratio >= 5 else 'not met'} ({ratio:.1f}×)**. The peer pays one "
                    "extra pass and one eigendecomposition per input group for every concept "
                    "(~10·D³ flops each); we pay one eigendecomposition per input group in all, "
-                   "then `(Σout + D)·D·n_c` flops per concept and input group (low-rank factors), "
+                   "then about `(Σout + D)·D·n_c` flops per concept and input group for its norms, "
                    "so the ratio grows with the number of concepts and with the layers' width.")
     return "\n".join(out)
 

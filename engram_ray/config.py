@@ -480,8 +480,9 @@ class SelectConfig:
     absorb_bias: bool = True
     share_inputs: bool = True
     gram_dtype: str = "float64"  # float32: half the cost, batching-dependent at ~1e-4
-    # Keep concepts with ≤ D/2 tokens as raw rows and store their engrams as exact rank-n_c
-    # factors (fewer flops and bytes); false: dense Gram blocks and dense engrams for all.
+    # Keep concepts with ≤ D/2 tokens as raw rows (their Σ_c = XᵀX has rank n_c: the run stores
+    # the rows and an edit forms rank-n_c updates; fewer flops and bytes); false: a dense Σ_c
+    # block for every concept.
     low_rank: bool = True
 
     def __post_init__(self) -> None:
