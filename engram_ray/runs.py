@@ -221,8 +221,8 @@ def adapter_base(run: Run, base=None, storage_options: Mapping | None = None, *,
         else open_weights(spec, storage_options, location=location)
     recorded = recorded_checkpoint(run)
     outline = (recorded or {}).get("checkpoint", {}).get("outline")
-    binder = getattr(run, "_binder", None)
-    if spec.path is not None and outline and not getattr(binder, "allow_other_weights", False):
+    if spec.path is not None and outline \
+            and not getattr(run.binder, "allow_other_weights", False):
         # The run's record (models/outline.py): the model's facts without its code or import.
         from engram_ray.models.outline import outline_module
 

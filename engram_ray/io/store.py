@@ -724,6 +724,12 @@ class Run:
         return other
 
     @property
+    def binder(self):
+        """What binds this run to its base model on first use (``runs.ModelBinder``), or None
+        for a run opened unbound or bound to weights directly."""
+        return self._binder
+
+    @property
     def weights(self):
         if self._weights is None:
             if self._binder is None:
