@@ -143,6 +143,8 @@ class _CheckpointWeights:
         return weight_matrix(sub, bias)
 
     def _recorded_matrix(self, module: str, bias: bool) -> torch.Tensor:
+        from engram_ray.models.loading import as_dtype
+
         info = self.recorded["modules"][module]
         dtypes = self.recorded["checkpoint"]["dtypes"]
         parts = {}
@@ -150,7 +152,7 @@ class _CheckpointWeights:
             key = f"{module}.{part}"
             if key not in dtypes:
                 raise ValueError(f"run records no dtype for tensor {key!r} (module {module!r})")
-            parts[part] = self._read(module, part).to(getattr(torch, dtypes[key]))
+            parts[part] = self._read(module, part).to(as_dtype(dtypes[key]))
         shape = tuple(info["weight_shape"])
         if tuple(parts["weight"].shape) != shape:
             raise ValueError(f"module {module!r}: model {self.where} holds a weight of shape "

@@ -230,3 +230,14 @@ def test_the_outline_rebuilds_kinds_shapes_biases_ties_and_conv_options():
     conv = got.get_submodule("block.conv")
     assert (conv.stride, conv.padding, conv.dilation) == ((2, 2), (1, 1), (2, 2))
     assert got.get_submodule("head").weight is got.get_submodule("emb").weight
+
+
+def test_an_outline_naming_no_dtype_is_refused():
+    """The outline is data: a dtype field that is not a torch dtype (``"load"`` names a torch
+    function) is an error naming it, never something called."""
+    from engram_ray.models.outline import outline_module
+
+    bad = {"names": ["m"], "modules": {"m": {"kind": "linear", "weight_shape": [2, 3],
+                                             "dtype": "load", "bias": False, "tied": ["m"]}}}
+    with pytest.raises(ValueError, match="unknown dtype 'load'"):
+        outline_module(bad)

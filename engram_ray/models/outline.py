@@ -24,7 +24,7 @@ from torch import nn
 from engram_ray.config import ModelSpec
 from engram_ray.core.layers import Conv1D, module_kind
 from engram_ray.io.storage import Location, StorageOptions
-from engram_ray.models.loading import build_empty, tied_aliases
+from engram_ray.models.loading import as_dtype, build_empty, tied_aliases
 
 __all__ = ["checkpoint_layout", "describe", "outline_module"]
 
@@ -109,23 +109,23 @@ def outline_module(outline: Mapping) -> nn.Module:
 def _layer(facts: Mapping) -> nn.Module:
     """A layer with the recorded weight (meta device), bias and options; an embedding or other
     module that only shares a weight is a bare module holding it."""
-    shape, dtype = tuple(facts["weight_shape"]), getattr(torch, facts["dtype"])
+    shape, dtype = tuple(facts["weight_shape"]), as_dtype(facts["dtype"])
     kind, bias = facts["kind"], facts["bias"]
-    if kind == "linear":
-        mod = nn.Linear(shape[1], shape[0], bias=bias, device="meta", dtype=dtype)
-    elif kind == "conv1d":
-        mod = Conv1D(shape[1], shape[0]).to("meta", dtype)
-        if not bias:
-            mod.bias = None
-    elif kind == "conv2d":
-        c = facts["conv"]
-        padding = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])
-        mod = nn.Conv2d(shape[1] * c["groups"], shape[0], tuple(shape[2:]),
-                        stride=tuple(c["stride"]), padding=padding,
-                        dilation=tuple(c["dilation"]), groups=c["groups"], bias=bias,
-                        padding_mode=c["padding_mode"], device="meta", dtype=dtype)
-    else:
-        mod = nn.Module()
-        mod.weight = nn.Parameter(torch.empty(shape, device="meta", dtype=dtype),
-                                  requires_grad=False)
+    with torch.device("meta"):  # shapes and dtypes only: nothing is allocated
+        if kind == "linear":
+            mod = nn.Linear(shape[1], shape[0], bias=bias, dtype=dtype)
+        elif kind == "conv1d":
+            mod = Conv1D(shape[1], shape[0]).to(dtype)
+            if not bias:
+                mod.bias = None
+        elif kind == "conv2d":
+            c = facts["conv"]
+            padding = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])
+            mod = nn.Conv2d(shape[1] * c["groups"], shape[0], tuple(shape[2:]),
+                            stride=tuple(c["stride"]), padding=padding,
+                            dilation=tuple(c["dilation"]), groups=c["groups"], bias=bias,
+                            padding_mode=c["padding_mode"], dtype=dtype)
+        else:
+            mod = nn.Module()
+            mod.weight = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
     return mod
